@@ -1,0 +1,302 @@
+"""The HiT generator (Zhao et al., NeurIPS 2021) and the stage stack it shares with the VQ-HiT decoder.
+
+Shape of the network (SPEC §1): a first feature map and a memory Z of tokens enter a list of stages,
+each doubling the resolution. Every stage adds a positional table, cross-attends to Z, then runs either
+multi-axis blocked self-attention blocks (low resolution) or per-pixel MLP layers (high resolution).
+High-resolution stages emit RGB, summed over stages with nearest upsampling. No tanh.
+
+All tensors inside are channels-last, (B, H, W, C) or (B, N, C): every Linear acts on the last axis.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, check_heads
+
+NORMS = ("batch", "syncbatch", "layer")
+# The release's Keras BatchNorm: momentum 0.99 (PyTorch counts the other way) and eps 1e-3.
+BN_MOMENTUM, BN_EPS = 0.01, 1e-3
+
+
+class ChannelBatchNorm(nn.BatchNorm1d):
+    """BatchNorm of the last (channel) axis over every other axis (batch, tokens, pixels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+class ChannelSyncBatchNorm(nn.SyncBatchNorm):
+    """`ChannelBatchNorm` with statistics synchronised across processes (an option; off by default)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "batch":
+        return ChannelBatchNorm(dim, eps=BN_EPS, momentum=BN_MOMENTUM)
+    if kind == "syncbatch":
+        return ChannelSyncBatchNorm(dim, eps=BN_EPS, momentum=BN_MOMENTUM)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=BN_EPS)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+
+
+class MLPBlock(nn.Module):
+    """x + FC2(GELU(FC1(Norm(x)))): the high-resolution layer and the second half of every attention block."""
+
+    def __init__(self, dim: int, norm: str, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))  # exact (erf) GELU, as the release
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm multi-axis self-attention block on a map (B, H, W, C)."""
+
+    def __init__(self, dim: int, num_heads: int, block_size: int, norm: str, multi_query: bool,
+                 mode: str, mlp_ratio: int):
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.attn = MultiAxisAttention(dim, num_heads, block_size, multi_query=multi_query, mode=mode)
+        self.mlp = MLPBlock(dim, norm, mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x + self.attn(self.norm(x)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention block: the pixels of a map (B, H, W, C) attend to the memory Z (B, M, E).
+
+    Z is not normalised again here: it was normalised once, when it was made.
+    """
+
+    def __init__(self, dim: int, num_heads: int, memory_dim: int, norm: str, multi_query: bool, mlp_ratio: int):
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.attn = CrossAttention(dim, num_heads, kv_dim=memory_dim, multi_query=multi_query)
+        self.mlp = MLPBlock(dim, norm, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = x + self.attn(self.norm(x).reshape(b, h * w, c), memory).view(b, h, w, c)
+        return self.mlp(x)
+
+
+def pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
+    """x2 pixel shuffle of a channels-last map, (B, H, W, 4C) -> (B, 2H, 2W, C), in nn.PixelShuffle's order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, c // 4, 2, 2).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, 2 * h, 2 * w, c // 4)
+
+
+def upsample2x(img: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling of a channels-last image (B, H, W, 3)."""
+    b, h, w, c = img.shape
+    return img[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
+
+
+def trunc_normal_init(module: nn.Module) -> None:
+    """SPEC §1.3: Linear weights and positional tables ~ truncated normal(0.02, ±0.04), biases 0, norms 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("pos_embed"):
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+
+
+class HiTStage(nn.Module):
+    """One HiT stage at resolution R: positional table, cross-attention to Z, then either multi-axis
+    self-attention blocks (`block_size` set) or MLP layers with a to-RGB head (`block_size` None), and,
+    unless it is the last stage, pixel shuffle x2 plus a Linear to the next stage's width."""
+
+    def __init__(self, resolution: int, dim: int, num_heads: int, num_blocks: int, block_size: int | None,
+                 memory_dim: int, next_dim: int | None, *, norm: str, multi_query: bool, attention_mode: str,
+                 cross_attention: bool, mlp_ratio: int):
+        super().__init__()
+        check_heads(dim, num_heads, f"stage {resolution}x{resolution}")
+        self.resolution = resolution
+        self.pos_embed = nn.Parameter(torch.zeros(resolution, resolution, dim))
+        self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm, multi_query, mlp_ratio)
+                      if cross_attention else None)
+        if block_size is None:
+            self.blocks = nn.Sequential(*[MLPBlock(dim, norm, mlp_ratio) for _ in range(num_blocks)])
+            self.to_rgb = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, 3))
+        else:
+            if attention_mode in ("multi_axis", "regional", "dilated") and resolution % block_size:
+                raise ValueError(f"block size {block_size} does not divide the {resolution}x{resolution} map "
+                                 f"of stage {resolution}x{resolution}; choose a divisor of {resolution}")
+            self.blocks = nn.Sequential(*[
+                SelfAttentionBlock(dim, num_heads, block_size, norm, multi_query, attention_mode, mlp_ratio)
+                for _ in range(num_blocks)])
+            self.to_rgb = None
+        self.upsample = None
+        if next_dim is not None:
+            if dim % 4:
+                raise ValueError(f"stage {resolution}x{resolution}: pixel shuffle needs a width divisible by 4, "
+                                 f"got {dim}")
+            self.upsample = nn.Identity() if dim // 4 == next_dim else nn.Linear(dim // 4, next_dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, img: torch.Tensor | None):
+        x = x + self.pos_embed
+        if self.cross is not None:
+            x = self.cross(x, memory)
+        x = self.blocks(x)
+        if self.to_rgb is not None:
+            rgb = self.to_rgb(x)
+            img = rgb if img is None else upsample2x(img) + rgb
+        if self.upsample is not None:
+            x = self.upsample(pixel_shuffle(x))
+        return x, img
+
+
+class HiTStages(nn.Module):
+    """The stage list shared by the HiT generator and the VQ-HiT decoder.
+
+    Takes the first feature map (B, R0, R0, C0) and the memory Z (B, M, E) and returns the image
+    (B, 3, R0 * 2^(S-1), ...) as an NCHW tensor (channels-last in memory).
+    """
+
+    def __init__(self, start_resolution: int, widths, heads, blocks, block_sizes, memory_dim: int, *,
+                 norm: str = "batch", multi_query: bool = True, attention_mode: str = "multi_axis",
+                 cross_attention: bool = True, mlp_ratio: int = 4):
+        super().__init__()
+        n = len(widths)
+        if not (len(heads) == len(blocks) == len(block_sizes) == n) or n == 0:
+            raise ValueError(f"widths, heads, blocks and block_sizes must list one entry per stage; got "
+                             f"{len(widths)}, {len(heads)}, {len(blocks)}, {len(block_sizes)}")
+        if block_sizes[-1] is not None:
+            raise ValueError("the last stage must be a high-resolution MLP stage (block size None): it carries "
+                             "the to-RGB head that produces the image")
+        first_mlp = block_sizes.index(None)
+        if any(s is not None for s in block_sizes[first_mlp:]):
+            raise ValueError(f"attention stages must come before the MLP stages; got block sizes {list(block_sizes)}")
+        self.stages = nn.ModuleList(
+            HiTStage(start_resolution * 2 ** i, widths[i], heads[i], blocks[i], block_sizes[i], memory_dim,
+                     widths[i + 1] if i + 1 < n else None, norm=norm, multi_query=multi_query,
+                     attention_mode=attention_mode, cross_attention=cross_attention, mlp_ratio=mlp_ratio)
+            for i in range(n))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        img = None
+        for stage in self.stages:
+            x, img = stage(x, memory, img)
+        return img.permute(0, 3, 1, 2)
+
+
+@dataclass
+class HiTConfig:
+    """A HiT generator. One entry per stage in `widths`, `heads`, `blocks`, `block_sizes`; a block size of
+    None marks a high-resolution MLP stage. The first stage is 8x8 and each stage doubles it."""
+
+    resolution: int = 256
+    latent_dim: int = 512
+    widths: list = field(default_factory=lambda: [512, 512, 256, 128, 64, 64])
+    heads: list = field(default_factory=lambda: [16, 8, 4, 4, 4, 4])
+    blocks: list = field(default_factory=lambda: [2, 2, 2, 2, 1, 1])
+    block_sizes: list = field(default_factory=lambda: [4, 4, 8, 8, None, None])
+    memory_tokens: int = 16          # tokens of the latent memory Z
+    memory_dim: int | None = None    # width E of Z; None = widths[0] (the paper's choice)
+    # Options beyond the paper's configuration, all off by default:
+    multi_query: bool = True         # False = multi-head K/V
+    norm: str = "batch"              # "batch" (paper), "syncbatch", "layer"
+    attention_mode: str = "multi_axis"  # ablations: "regional", "dilated", "axial", "global"
+    cross_attention: bool = True     # False = the "no cross-attention" ablation
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def start_resolution(self) -> int:
+        return 8
+
+    def validate(self) -> None:
+        r, s = self.resolution, self.start_resolution
+        if r < s or r & (r - 1) or r % s:
+            raise ValueError(f"resolution {r} is not of the form {s}·2^k (e.g. 128, 256, 1024)")
+        expected = (r // s).bit_length()
+        if len(self.widths) != expected:
+            raise ValueError(f"resolution {r} needs {expected} stages from {s}x{s} (each doubles), but "
+                             f"{len(self.widths)} widths were given; add or remove stages")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention mode {self.attention_mode!r}; choose one of {ATTENTION_MODES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown HiTConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> "HiTConfig":
+        return cls.from_dict(json.loads(s))
+
+
+class HiTGenerator(nn.Module):
+    """z ~ N(0, I) of shape (B, latent_dim) -> image (B, 3, R, R), unbounded (clamp to [-1, 1] to show)."""
+
+    def __init__(self, config: HiTConfig | None = None, **overrides):
+        super().__init__()
+        config = config or HiTConfig()
+        if overrides:
+            config = HiTConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        c0, e = config.widths[0], config.memory_dim or config.widths[0]
+        s = config.start_resolution
+        self.to_map = nn.Linear(config.latent_dim, s * s * c0)
+        if config.cross_attention:
+            self.to_memory = nn.Linear(config.latent_dim, config.memory_tokens * e)
+            self.memory_pos_embed = nn.Parameter(torch.zeros(config.memory_tokens, e))
+            self.memory_norm = make_norm(config.norm, e)
+        self.stages = HiTStages(s, config.widths, config.heads, config.blocks, config.block_sizes, e,
+                                norm=config.norm, multi_query=config.multi_query,
+                                attention_mode=config.attention_mode, cross_attention=config.cross_attention,
+                                mlp_ratio=config.mlp_ratio)
+        trunc_normal_init(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HiTGenerator":
+        from ..presets import generator_config
+        return cls(generator_config(name, **overrides))
+
+    def memory(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The memory Z (B, 16, E) every cross-attention block attends to; computed once per forward."""
+        if not self.config.cross_attention:
+            return None
+        m = self.to_memory(z).view(z.shape[0], self.config.memory_tokens, -1)
+        return self.memory_norm(m + self.memory_pos_embed)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(f"expected latents of shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
+        s = self.config.start_resolution
+        x = self.to_map(z).view(z.shape[0], s, s, -1)  # row-major (h, w, c), as the release reshapes
+        return self.stages(x, self.memory(z))
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,84 @@
+"""Every named preset, as plain data. Parameter counts are the acceptance test (SPEC §1.4, §2.3).
+
+Generator presets are keyword arguments of `HiTConfig`; tokenizer presets of `VQHiTConfig`.
+"""
+from __future__ import annotations
+
+import copy
+
+GENERATOR_PRESETS = {
+    # Paper Table 9's HiT-S (Table 4 prints 38.01M, which no configuration consistent with Table 9 gives).
+    "hit-s-256": dict(resolution=256, latent_dim=512, widths=[512, 256, 128, 64, 32, 32], heads=[16, 8, 4, 4, 4, 4],
+                      blocks=[2, 2, 1, 1, 1, 1], block_sizes=[4, 4, 8, 8, None, None]),          # 34,727,078
+    "hit-b-256": dict(resolution=256, latent_dim=512, widths=[512, 512, 256, 128, 64, 64], heads=[16, 8, 4, 4, 4, 4],
+                      blocks=[2, 2, 2, 2, 1, 1], block_sizes=[4, 4, 8, 8, None, None]),          # 46,217,670
+    "hit-l-256": dict(resolution=256, latent_dim=512, widths=[1024, 512, 256, 128, 128, 128],
+                      heads=[16, 8, 4, 4, 4, 4], blocks=[2, 2, 2, 2, 2, 2],
+                      block_sizes=[4, 4, 8, 8, None, None]),                                     # 97,462,214
+    "hit-b-1024": dict(resolution=1024, latent_dim=512, widths=[512, 512, 256, 128, 64, 64, 32, 32],
+                       heads=[16, 8, 4, 4, 4, 4, 4, 4], blocks=[2, 2, 2, 2, 1, 1, 1, 1],
+                       block_sizes=[4, 4, 8, 8, None, None, None, None]),                        # 88,216,300
+    # The paper's ImageNet-128 model: HiT-L without the 256 stage, latent 256.
+    "hit-l-128": dict(resolution=128, latent_dim=256, widths=[1024, 512, 256, 128, 128], heads=[16, 8, 4, 4, 4],
+                      blocks=[2, 2, 2, 2, 2], block_sizes=[4, 4, 8, 8, None]),                   # 67,602,435
+    # The official release's own 128 config (differs from the paper's ImageNet model).
+    "hit-128-release": dict(resolution=128, latent_dim=256, widths=[512, 512, 256, 128, 128],
+                            heads=[16, 8, 4, 4, 4], blocks=[2, 2, 2, 2, 2],
+                            block_sizes=[4, 4, 8, 8, None]),                                     # 32,866,627
+    # Small enough for CPU tests and demos: 32x32, two attention stages and one MLP stage.
+    "hit-tiny": dict(resolution=32, latent_dim=64, widths=[128, 64, 32], heads=[4, 4, 4], blocks=[1, 1, 1],
+                     block_sizes=[4, 4, None]),
+}
+
+GENERATOR_PARAMS = {"hit-s-256": 34_727_078, "hit-b-256": 46_217_670, "hit-l-256": 97_462_214,
+                    "hit-b-1024": 88_216_300, "hit-l-128": 67_602_435, "hit-128-release": 32_866_627}
+
+TOKENIZER_PRESETS = {
+    # Paper Appendix A.5: VQGAN f16 encoder, 1024 codes on a 16x16 grid, HiT-B decoder from 16x16.
+    "vqhit-b-f16-1024": dict(
+        resolution=256,
+        encoder_channels=128, encoder_channel_mult=[1, 1, 2, 2, 4], encoder_res_blocks=2,
+        encoder_attn_resolutions=[16], encoder_z_channels=256,
+        codebook_size=1024, code_dim=256,
+        decoder_widths=[512, 256, 128, 64, 64], decoder_heads=[8, 4, 4, 4, 4], decoder_blocks=[2, 2, 2, 1, 1],
+        decoder_block_sizes=[4, 8, 8, None, None], decoder_memory_dim=512),                      # decoder 17,512,710
+    # CPU tests and demos: 64x64 images, f8 -> an 8x8 grid of 256 codes.
+    "vqhit-tiny": dict(
+        resolution=64,
+        encoder_channels=32, encoder_channel_mult=[1, 2, 2, 4], encoder_res_blocks=1,
+        encoder_attn_resolutions=[], encoder_z_channels=64,
+        codebook_size=256, code_dim=32,
+        decoder_widths=[128, 64, 32, 32], decoder_heads=[4, 4, 4, 4], decoder_blocks=[1, 1, 1, 1],
+        decoder_block_sizes=[4, 4, None, None], decoder_memory_dim=128),
+}
+
+TOKENIZER_DECODER_PARAMS = {"vqhit-b-f16-1024": 17_512_710}
+ENCODER_PARAMS = {"vqhit-b-f16-1024": 29_298_176}  # taming's Encoder alone, without quant_conv
+
+
+def list_presets(kind: str | None = None) -> list[str]:
+    """Names of the presets: `kind` None for all, "generator" or "tokenizer" for one family."""
+    if kind not in (None, "generator", "tokenizer"):
+        raise ValueError(f"kind must be None, 'generator' or 'tokenizer', got {kind!r}")
+    names = []
+    if kind in (None, "generator"):
+        names += list(GENERATOR_PRESETS)
+    if kind in (None, "tokenizer"):
+        names += list(TOKENIZER_PRESETS)
+    return names
+
+
+def _lookup(table: dict, name: str, what: str) -> dict:
+    if name not in table:
+        raise ValueError(f"unknown {what} preset {name!r}; available: {', '.join(table)}")
+    return copy.deepcopy(table[name])
+
+
+def generator_config(name: str, **overrides):
+    from .models.hit import HiTConfig
+    return HiTConfig(**{**_lookup(GENERATOR_PRESETS, name, "generator"), **overrides})
+
+
+def tokenizer_config(name: str, **overrides):
+    from .models.vqhit import VQHiTConfig
+    return VQHiTConfig(**{**_lookup(TOKENIZER_PRESETS, name, "tokenizer"), "preset": name, **overrides})
