@@ -76,7 +76,7 @@ def _lookup(table: dict, name: str, what: str) -> dict:
 
 def generator_config(name: str, **overrides):
     from .models.hit import HiTConfig
-    return HiTConfig(**{**_lookup(GENERATOR_PRESETS, name, "generator"), **overrides})
+    return HiTConfig(**{**_lookup(GENERATOR_PRESETS, name, "generator"), "preset": name, **overrides})
 
 
 def tokenizer_config(name: str, **overrides):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, check_heads
+from .pretrained import PretrainedMixin
 
 NORMS = ("batch", "syncbatch", "layer")
 # The release's Keras BatchNorm: momentum 0.99 (PyTorch counts the other way) and eps 1e-3.
@@ -90,6 +91,26 @@ class CrossAttentionBlock(nn.Module):
         b, h, w, c = x.shape
         x = x + self.attn(self.norm(x).reshape(b, h * w, c), memory).view(b, h, w, c)
         return self.mlp(x)
+
+
+class Memory(nn.Module):
+    """The memory Z every cross-attention block attends to: inputs projected to `num_tokens` tokens of width
+    E, plus a learned positional table, normalised once (SPEC §1.1, §2.3).
+
+    `tokens_per_input` tokens come out of each input vector: 16 from the one latent of the generator,
+    1 from each code vector of the tokenizer's grid.
+    """
+
+    def __init__(self, in_dim: int, num_tokens: int, dim: int, norm: str, tokens_per_input: int = 1):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, tokens_per_input * dim)
+        self.pos_embed = nn.Parameter(torch.zeros(num_tokens, dim))
+        self.norm = make_norm(norm, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, in_dim) with T * tokens_per_input == num_tokens -> Z: (B, num_tokens, E)."""
+        z = self.proj(x).reshape(x.shape[0], self.pos_embed.shape[0], -1)
+        return self.norm(z + self.pos_embed)
 
 
 def pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +224,7 @@ class HiTConfig:
     """A HiT generator. One entry per stage in `widths`, `heads`, `blocks`, `block_sizes`; a block size of
     None marks a high-resolution MLP stage. The first stage is 8x8 and each stage doubles it."""
 
+    preset: str | None = None        # the preset name this config came from, if any (kept in checkpoints)
     resolution: int = 256
     latent_dim: int = 512
     widths: list = field(default_factory=lambda: [512, 512, 256, 128, 64, 64])
@@ -257,8 +279,10 @@ class HiTConfig:
         return cls.from_dict(json.loads(s))
 
 
-class HiTGenerator(nn.Module):
+class HiTGenerator(PretrainedMixin, nn.Module):
     """z ~ N(0, I) of shape (B, latent_dim) -> image (B, 3, R, R), unbounded (clamp to [-1, 1] to show)."""
+
+    model_type, config_class = "hit-generator", HiTConfig
 
     def __init__(self, config: HiTConfig | None = None, **overrides):
         super().__init__()
@@ -269,10 +293,8 @@ class HiTGenerator(nn.Module):
         c0, e = config.widths[0], config.memory_dim or config.widths[0]
         s = config.start_resolution
         self.to_map = nn.Linear(config.latent_dim, s * s * c0)
-        if config.cross_attention:
-            self.to_memory = nn.Linear(config.latent_dim, config.memory_tokens * e)
-            self.memory_pos_embed = nn.Parameter(torch.zeros(config.memory_tokens, e))
-            self.memory_norm = make_norm(config.norm, e)
+        self.memory = (Memory(config.latent_dim, config.memory_tokens, e, config.norm,
+                              tokens_per_input=config.memory_tokens) if config.cross_attention else None)
         self.stages = HiTStages(s, config.widths, config.heads, config.blocks, config.block_sizes, e,
                                 norm=config.norm, multi_query=config.multi_query,
                                 attention_mode=config.attention_mode, cross_attention=config.cross_attention,
@@ -284,19 +306,13 @@ class HiTGenerator(nn.Module):
         from ..presets import generator_config
         return cls(generator_config(name, **overrides))
 
-    def memory(self, z: torch.Tensor) -> torch.Tensor | None:
-        """The memory Z (B, 16, E) every cross-attention block attends to; computed once per forward."""
-        if not self.config.cross_attention:
-            return None
-        m = self.to_memory(z).view(z.shape[0], self.config.memory_tokens, -1)
-        return self.memory_norm(m + self.memory_pos_embed)
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
         s = self.config.start_resolution
         x = self.to_map(z).view(z.shape[0], s, s, -1)  # row-major (h, w, c), as the release reshapes
-        return self.stages(x, self.memory(z))
+        memory = self.memory(z[:, None]) if self.memory is not None else None  # once, shared by all stages
+        return self.stages(x, memory)
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
