@@ -1,0 +1,271 @@
+"""vqhit.data: decoding, bad-image policy, transforms, reproducible randomness, streaming, sampler."""
+import io
+import warnings
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqhit.data import (
+    TRANSFORMS, BadImageWarning, DataConfig, EpochSampler, build_dataloader, build_dataset, from_hf_dataset,
+)
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def table(images: list[tuple[bytes, str]], **columns) -> datasets.Dataset:
+    features = {"image": datasets.Image(decode=False)}
+    data = {"image": [{"bytes": data, "path": name} for data, name in images], **columns}
+    return datasets.Dataset.from_dict(data, features=datasets.Features({**features, **{
+        key: datasets.Value("string") if isinstance(values[0], str) else datasets.Value("int64")
+        for key, values in columns.items()}}))
+
+
+def coordinate_image(width: int, height: int) -> np.ndarray:
+    """Red encodes the column (x * 2), green the row (y * 3): a crop tells where it came from."""
+    y, x = np.mgrid[:height, :width]
+    return np.stack([x * 2, y * 3, np.zeros_like(x)], axis=-1).astype(np.uint8)
+
+
+def items(dataset) -> list:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    (root / "cats").mkdir()
+    (root / "dogs").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "cats" / "good.png")
+    (root / "cats" / "x.png").write_bytes(b"definitely not a png" * 8)
+    Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(root / "dogs" / "gray.png")
+    return root
+
+
+def folder_config(folder, tmp_path_factory, **kwargs) -> DataConfig:
+    return DataConfig(source=str(folder), label_column="label", resolution=32,
+                      cache_dir=str(tmp_path_factory.getbasetemp() / "hf_cache"), **kwargs)
+
+
+def test_folder_skip_mode_drops_corrupt_file_and_converts_grayscale(folder, tmp_path_factory):
+    dataset = build_dataset(folder_config(folder, tmp_path_factory))
+    with pytest.warns(BadImageWarning, match=r"x\.png"):
+        first = items(dataset)
+    assert dataset.num_skipped == 1 and list(dataset.skipped)[0].endswith("x.png")
+    kept = {item["id"].rsplit("/", 1)[-1]: item for item in first if item is not None}
+    assert sorted(kept) == ["good.png", "gray.png"]
+    gray = kept["gray.png"]["image"]
+    assert gray.shape == (3, 32, 32) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert dataset.conversions == {"L": 1}
+    assert kept["good.png"]["label"] == 0 and kept["gray.png"]["label"] == 1  # sub-folders cats, dogs
+
+    with warnings.catch_warnings(record=True) as caught:  # one warning per file, not per visit
+        warnings.simplefilter("always")
+        items(dataset)
+    assert not [w for w in caught if issubclass(w.category, BadImageWarning)]
+    assert dataset.num_skipped == 1
+
+    loader = build_dataloader(dataset, batch_size=3, num_workers=0, shuffle=False, seed=0, drop_last=False)
+    (batch,) = list(loader)
+    assert batch["image"].shape == (2, 3, 32, 32) and len(batch["id"]) == 2
+
+
+def test_folder_raise_mode_names_the_file_and_the_option(folder, tmp_path_factory):
+    dataset = build_dataset(folder_config(folder, tmp_path_factory, bad_images="raise"))
+    with pytest.raises(ValueError, match=r"x\.png.*bad_images='skip'"):
+        items(dataset)
+
+
+def test_folder_without_images_raises(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no image files"):
+        build_dataset(DataConfig(source=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache")))
+
+
+def test_image_smaller_than_resolution_is_a_bad_image_unless_min_size_allows_it():
+    tiny = table([(png(np.full((20, 24, 3), 100, np.uint8)), "tiny.png")])
+    skipping = from_hf_dataset(tiny, DataConfig(resolution=32))
+    with pytest.warns(BadImageWarning, match=r"tiny\.png"):
+        assert skipping[0] is None
+    assert skipping.num_skipped == 1
+    with pytest.raises(ValueError, match=r"tiny\.png.*min_size"):
+        from_hf_dataset(tiny, DataConfig(resolution=32, bad_images="raise"))[0]
+    upsampled = from_hf_dataset(tiny, DataConfig(resolution=32, min_size=0))[0]["image"]
+    assert upsampled.shape == (3, 32, 32)
+    assert torch.allclose(upsampled, torch.full_like(upsampled, 100 / 127.5 - 1), atol=1e-6)
+
+
+def test_modes_other_than_rgb_are_converted_sensibly():
+    half_16bit = png(np.full((32, 32), 32896, np.uint16))  # 32896 / 257 = 128
+    transparent = png(np.zeros((32, 32, 4), np.uint8))  # fully transparent black -> white
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (32, 32), (0, 0, 0, 0)).save(cmyk, format="JPEG")  # no ink -> white
+    dataset = from_hf_dataset(table([(half_16bit, "a.png"), (transparent, "b.png"), (cmyk.getvalue(), "c.jpg")]),
+                              DataConfig(resolution=32, flip=False))
+    grey, alpha, ink = (item["image"] for item in items(dataset))
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 127.5 - 1), atol=1e-6)
+    assert torch.equal(alpha, torch.ones_like(alpha))
+    assert ink.min() > 0.95
+    assert dataset.conversions == {"I;16": 1, "RGBA": 1, "CMYK": 1}
+
+
+def test_same_seed_epoch_index_gives_identical_tensors_and_new_epoch_new_crop():
+    source = table([(png(coordinate_image(100, 40)), "wide.png")])
+    cfg = DataConfig(resolution=32, transform="random_crop", flip=False)
+    first, again = from_hf_dataset(source, cfg, seed=3), from_hf_dataset(source, cfg, seed=3)
+    assert torch.equal(first[0]["image"], first[0]["image"])
+    assert torch.equal(first[0]["image"], again[0]["image"])
+    crops = []
+    for epoch in range(6):
+        first.set_epoch(epoch)
+        crops.append(first[0]["image"])
+    assert any(not torch.equal(crops[0], crop) for crop in crops[1:])
+    first.set_epoch(0)
+    assert torch.equal(first[0]["image"], crops[0])
+    assert not torch.equal(from_hf_dataset(source, cfg, seed=4)[0]["image"], crops[0]) or \
+        not torch.equal(from_hf_dataset(source, cfg, seed=5)[0]["image"], crops[0])
+
+
+def test_items_do_not_depend_on_worker_count_or_order():
+    rng = np.random.default_rng(1)
+    source = table([(png(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)), f"{i}.png") for i in range(6)])
+    dataset = from_hf_dataset(source, DataConfig(resolution=16, transform="imagenet_gan"), seed=7)
+    dataset.set_epoch(2)
+    loader = build_dataloader(dataset, batch_size=2, num_workers=2, shuffle=True, seed=0, drop_last=False)
+    for batch in loader:
+        for image, index in zip(batch["image"], batch["index"].tolist()):
+            assert torch.equal(image, dataset[index]["image"])
+
+
+def test_flip_mirrors_the_image_sometimes():
+    image = coordinate_image(32, 32)
+    dataset = from_hf_dataset(table([(png(image), "a.png")]), DataConfig(resolution=32, transform="resize"))
+    plain = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    seen = set()
+    for epoch in range(24):
+        dataset.set_epoch(epoch)
+        out = dataset[0]["image"]
+        assert torch.equal(out, plain) or torch.equal(out, plain.flip(2))
+        seen.add(torch.equal(out, plain))
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_every_transform_gives_shape_and_range(transform):
+    rng = np.random.default_rng(2)
+    photo = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    photo[0, :] = 0
+    photo[-1, :] = 255
+    black, white = np.zeros((40, 40, 3), np.uint8), np.full((40, 40, 3), 255, np.uint8)
+    dataset = from_hf_dataset(table([(png(photo), "p.png"), (png(black), "b.png"), (png(white), "w.png")]),
+                              DataConfig(resolution=24, transform=transform))
+    out, dark, light = (item["image"] for item in items(dataset))
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1 and out.std() > 0.1
+    assert torch.equal(dark, -torch.ones(3, 24, 24)) and torch.equal(light, torch.ones(3, 24, 24))
+
+
+def test_imagenet_gan_crop_keeps_87_5_percent_of_the_short_side():
+    # 96 x 80 image, short side 80 -> a 70 x 70 crop; at resolution 70 no resize, so pixels are the crop's.
+    source = table([(png(coordinate_image(96, 80)), "c.png")])
+    offsets = set()
+    dataset = from_hf_dataset(source, DataConfig(resolution=70, transform="imagenet_gan", flip=False))
+    for epoch in range(12):
+        dataset.set_epoch(epoch)
+        pixels = ((dataset[0]["image"] + 1) * 127.5).round().long()
+        left, top = int(pixels[0, 0, 0]) // 2, int(pixels[1, 0, 0]) // 3
+        assert torch.equal(pixels[0, 0], (left + torch.arange(70)) * 2)  # 70 consecutive columns
+        assert torch.equal(pixels[1, :, 0], (top + torch.arange(70)) * 3)  # 70 consecutive rows
+        assert 0 <= left <= 96 - 70 and 0 <= top <= 80 - 70
+        offsets.add((left, top))
+    assert len(offsets) > 1
+    centered = from_hf_dataset(source, DataConfig(resolution=70, transform="imagenet_gan_eval", flip=False))
+    pixels = ((centered[0]["image"] + 1) * 127.5).round().long()
+    assert (int(pixels[0, 0, 0]) // 2, int(pixels[1, 0, 0]) // 3) == (13, 5)
+
+
+def test_center_crops_keep_the_middle():
+    # 512 x 256: red left, blue right, green from x=96 to 416, a margin around the center square [128, 384)
+    # wider than the bicubic kernel's reach.
+    image = np.zeros((256, 512, 3), np.uint8)
+    image[:, :96, 0] = image[:, 96:416, 1] = image[:, 416:, 2] = 255
+    for transform in ("center_crop", "adm_center_crop"):
+        out = from_hf_dataset(table([(png(image), "a.png")]), DataConfig(resolution=64, transform=transform))[0]
+        green = torch.tensor([-1.0, 1.0, -1.0])[:, None, None]
+        assert torch.allclose(out["image"], green.expand(3, 64, 64), atol=0.02), transform
+
+
+def test_builtin_photos_are_many_real_distinct_tiles():
+    dataset = build_dataset(DataConfig(resolution=32))
+    assert len(dataset) > 50
+    sample = torch.stack([dataset[i]["image"] for i in range(0, len(dataset), 4)])
+    assert sample.shape[1:] == (3, 32, 32) and sample.min() >= -1 and sample.max() <= 1
+    flat = sample.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e9).min() > 0  # no two tiles identical
+    assert len({dataset[i]["id"].split("/")[0] for i in range(len(dataset))}) >= 4  # several photographs
+
+
+def test_streaming_shards_across_workers_and_skips_bad_images():
+    rng = np.random.default_rng(3)
+    good = [(png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)), f"{i}.png") for i in range(7)]
+    source = table(good + [(b"garbage", "bad.png")], label=list(range(8)))
+    stream = source.to_iterable_dataset(num_shards=2)
+    dataset = from_hf_dataset(stream, DataConfig(resolution=16, label_column="label"))
+    with pytest.warns(BadImageWarning, match=r"bad\.png"):
+        in_process = list(dataset)
+    assert sorted(item["id"] for item in in_process) == sorted(name for _, name in good)
+    assert dataset.num_skipped == 1
+    assert all(item["label"] == int(item["id"].split(".")[0]) for item in in_process)
+
+    loader = build_dataloader(dataset, batch_size=2, num_workers=2, shuffle=True, seed=0, drop_last=False)
+    ids = [name for batch in loader for name in batch["id"]]
+    indices = [index for batch in loader for index in batch["index"].tolist()]
+    assert sorted(ids) == sorted(name for _, name in good)  # every good image once, from either worker
+    assert len(set(indices)) == len(indices)
+
+
+def test_max_images_caps_the_dataset():
+    assert len(build_dataset(DataConfig(resolution=32, max_images=10))) == 10
+    stream = build_dataset(DataConfig(resolution=32, max_images=5, streaming=True))
+    assert len(list(stream)) == 5
+
+
+def test_epoch_sampler_is_reproducible_and_shards_without_overlap():
+    data = list(range(10))
+    shards = [list(EpochSampler(data, shuffle=True, seed=1, drop_last=False, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == data  # every index exactly once, no padding
+    assert [len(EpochSampler(data, drop_last=False, rank=r, world_size=3)) for r in range(3)] == [4, 3, 3]
+    assert [len(list(EpochSampler(data, drop_last=True, rank=r, world_size=3))) for r in range(3)] == [3, 3, 3]
+    assert list(EpochSampler(data, seed=1)) == list(EpochSampler(data, seed=1))
+    assert list(EpochSampler(data, seed=1)) != list(EpochSampler(data, seed=2))
+
+
+def test_sampler_order_follows_dataset_epoch():
+    dataset = from_hf_dataset(table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}") for i in range(12)]),
+                              DataConfig(resolution=8))
+    sampler = EpochSampler(dataset, seed=0)
+    orders = []
+    for epoch in (0, 1, 0):
+        dataset.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1]
+
+
+def test_string_labels_are_encoded_and_bad_config_raises():
+    source = table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}") for i in range(3)], kind=["dog", "cat", "dog"])
+    dataset = from_hf_dataset(source, DataConfig(resolution=8, label_column="kind"))
+    assert [item["label"] for item in items(dataset)] == [1, 0, 1]  # cat=0, dog=1
+    with pytest.raises(ValueError, match="image_column"):
+        from_hf_dataset(source, DataConfig(image_column="picture"))
+    with pytest.raises(ValueError, match="transform"):
+        DataConfig(transform="random_resized_crop")
+    with pytest.raises(ValueError, match="not a folder"):
+        build_dataset(DataConfig(source="./no/such/folder"))

@@ -1,0 +1,431 @@
+"""Image datasets for training and evaluation, through Hugging Face `datasets`.
+
+Three kinds of source share one decode-and-transform path:
+
+* ``"builtin:photos"`` -- overlapping tiles cut from the sample photographs that scikit-image ships
+  inside its wheel (no network). The photographs are public domain or CC0:
+  astronaut (NASA, public domain), coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0),
+  rocket (SpaceX, public domain), immunohistochemistry (CMMI, no known copyright restrictions).
+* a local folder -- loaded with ``datasets.load_dataset("imagefolder", data_dir=...)`` (sub-folders
+  become a ``label`` column).
+* a Hub dataset id -- ``datasets.load_dataset(id, split=..., streaming=...)``.
+
+Images are decoded here, not by `datasets` (the image column is cast to ``Image(decode=False)``), so
+an unreadable file is caught in this module with its name: it is skipped with one warning per file
+and counted, or raises a ``ValueError`` naming the file (``DataConfig.bad_images``). Every random
+draw for item ``i`` comes from a generator seeded by ``(seed, epoch, i)``, so a map-style dataset
+returns the same tensor for the same ``(seed, epoch, index)`` whatever the worker count or order:
+training can resume exactly.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+from datasets.distributed import split_dataset_by_node
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Sampler, get_worker_info
+
+TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
+IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
+BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+
+
+class BadImageWarning(UserWarning):
+    """An image was unreadable or too small and was skipped."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:photos"  # "builtin:photos" | path to a local folder | Hub dataset id
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str | None = None
+    streaming: bool = False
+    resolution: int = 64
+    transform: str = "random_crop"  # one of TRANSFORMS
+    flip: bool = True  # random horizontal flip with probability 1/2
+    bad_images: str = "skip"  # "skip" (count + warn once per file) | "raise" (ValueError naming the file)
+    min_size: int | None = None  # short side below this is a bad image; None: resolution; 0: upsample instead
+    max_images: int | None = None  # keep only the first max_images (quick runs)
+    shuffle_buffer: int = 1000  # streaming only: buffer of datasets' approximate shuffle
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"DataConfig.transform={self.transform!r} is unknown; use one of {TRANSFORMS}.")
+        if self.bad_images not in ("skip", "raise"):
+            raise ValueError(f"DataConfig.bad_images={self.bad_images!r}; use 'skip' or 'raise'.")
+        if self.resolution < 1:
+            raise ValueError(f"DataConfig.resolution={self.resolution} must be a positive number of pixels.")
+        if self.min_size is not None and self.min_size < 0:
+            raise ValueError(f"DataConfig.min_size={self.min_size} must be >= 0 (0 upsamples small images).")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"DataConfig.max_images={self.max_images} must be >= 1, or None for all images.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public builders
+
+
+def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingImageDataset:
+    """The dataset `cfg` describes: map-style, or iterable when ``cfg.streaming``."""
+    if cfg.source == "builtin:photos":
+        table = builtin_photos(tile=max(128, cfg.resolution))
+        if cfg.streaming:
+            table = table.to_iterable_dataset()
+    elif os.path.isdir(os.path.expanduser(cfg.source)):
+        table = _load_folder(os.path.expanduser(cfg.source), cfg)
+    elif cfg.source.startswith(("/", ".", "~")) or os.path.exists(cfg.source):
+        raise ValueError(f"DataConfig.source={cfg.source!r} looks like a path but is not a folder; "
+                         "give a folder of images, a Hub dataset id, or 'builtin:photos'.")
+    else:
+        table = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    return from_hf_dataset(table, cfg, seed=seed)
+
+
+def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
+    """Wrap a `datasets` table whose ``cfg.image_column`` holds images (bytes, paths or `Image` features)."""
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0.")
+    columns = table.column_names
+    if columns is not None:  # None for some streamed sets whose features are unknown until read
+        for what, name in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+            if name is not None and name not in columns:
+                raise ValueError(f"DataConfig.{what}={name!r} is not a column of the dataset; it has {columns}.")
+    features = table.features or {}
+    if isinstance(features.get(cfg.image_column), datasets.Image):
+        table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
+    string_labels = cfg.label_column is not None and _is_string(features.get(cfg.label_column))
+    if isinstance(table, datasets.IterableDataset):
+        if string_labels:
+            raise ValueError(f"label column {cfg.label_column!r} holds strings; a stream needs integer labels "
+                             "(cast it to datasets.ClassLabel, or use streaming=False, which encodes it).")
+        if cfg.max_images is not None:
+            table = table.take(cfg.max_images)
+        return StreamingImageDataset(table, cfg, seed)
+    if cfg.max_images is not None:
+        table = table.select(range(min(cfg.max_images, len(table))))
+    if string_labels:
+        table = table.class_encode_column(cfg.label_column)  # class names -> ids, sorted alphabetically
+    return ImageDataset(table, cfg, seed)
+
+
+def build_dataloader(dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                     drop_last: bool = True) -> DataLoader:
+    """A DataLoader whose collate drops skipped items (a batch may come out smaller, or None if all failed).
+
+    Map-style: the order is a permutation seeded by ``(seed, dataset.epoch)``, sharded ``rank::world_size``
+    when torch.distributed is initialised. Call ``dataset.set_epoch(e)`` before each epoch; it changes both
+    the order and the augmentations. Workers are not persistent so that they see the new epoch.
+    """
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
+                  drop_last=drop_last, pin_memory=torch.cuda.is_available())
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.shuffle = shuffle  # datasets' buffer shuffle; a DataLoader cannot shuffle a stream
+        return DataLoader(dataset, **common)
+    sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, sampler=sampler, **common)
+
+
+def collate_images(items: list[dict | None]) -> dict | None:
+    """Stack the items that were not skipped; None when every item of the batch was skipped."""
+    items = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(items) if items else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+
+
+class _ImageRows:
+    """Decode, check and transform one row; keeps this process's counts of skipped and converted files."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = 0
+        self.skipped: dict[str, str] = {}  # file name -> why it was skipped
+        self.converted: dict[str, str] = {}  # file name -> original PIL mode, for images converted to RGB
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def conversions(self) -> Counter:
+        """How many files of each original mode ("L", "P", "RGBA", "CMYK", "I;16", ...) became RGB."""
+        return Counter(self.converted.values())
+
+    def _item(self, row: dict, index: int, fallback_name: str) -> dict | None:
+        value = row[self.cfg.image_column]
+        name = _file_name(value) or fallback_name
+        try:
+            image = _decode(value)
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+            return self._bad(name, f"unreadable image ({type(err).__name__}: {err})",
+                             "Set DataConfig(bad_images='skip') to skip unreadable images.")
+        min_size = self.cfg.resolution if self.cfg.min_size is None else self.cfg.min_size
+        if min(image.size) < min_size:
+            return self._bad(name, f"image of {image.width}x{image.height} has a short side below min_size={min_size}",
+                             "Set DataConfig(bad_images='skip') to skip such images, or min_size=0 to upsample them.")
+        if image.mode != "RGB":
+            self.converted.setdefault(name, image.mode)
+            image = _to_rgb(image)
+        generator = torch.Generator().manual_seed(_derive_seed(_ITEM, self.seed, self.epoch, index))
+        item = {"image": _transform(image, self.cfg, generator), "index": index, "id": name}
+        if self.cfg.label_column is not None:
+            item["label"] = int(row[self.cfg.label_column])
+        return item
+
+    def _bad(self, name: str, problem: str, fix: str) -> None:
+        if self.cfg.bad_images == "raise":
+            raise ValueError(f"{name}: {problem}. {fix}")
+        if name not in self.skipped:
+            self.skipped[name] = problem
+            warnings.warn(f"skipping {name}: {problem}", BadImageWarning, stacklevel=2)
+        return None
+
+
+class ImageDataset(_ImageRows, torch.utils.data.Dataset):
+    """Map-style dataset over a `datasets.Dataset`; ``ds[i]`` is an item dict, or None for a skipped image.
+
+    Item: ``{"image": float32 (3, R, R) in [-1, 1], "index": i, "id": file name, "label": int (if any)}``.
+    """
+
+    def __init__(self, table: datasets.Dataset, cfg: DataConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self._item(self.table[int(index)], int(index), fallback_name=f"{self.cfg.source}[{index}]")
+
+
+class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
+    """Iterable dataset over a `datasets.IterableDataset`; skipped images are left out of the stream.
+
+    Sharding: across processes with `datasets.distributed.split_dataset_by_node` when torch.distributed
+    is initialised, then across DataLoader workers by `datasets` itself (by shard: a worker beyond
+    ``num_shards`` gets nothing). ``index`` is ``position * streams + stream`` over the
+    ``world_size * num_workers`` streams, so augmentations repeat exactly for the same process and
+    worker counts.
+    """
+
+    def __init__(self, table: datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.table = table
+        self.shuffle = False  # set by build_dataloader
+
+    def __iter__(self):
+        table = self.table
+        if self.shuffle and self.cfg.shuffle_buffer > 1:
+            table = table.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
+            table.set_epoch(self.epoch)
+        rank, world_size = _rank_and_world_size()
+        if world_size > 1:
+            table = split_dataset_by_node(table, rank=rank, world_size=world_size)
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        streams, stream = world_size * num_workers, rank * num_workers + worker_id
+        for position, row in enumerate(table):
+            index = position * streams + stream
+            item = self._item(row, index, fallback_name=f"{self.cfg.source}[stream {stream}, item {position}]")
+            if item is not None:
+                yield item
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _file_name(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, str) else None
+
+
+def _decode(value) -> Image.Image:
+    """Open an image column value (dict of bytes/path, a path, raw bytes, or a PIL image) and load it."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    elif isinstance(value, (bytes, bytearray)):
+        value = {"path": None, "bytes": bytes(value)}
+    elif not isinstance(value, dict):
+        raise TypeError(f"an image column value must be bytes, a path or a dict, not {type(value).__name__}")
+    # datasets' own decoder reads local and remote (hf://, zip://) paths, loads the pixels and applies
+    # the EXIF orientation; calling it here keeps its errors in our hands, next to the file name.
+    return datasets.Image(decode=True).decode_example(value)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16-bit scaled down (PIL would clip), alpha composited on white."""
+    if image.mode.startswith("I"):  # 16/32-bit integer grey, as 16-bit PNGs open
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms: PIL crops and antialiased bicubic resizes, then a tensor in [-1, 1] and the flip
+
+
+def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    size, (width, height), kind = cfg.resolution, image.size, cfg.transform
+    if kind == "adm_center_crop":
+        image = _adm_center_crop(image, size)
+    elif kind == "resize":  # whole image to size x size (datasets already square, e.g. FFHQ)
+        image = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+    else:
+        side = min(width, height)
+        if kind.startswith("imagenet_gan"):
+            side = round(IMAGENET_GAN_CROP * side)  # round half to even, as the release's tf.math.rint
+        if kind in ("random_crop", "imagenet_gan"):
+            left = _randint(width - side + 1, generator)
+            top = _randint(height - side + 1, generator)
+        elif kind == "center_crop":
+            left, top = (width - side) // 2, (height - side) // 2
+        else:  # imagenet_gan_eval: the release's center_crop rounds the offset up
+            left, top = (width - side + 1) // 2, (height - side + 1) // 2
+        image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if cfg.flip and _randint(2, generator) == 1:
+        pixels = pixels.flip(2)
+    return (pixels.float() / 127.5 - 1.0).contiguous()
+
+
+def _adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's evaluation crop: box-halve while the short side >= 2*size, bicubic short side to size, center crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(high, (1,), generator=generator))
+
+
+_ITEM, _ORDER = 1, 2  # purposes, so item and order seeds never coincide
+
+
+def _derive_seed(*numbers: int) -> int:
+    """A 63-bit seed mixing the numbers well (nearby epochs/indices give unrelated streams)."""
+    state = np.random.SeedSequence(list(numbers)).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _load_folder(folder: str, cfg: DataConfig):
+    if not _contains_image_file(folder):  # imagefolder's own errors for this case are cryptic
+        raise ValueError(f"no image files found in {folder!r}; DataConfig.source must be a folder holding "
+                         "images (sub-folders become labels), a Hub dataset id, or 'builtin:photos'.")
+    return datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
+                                 streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+
+
+def _contains_image_file(folder: str) -> bool:
+    extensions = set(Image.registered_extensions())
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True  # stop at the first: the walk is cheap unless the folder has no images
+    return False
+
+
+@lru_cache(maxsize=4)
+def builtin_photos(tile: int = 128) -> datasets.Dataset:
+    """Tiles of ``tile`` pixels, stride ``tile // 2``, cut from scikit-image's bundled photographs.
+
+    201 tiles at tile=128 (resolution <= 128), 34 at 256. Deterministic and offline: the photographs are
+    files inside the scikit-image wheel (see the module docstring for their public-domain / CC0 status).
+    Stored as PNG bytes so they go through the same decode path as any other dataset.
+    """
+    import skimage.data
+
+    paths, encoded = [], []
+    for name in BUILTIN_PHOTOS:
+        photo = getattr(skimage.data, name)()
+        height, width = photo.shape[:2]
+        stride = tile // 2
+        for top in range(0, height - tile + 1, stride):
+            for left in range(0, width - tile + 1, stride):
+                buffer = io.BytesIO()
+                Image.fromarray(photo[top:top + tile, left:left + tile]).save(buffer, format="PNG", compress_level=1)
+                paths.append(f"skimage:{name}/y{top:04d}_x{left:04d}.png")
+                encoded.append(buffer.getvalue())
+    if not paths:
+        raise ValueError(f"builtin photos: tile={tile} is larger than every photograph; use a resolution <= 400.")
+    images = [{"bytes": data, "path": path} for data, path in zip(encoded, paths)]
+    features = datasets.Features({"image": datasets.Image(decode=False)})
+    return datasets.Dataset.from_dict({"image": images}, features=features)
+
+
+# --------------------------------------------------------------------------------------------------
+# Order
+
+
+class EpochSampler(Sampler):
+    """Indices permuted by a generator seeded from ``(seed, dataset.epoch)``, then sharded ``rank::world_size``.
+
+    drop_last=True cuts the permutation to a multiple of world_size so every process takes the same number
+    of steps (DDP training); drop_last=False keeps every index once, shards uneven, no padding (evaluation).
+    """
+
+    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
+        self.dataset, self.shuffle, self.seed, self.drop_last = dataset, shuffle, seed, drop_last
+        default_rank, default_world = _rank_and_world_size()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+
+    def _total(self) -> int:
+        n = len(self.dataset)
+        return n - n % self.world_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self._total(), self.world_size))
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            epoch = getattr(self.dataset, "epoch", 0)
+            generator = torch.Generator().manual_seed(_derive_seed(_ORDER, self.seed, epoch))
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        return iter(order[: self._total()][self.rank:: self.world_size].tolist())
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
