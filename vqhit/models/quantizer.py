@@ -1,0 +1,235 @@
+"""Vector quantization for the VQ-HiT tokenizer (SPEC §2.2).
+
+Every token vector z of the encoder (channels-last, (B, h, w, code_dim)) is replaced by its nearest
+codebook entry e. The gradient skips the non-differentiable lookup (straight-through estimator), and two
+losses pull codes and encoder outputs together:
+
+    loss = ||sg[z] - e||^2  +  beta * ||z - sg[e]||^2
+           codebook loss        commitment loss (beta on the encoder side, as van den Oord et al.)
+
+taming-transformers' `VectorQuantizer` puts beta on the codebook term instead; this one does not.
+With the defaults the parameter layout is taming's (one `embedding.weight` of shape (num_codes, code_dim)),
+so a taming VQGAN codebook loads directly.
+
+Options (all off by default):
+- `l2_normalize`: cosine codes. z and the codes are unit-normalised before the search and the losses,
+  so the distance is 2 - 2cos (ViT-VQGAN).
+- `lookup_dim`: factorised codes. z is projected to a small space (e.g. 8 or 32 dims) for the search,
+  the codebook lives there, and the chosen code is projected back to code_dim (ViT-VQGAN, LlamaGen).
+- `restart_dead_codes`: a code that no token chose for `dead_code_steps` training forwards is
+  re-initialised from a random recent encoder output (kept in a ring buffer). Under torch.distributed
+  the "chosen" counts are summed over processes and rank 0's replacements are broadcast, so every
+  process keeps the same codebook.
+
+Usage statistics (a code histogram) are accumulated by every forward, training and eval alike, until
+`reset_usage()`; `usage_stats()` sums the histogram over processes. Codebook collapse is the first thing
+tokenizer users look for, so these numbers are meant to be logged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: Tensor        # (B, h, w, code_dim), straight-through: the gradient flows to the input z
+    indices: Tensor          # (B, h, w) int64
+    loss: Tensor             # codebook_loss + beta * commitment_loss
+    codebook_loss: Tensor    # mean ||sg[z] - e||^2: moves the codes
+    commitment_loss: Tensor  # mean ||z - sg[e]||^2: moves the encoder
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with a straight-through estimator. Input and output are channels-last.
+
+    Args:
+        num_codes: codebook size K.
+        code_dim: width of the vectors coming in and going out.
+        beta: weight of the commitment loss (the encoder-side term).
+        l2_normalize: search and losses on unit vectors (cosine similarity).
+        lookup_dim: if set, search in this many dims through Linear(code_dim -> lookup_dim) and map the
+            chosen code back with Linear(lookup_dim -> code_dim). The losses live in the lookup space.
+        restart_dead_codes: re-initialise codes unused for `dead_code_steps` training forwards.
+        dead_code_steps: how many training forwards a code may go unchosen before it is restarted.
+        restart_buffer_size: how many recent encoder outputs (per process) to keep as restart candidates.
+
+    With `restart_dead_codes` under torch.distributed every training-mode forward all-reduces the
+    per-code hits (K integers): run training-mode forwards on every process together, and sample or
+    evaluate in eval mode. A restarted code keeps its optimizer state (Adam moments), as in most codebases.
+    """
+
+    def __init__(self, num_codes: int = 1024, code_dim: int = 256, beta: float = 0.25, l2_normalize: bool = False,
+                 lookup_dim: int | None = None, restart_dead_codes: bool = False, dead_code_steps: int = 500,
+                 restart_buffer_size: int = 4096):
+        super().__init__()
+        if num_codes < 1 or code_dim < 1:
+            raise ValueError(f"num_codes and code_dim must be positive, got {num_codes} and {code_dim}")
+        if lookup_dim is not None and lookup_dim < 1:
+            raise ValueError(f"lookup_dim must be a positive int or None, got {lookup_dim}")
+        if restart_dead_codes and (dead_code_steps < 1 or restart_buffer_size < 1):
+            raise ValueError("dead_code_steps and restart_buffer_size must be >= 1 when restart_dead_codes is on, "
+                             f"got {dead_code_steps} and {restart_buffer_size}")
+        self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
+        self.l2_normalize, self.lookup_dim = l2_normalize, lookup_dim
+        self.restart_dead_codes, self.dead_code_steps = restart_dead_codes, dead_code_steps
+        search_dim = lookup_dim or code_dim
+
+        self.embedding = nn.Embedding(num_codes, search_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)  # taming's init
+        self.in_proj = nn.Linear(code_dim, lookup_dim) if lookup_dim else None
+        self.out_proj = nn.Linear(lookup_dim, code_dim) if lookup_dim else None
+
+        # All buffers are non-persistent, so state_dict() keeps taming's keys. A resumed run starts its
+        # usage histogram and dead-code clocks afresh, which only delays a restart.
+        self.register_buffer("code_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+        if restart_dead_codes:
+            self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+            self.register_buffer("recent_inputs", torch.zeros(restart_buffer_size, search_dim), persistent=False)
+            self.recent_filled = 0  # how many rows of recent_inputs hold real data
+            self.recent_next = 0    # ring-buffer write position
+
+    # ------------------------------------------------------------------ search space
+    def _to_search_space(self, z: Tensor) -> Tensor:
+        """(..., code_dim) -> (..., search_dim): the projection (if any), before normalisation."""
+        return self.in_proj(z) if self.in_proj is not None else z
+
+    def _codebook(self) -> Tensor:
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=-1) if self.l2_normalize else weight
+
+    def _check_input(self, z: Tensor) -> None:
+        if z.ndim < 2 or z.shape[-1] != self.code_dim:
+            raise ValueError(f"expected channels-last z of shape (B, h, w, {self.code_dim}), got {tuple(z.shape)}; "
+                             "permute an NCHW map with z.permute(0, 2, 3, 1)")
+
+    @staticmethod
+    def _float(z: Tensor) -> Tensor:
+        # The search and the losses run in fp32 (fp64 stays fp64): bf16 distances pick wrong codes.
+        return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+    def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:
+        """Index of the nearest code of each row of flat (N, D): argmin ||z||^2 - 2 z.e + ||e||^2, by matmul."""
+        with torch.no_grad():
+            codebook = codebook.to(flat.dtype)
+            distances = (flat.square().sum(1, keepdim=True) - 2.0 * flat @ codebook.t()
+                         + codebook.square().sum(1)[None, :])
+            return distances.argmin(dim=1)
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        self._check_input(z)
+        with torch.autocast(z.device.type, enabled=False):
+            if self.training and self.restart_dead_codes:
+                # Before the lookup: the codebook must not change after autograd has used it.
+                self._restart_dead_codes()
+            z_search = self._to_search_space(self._float(z))
+            if self.l2_normalize:
+                z_search = F.normalize(z_search, dim=-1)
+            flat = z_search.reshape(-1, z_search.shape[-1])
+            codebook = self._codebook()
+            indices = self._nearest(flat, codebook)
+            codes = codebook[indices].to(flat.dtype)
+
+            codebook_loss = F.mse_loss(codes, flat.detach())
+            commitment_loss = F.mse_loss(flat, codes.detach())
+            quantized = flat + (codes - flat).detach()  # straight-through: forward = codes, backward = identity
+            quantized = quantized.view(z_search.shape)
+            if self.out_proj is not None:
+                quantized = self.out_proj(quantized)
+
+        with torch.no_grad():
+            self.code_counts += torch.bincount(indices, minlength=self.num_codes)
+            if self.training and self.restart_dead_codes:
+                self._track_dead_codes(indices, z_search.detach().reshape(-1, z_search.shape[-1]))
+        return QuantizerOutput(quantized=quantized, indices=indices.view(z.shape[:-1]),
+                               loss=codebook_loss + self.beta * commitment_loss,
+                               codebook_loss=codebook_loss, commitment_loss=commitment_loss)
+
+    @torch.no_grad()
+    def encode(self, z: Tensor) -> Tensor:
+        """Nearest-code indices (B, h, w) int64 of z (B, h, w, code_dim). No side effects (usage not counted)."""
+        self._check_input(z)
+        with torch.autocast(z.device.type, enabled=False):
+            z_search = self._to_search_space(self._float(z))
+            if self.l2_normalize:
+                z_search = F.normalize(z_search, dim=-1)
+            return self._nearest(z_search.reshape(-1, z_search.shape[-1]), self._codebook()).view(z.shape[:-1])
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """Code vectors (B, h, w, code_dim) of indices (B, h, w): taming's `get_codebook_entry`, channels-last."""
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dtype.is_complex:
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}; use indices.long()")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
+            raise ValueError(f"indices must lie in [0, {self.num_codes}), got [{int(indices.min())}, "
+                             f"{int(indices.max())}]")
+        codes = self._codebook()[indices.long()]
+        return self.out_proj(codes) if self.out_proj is not None else codes
+
+    def reset_usage(self) -> None:
+        """Zero the usage histogram (e.g. at the start of an evaluation or a logging window)."""
+        self.code_counts.zero_()
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict:
+        """Usage of the codebook since the last `reset_usage()`, over all processes.
+
+        Returns {"usage": fraction of codes chosen at least once (0..1), "perplexity": exp(entropy of the
+        code histogram) (0.0 if nothing was counted), "codes_used": int}. Under torch.distributed the
+        histograms are summed first, so this is a collective: call it on every process.
+        """
+        counts = self.code_counts.clone()
+        if _distributed():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        counts = counts.double()
+        total = counts.sum()
+        codes_used = int((counts > 0).sum())
+        if total == 0:
+            return {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
+        p = counts[counts > 0] / total
+        entropy = float(-(p * p.log()).sum())
+        return {"usage": codes_used / self.num_codes, "perplexity": math.exp(entropy), "codes_used": codes_used}
+
+    # ------------------------------------------------------------------ dead-code restart
+    def _track_dead_codes(self, indices: Tensor, z_search: Tensor) -> None:
+        """Advance the per-code clocks (synchronised across processes) and remember recent encoder outputs."""
+        hits = torch.bincount(indices, minlength=self.num_codes)
+        if _distributed():
+            dist.all_reduce(hits, op=dist.ReduceOp.SUM)  # a code used on any process is alive on all
+        self.steps_since_used += 1
+        self.steps_since_used[hits > 0] = 0
+
+        capacity = self.recent_inputs.shape[0]
+        take = min(z_search.shape[0], capacity)
+        sample = z_search[torch.randperm(z_search.shape[0], device=z_search.device)[:take]]
+        rows = (self.recent_next + torch.arange(take, device=sample.device)) % capacity
+        self.recent_inputs[rows] = sample.to(self.recent_inputs.dtype)
+        self.recent_next = (self.recent_next + take) % capacity
+        self.recent_filled = min(self.recent_filled + take, capacity)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self) -> None:
+        dead = (self.steps_since_used >= self.dead_code_steps).nonzero().squeeze(1)
+        # The clocks are identical on every process, so all of them take this branch together (a clock
+        # only advances in a training forward, which also fills the buffer).
+        if dead.numel() == 0 or self.recent_filled == 0:
+            return
+        pool = self.recent_inputs[:self.recent_filled]
+        if pool.shape[0] >= dead.numel():  # distinct candidates when there are enough
+            pick = torch.randperm(pool.shape[0], device=pool.device)[:dead.numel()]
+        else:
+            pick = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
+        new_codes = pool[pick].to(self.embedding.weight.dtype)
+        if _distributed():
+            dist.broadcast(new_codes, src=0)  # rank 0's candidates win: identical codebooks everywhere
+        self.embedding.weight[dead] = new_codes
+        self.steps_since_used[dead] = 0
