@@ -1,0 +1,143 @@
+"""VQ-HiT: exact counts, encode/decode round trip, input checks, save/load, taming checkpoint import."""
+import pytest
+import torch
+
+from vqhit import VQHiT, list_presets
+from vqhit.presets import ENCODER_PARAMS, TOKENIZER_DECODER_PARAMS
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_preset_counts_are_exact():
+    with torch.device("meta"):
+        model = VQHiT.from_preset("vqhit-b-f16-1024")
+    assert count(model.decoder) == TOKENIZER_DECODER_PARAMS["vqhit-b-f16-1024"] == 17_512_710
+    assert count(model.encoder) == ENCODER_PARAMS["vqhit-b-f16-1024"] == 29_298_176
+    assert count(model.quant_conv) == 256 * 256 + 256
+    assert model.quantize.embedding.weight.shape == (1024, 256)
+
+
+def test_paper_preset_round_trips_256_images_through_16x16_tokens():
+    torch.manual_seed(0)
+    model = VQHiT.from_preset("vqhit-b-f16-1024").eval()
+    images = torch.rand(1, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        indices = model.encode(images)
+        assert indices.shape == (1, 16, 16) and indices.dtype == torch.int64
+        assert 0 <= indices.min() and indices.max() < 1024
+        reconstruction = model.decode_indices(indices)
+    assert reconstruction.shape == (1, 3, 256, 256) and torch.isfinite(reconstruction).all()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return VQHiT.from_preset("vqhit-tiny")
+
+
+def test_tiny_encode_decode_paths_agree(tiny):
+    tiny.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        idx = tiny.encode(x)
+        assert idx.shape == (2, 8, 8)
+        from_indices = tiny.decode_indices(idx)
+        from_latents = tiny.decode(tiny.get_codebook_entry(idx))
+        reconstruction, aux = tiny(x)
+    torch.testing.assert_close(from_indices, from_latents)
+    torch.testing.assert_close(reconstruction, from_indices, rtol=1e-5, atol=1e-5)  # forward = decode(encode)
+    assert torch.equal(aux["indices"], idx)
+
+
+def test_training_forward_returns_losses_and_gradients_reach_encoder(tiny):
+    tiny.train()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    reconstruction, aux = tiny(x)
+    assert {"vq_loss", "codebook_loss", "commitment_loss", "indices"} <= set(aux)
+    ((reconstruction - x) ** 2).mean().backward()  # the straight-through estimator carries it to the encoder
+    assert tiny.encoder.conv_in.weight.grad.abs().sum() > 0
+    tiny.zero_grad()
+
+
+def test_freeze_options():
+    model = VQHiT.from_preset("vqhit-tiny", freeze_encoder=True, freeze_codebook=True)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert not any(p.requires_grad for p in model.quantize.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+
+
+def test_inputs_are_checked(tiny):
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 64, 64\)"):
+        tiny.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 64, 64\)"):
+        tiny.encode(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="far outside"):
+        tiny.encode(torch.full((1, 3, 64, 64), 255.0))
+    with pytest.raises(ValueError, match=r"in \[0, 256\)"):
+        tiny.decode_indices(torch.full((1, 8, 8), 256))
+    with pytest.raises(ValueError, match=r"shape \(B, 8, 8\)"):
+        tiny.decode_indices(torch.zeros(1, 16, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        tiny.decode_indices(torch.zeros(1, 8, 8))
+
+
+def test_bad_config_is_explained():
+    with pytest.raises(ValueError, match="take the 8x8 grid to 32x32, not 64x64"):
+        VQHiT.from_preset("vqhit-tiny", decoder_widths=[128, 64, 32], decoder_heads=[4, 4, 4],
+                          decoder_blocks=[1, 1, 1], decoder_block_sizes=[4, None, None])
+
+
+def test_save_and_load_give_identical_outputs(tmp_path, tiny):
+    tiny.train()
+    tiny(torch.rand(4, 3, 64, 64) * 2 - 1)  # move BatchNorm statistics: they are saved too
+    tiny.eval().save_pretrained(tmp_path / "tok")
+    loaded = VQHiT.from_pretrained(tmp_path / "tok").eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tiny.encode(x), loaded.encode(x))
+        assert torch.equal(tiny(x)[0], loaded(x)[0])
+    other = VQHiT.from_preset("vqhit-tiny", codebook_size=128)
+    with pytest.raises(ValueError, match="another configuration"):
+        other.load_weights(tmp_path / "tok")
+    from vqhit import HiTGenerator
+    with pytest.raises(ValueError, match="holds a 'vqhit' checkpoint"):
+        HiTGenerator.from_pretrained(tmp_path / "tok")
+
+
+def test_load_taming_checkpoint(tmp_path, tiny):
+    """A Lightning-style checkpoint in taming's key layout: encoder, quant_conv and codebook come across,
+    taming's decoder and loss weights are ignored, and token ids match taming's own lookup."""
+    torch.manual_seed(1)
+    donor = VQHiT.from_preset("vqhit-tiny", l2_normalize=False, restart_dead_codes=False)
+    state = {k: v.clone() for k, v in donor.state_dict().items()
+             if k.startswith(("encoder.", "quant_conv.", "quantize.embedding."))}
+    state["decoder.conv_in.weight"] = torch.zeros(3)      # taming's conv decoder: not ours, ignored
+    state["post_quant_conv.weight"] = torch.zeros(3)
+    state["loss.discriminator.main.0.weight"] = torch.zeros(3)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, path)
+
+    model = VQHiT.from_preset("vqhit-tiny", l2_normalize=False, restart_dead_codes=False, freeze_encoder=True)
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    model.load_taming_checkpoint(path)
+    for k, v in state.items():
+        if k in model.state_dict():
+            assert torch.equal(model.state_dict()[k], v)
+    assert all(torch.equal(decoder_before[k], v) for k, v in model.decoder.state_dict().items())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = donor.quant_conv(donor.encoder(x)).permute(0, 2, 3, 1)
+        taming_ids = torch.cdist(z.reshape(-1, z.shape[-1]), state["quantize.embedding.weight"]).argmin(1)
+        assert torch.equal(model.encode(x).flatten(), taming_ids)
+
+    del state["quant_conv.weight"]
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ValueError, match="missing keys.*quant_conv.weight"):
+        model.load_taming_checkpoint(path)
+
+
+def test_presets_are_listed():
+    assert {"vqhit-b-f16-1024", "vqhit-tiny"} <= set(list_presets("tokenizer"))
+    assert "hit-b-256" not in list_presets("tokenizer")

@@ -1,0 +1,233 @@
+"""VQ-HiT (HiT paper, Appendix A.5): the VQGAN encoder, a codebook, and a HiT decoder from the token grid.
+
+    images (B,3,R,R) -> VQGANEncoder -> quant_conv (1x1) -> VectorQuantizer -> HiTDecoder -> images
+
+The attribute names `encoder`, `quant_conv` and `quantize.embedding` are taming's, so the encoder half of a
+taming VQGAN checkpoint loads key for key (`load_taming_checkpoint`) and its token ids stay valid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .encoder import VQGANEncoder
+from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
+from .pretrained import PretrainedMixin
+from .quantizer import VectorQuantizer
+
+# Images are expected in [-1, 1]; a little overshoot (resampling) is fine, [0, 255] is not.
+INPUT_RANGE_LIMIT = 1.5
+
+
+class HiTDecoder(nn.Module):
+    """Code vectors on a grid (B, h, w, D) -> images (B, 3, R, R), through the HiT stage stack (SPEC §2.3).
+
+    The grid enters the stage list at its own resolution: Linear(D -> C0) per token is the first feature map,
+    and Linear(D -> E) per token + positional table + norm is the memory Z the cross-attention reads.
+    """
+
+    def __init__(self, code_dim: int, grid: int, widths, heads, blocks, block_sizes, memory_dim: int = 512, *,
+                 norm_layer=None, multi_query: bool = True, attention_mode: str = "multi_axis",
+                 cross_attention: bool = True, mlp_ratio: int = 4):
+        super().__init__()
+        norm_layer = norm_layer or norm_factory("batch")
+        self.to_map = nn.Linear(code_dim, widths[0])
+        self.memory = Memory(code_dim, grid * grid, memory_dim, norm_layer) if cross_attention else None
+        self.stages = HiTStages(grid, widths, heads, blocks, block_sizes, memory_dim, norm_layer=norm_layer,
+                                multi_query=multi_query, attention_mode=attention_mode,
+                                cross_attention=cross_attention, mlp_ratio=mlp_ratio)
+        trunc_normal_init(self)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        b, h, w, d = codes.shape
+        memory = self.memory(codes.reshape(b, h * w, d)) if self.memory is not None else None
+        return self.stages(self.to_map(codes), memory)
+
+
+@dataclass
+class VQHiTConfig:
+    preset: str | None = None
+    resolution: int = 256
+    # Encoder: taming's VQGAN Encoder (f = 2^(len(encoder_channel_mult) - 1)).
+    encoder_channels: int = 128
+    encoder_channel_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    encoder_res_blocks: int = 2
+    encoder_attn_resolutions: list = field(default_factory=lambda: [16])
+    encoder_z_channels: int = 256
+    # Codebook.
+    codebook_size: int = 1024
+    code_dim: int = 256
+    beta: float = 0.25                 # commitment weight, on the encoder side
+    l2_normalize: bool = False         # cosine codes
+    lookup_dim: int | None = None      # low-dimensional lookup (e.g. 8 or 32)
+    restart_dead_codes: bool = False   # re-seed unused codes from recent encoder outputs
+    dead_code_steps: int = 500         # training forwards a code may go unused before it is re-seeded
+    # Decoder: HiT stages from the token grid.
+    decoder_widths: list = field(default_factory=lambda: [512, 256, 128, 64, 64])
+    decoder_heads: list = field(default_factory=lambda: [8, 4, 4, 4, 4])
+    decoder_blocks: list = field(default_factory=lambda: [2, 2, 2, 1, 1])
+    decoder_block_sizes: list = field(default_factory=lambda: [4, 8, 8, None, None])
+    decoder_memory_dim: int = 512
+    multi_query: bool = True
+    norm: str = "batch"
+    bn_momentum: float = BN_MOMENTUM
+    attention_mode: str = "multi_axis"
+    cross_attention: bool = True
+    mlp_ratio: int = 4
+    # Training a decoder on an existing tokenizer's codes (see load_taming_checkpoint).
+    freeze_encoder: bool = False
+    freeze_codebook: bool = False
+
+    def __post_init__(self):
+        f = 2 ** (len(self.encoder_channel_mult) - 1)
+        if self.resolution % f:
+            raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
+                             f"factor {f}")
+        grid = self.resolution // f
+        reach = grid * 2 ** (len(self.decoder_widths) - 1)
+        if reach != self.resolution:
+            raise ValueError(f"the decoder's {len(self.decoder_widths)} stages take the {grid}x{grid} grid to "
+                             f"{reach}x{reach}, not {self.resolution}x{self.resolution}; use "
+                             f"{(self.resolution // grid).bit_length()} decoder stages")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // 2 ** (len(self.encoder_channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQHiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VQHiTConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+class VQHiT(PretrainedMixin, nn.Module):
+    """The VQ-HiT tokenizer. Images are NCHW in [-1, 1]; indices are (B, h, w) int64 in [0, codebook_size)."""
+
+    model_type, config_class = "vqhit", VQHiTConfig
+
+    def __init__(self, config: VQHiTConfig | None = None, **overrides):
+        super().__init__()
+        config = config or VQHiTConfig()
+        if overrides:
+            config = VQHiTConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = c = config
+        self.encoder = VQGANEncoder(c.resolution, c.encoder_channels, c.encoder_channel_mult, c.encoder_res_blocks,
+                                    c.encoder_attn_resolutions, c.encoder_z_channels)
+        self.quant_conv = nn.Conv2d(c.encoder_z_channels, c.code_dim, 1)
+        self.quantize = VectorQuantizer(c.codebook_size, c.code_dim, beta=c.beta, l2_normalize=c.l2_normalize,
+                                        lookup_dim=c.lookup_dim, restart_dead_codes=c.restart_dead_codes,
+                                        dead_code_steps=c.dead_code_steps)
+        self.decoder = HiTDecoder(c.code_dim, c.grid, c.decoder_widths, c.decoder_heads, c.decoder_blocks,
+                                  c.decoder_block_sizes, c.decoder_memory_dim,
+                                  norm_layer=norm_factory(c.norm, c.bn_momentum),
+                                  multi_query=c.multi_query, attention_mode=c.attention_mode,
+                                  cross_attention=c.cross_attention, mlp_ratio=c.mlp_ratio)
+        self.set_frozen(encoder=c.freeze_encoder, codebook=c.freeze_codebook)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VQHiT":
+        from ..presets import tokenizer_config
+        return cls(tokenizer_config(name, **overrides))
+
+    def set_frozen(self, encoder: bool, codebook: bool) -> None:
+        """Freeze the encoder (+ quant_conv) and/or the codebook, e.g. to train the decoder on fixed codes."""
+        for p in [*self.encoder.parameters(), *self.quant_conv.parameters()]:
+            p.requires_grad_(not encoder)
+        for p in self.quantize.parameters():
+            p.requires_grad_(not codebook)
+
+    # -- checks -----------------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        r = self.config.resolution
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (r, r):
+            raise ValueError(f"expected images of shape (B, 3, {r}, {r}) for preset {self.config.preset!r}, got "
+                             f"{tuple(images.shape)}; resize or crop to {r}x{r} RGB")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype}; use x / 127.5 - 1")
+        if images.numel() and images.detach().abs().max() > INPUT_RANGE_LIMIT:
+            raise ValueError(f"image values reach {images.detach().abs().max().item():.3g}, far outside [-1, 1]; "
+                             f"scale uint8 images with x / 127.5 - 1")
+
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        g, n = self.config.grid, self.config.codebook_size
+        if indices.dim() != 3 or indices.shape[1:] != (g, g):
+            raise ValueError(f"expected indices of shape (B, {g}, {g}), got {tuple(indices.shape)}")
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= n):
+            raise ValueError(f"indices must lie in [0, {n}), got values in [{indices.min().item()}, "
+                             f"{indices.max().item()}]")
+
+    # -- public API ---------------------------------------------------------------------------------------
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous encoder output before quantization, channels-last (B, h, w, code_dim)."""
+        self._check_images(images)
+        return self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, R, R) in [-1, 1] -> token indices (B, h, w) int64."""
+        return self.quantize.encode(self.encode_latents(images))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R)."""
+        return self.decoder(latents.permute(0, 2, 3, 1))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token indices (B, h, w) -> images (B, 3, R, R), unbounded (clamp to [-1, 1] to show)."""
+        self._check_indices(indices)
+        return self.decoder(self.quantize.lookup(indices.long()))
+
+    def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for indices (B, h, w) -> (B, code_dim, h, w), taming's layout."""
+        self._check_indices(indices)
+        return self.quantize.lookup(indices.long()).permute(0, 3, 1, 2)
+
+    def forward(self, images: torch.Tensor):
+        """Training forward: (reconstruction, aux) with aux holding the VQ losses and the indices."""
+        q = self.quantize(self.encode_latents(images))
+        reconstruction = self.decoder(q.quantized)
+        aux = {"vq_loss": q.loss, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
+               "indices": q.indices}
+        return reconstruction, aux
+
+    def last_decoder_layer(self) -> torch.Tensor:
+        """Weight of the last to-RGB Linear: where the adaptive adversarial weight measures gradients."""
+        return self.decoder.stages.stages[-1].to_rgb[-1].weight
+
+    def num_parameters(self, module: nn.Module | None = None) -> int:
+        return sum(p.numel() for p in (module or self).parameters())
+
+    def load_taming_checkpoint(self, path, weights_only: bool = True) -> None:
+        """Import encoder, quant_conv and codebook from a taming VQGAN checkpoint (Lightning `.ckpt` with a
+        "state_dict", or a plain state dict); the decoder is left as it is.
+
+        Lightning checkpoints may pickle objects beyond tensors; `weights_only=False` allows them, only for files
+        you trust.
+        """
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as err:  # pickle.UnpicklingError and friends
+            raise ValueError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
+                             f"file, pass weights_only=False") from err
+        state = ckpt.get("state_dict", ckpt)
+        prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
+        wanted = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise ValueError(f"{path} is not a taming VQGAN checkpoint for this encoder: missing keys {missing[:5]}")
+        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
+                 if state[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
