@@ -85,8 +85,11 @@ def test_batchnorm_train_uses_batch_statistics_eval_running_ones():
 
 
 def test_batchnorm_uses_release_settings():
-    bn = HiTGenerator.from_preset("hit-tiny").stages.stages[0].cross.norm
-    assert bn.momentum == 0.01 and bn.eps == 1e-3
+    with torch.device("meta"):
+        bn = HiTGenerator.from_preset("hit-b-256").stages.stages[0].cross.norm
+    assert bn.momentum == 0.01 and bn.eps == 1e-3  # Keras momentum 0.99, eps 1e-3
+    with torch.device("meta"):
+        assert HiTGenerator.from_preset("hit-tiny").stages.stages[0].cross.norm.momentum == 0.1
 
 
 def test_initialisation_is_truncated_normal():

@@ -25,8 +25,10 @@ GENERATOR_PRESETS = {
     "hit-128-release": dict(resolution=128, latent_dim=256, widths=[512, 512, 256, 128, 128],
                             heads=[16, 8, 4, 4, 4], blocks=[2, 2, 2, 2, 2],
                             block_sizes=[4, 4, 8, 8, None]),                                     # 32,866,627
-    # Small enough for CPU tests and demos: 32x32, two attention stages and one MLP stage.
-    "hit-tiny": dict(resolution=32, latent_dim=64, widths=[128, 64, 32], heads=[4, 4, 4], blocks=[1, 1, 1],
+    # Small enough for CPU tests and demos: 32x32, two attention stages and one MLP stage. BatchNorm momentum
+    # 0.1: with the release's 0.01 the running statistics of a few-hundred-step demo still sit near their
+    # initial values, and eval-mode outputs come out flat.
+    "hit-tiny": dict(resolution=32, bn_momentum=0.1, latent_dim=64, widths=[128, 64, 32], heads=[4, 4, 4], blocks=[1, 1, 1],
                      block_sizes=[4, 4, None]),
 }
 
@@ -42,9 +44,10 @@ TOKENIZER_PRESETS = {
         codebook_size=1024, code_dim=256,
         decoder_widths=[512, 256, 128, 64, 64], decoder_heads=[8, 4, 4, 4, 4], decoder_blocks=[2, 2, 2, 1, 1],
         decoder_block_sizes=[4, 8, 8, None, None], decoder_memory_dim=512),                      # decoder 17,512,710
-    # CPU tests and demos: 64x64 images, f8 -> an 8x8 grid of 256 codes.
+    # CPU tests and demos: 64x64 images, f8 -> an 8x8 grid of 256 codes. Cosine codes with dead-code restart:
+    # with plain codes this small model collapses to a handful of codes within 100 steps.
     "vqhit-tiny": dict(
-        resolution=64,
+        resolution=64, l2_normalize=True, restart_dead_codes=True, dead_code_steps=20, bn_momentum=0.1,
         encoder_channels=32, encoder_channel_mult=[1, 2, 2, 4], encoder_res_blocks=1,
         encoder_attn_resolutions=[], encoder_z_channels=64,
         codebook_size=256, code_dim=32,

@@ -10,6 +10,7 @@ All tensors inside are channels-last, (B, H, W, C) or (B, N, C): every Linear ac
 from __future__ import annotations
 
 import json
+from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -38,22 +39,29 @@ class ChannelSyncBatchNorm(nn.SyncBatchNorm):
         return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
+def make_norm(kind: str, dim: int, momentum: float = BN_MOMENTUM) -> nn.Module:
     if kind == "batch":
-        return ChannelBatchNorm(dim, eps=BN_EPS, momentum=BN_MOMENTUM)
+        return ChannelBatchNorm(dim, eps=BN_EPS, momentum=momentum)
     if kind == "syncbatch":
-        return ChannelSyncBatchNorm(dim, eps=BN_EPS, momentum=BN_MOMENTUM)
+        return ChannelSyncBatchNorm(dim, eps=BN_EPS, momentum=momentum)
     if kind == "layer":
         return nn.LayerNorm(dim, eps=BN_EPS)
     raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
 
 
+def norm_factory(kind: str, momentum: float = BN_MOMENTUM):
+    """A `norm_layer(dim)` callable for the blocks, from a config's norm name and BatchNorm momentum."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+    return partial(make_norm, kind, momentum=momentum)
+
+
 class MLPBlock(nn.Module):
     """x + FC2(GELU(FC1(Norm(x)))): the high-resolution layer and the second half of every attention block."""
 
-    def __init__(self, dim: int, norm: str, mlp_ratio: int = 4):
+    def __init__(self, dim: int, norm_layer, mlp_ratio: int = 4):
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
 
@@ -64,12 +72,12 @@ class MLPBlock(nn.Module):
 class SelfAttentionBlock(nn.Module):
     """Pre-norm multi-axis self-attention block on a map (B, H, W, C)."""
 
-    def __init__(self, dim: int, num_heads: int, block_size: int, norm: str, multi_query: bool,
+    def __init__(self, dim: int, num_heads: int, block_size: int, norm_layer, multi_query: bool,
                  mode: str, mlp_ratio: int):
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = norm_layer(dim)
         self.attn = MultiAxisAttention(dim, num_heads, block_size, multi_query=multi_query, mode=mode)
-        self.mlp = MLPBlock(dim, norm, mlp_ratio)
+        self.mlp = MLPBlock(dim, norm_layer, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x + self.attn(self.norm(x)))
@@ -81,11 +89,11 @@ class CrossAttentionBlock(nn.Module):
     Z is not normalised again here: it was normalised once, when it was made.
     """
 
-    def __init__(self, dim: int, num_heads: int, memory_dim: int, norm: str, multi_query: bool, mlp_ratio: int):
+    def __init__(self, dim: int, num_heads: int, memory_dim: int, norm_layer, multi_query: bool, mlp_ratio: int):
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = norm_layer(dim)
         self.attn = CrossAttention(dim, num_heads, kv_dim=memory_dim, multi_query=multi_query)
-        self.mlp = MLPBlock(dim, norm, mlp_ratio)
+        self.mlp = MLPBlock(dim, norm_layer, mlp_ratio)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -101,11 +109,11 @@ class Memory(nn.Module):
     1 from each code vector of the tokenizer's grid.
     """
 
-    def __init__(self, in_dim: int, num_tokens: int, dim: int, norm: str, tokens_per_input: int = 1):
+    def __init__(self, in_dim: int, num_tokens: int, dim: int, norm_layer, tokens_per_input: int = 1):
         super().__init__()
         self.proj = nn.Linear(in_dim, tokens_per_input * dim)
         self.pos_embed = nn.Parameter(torch.zeros(num_tokens, dim))
-        self.norm = make_norm(norm, dim)
+        self.norm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, in_dim) with T * tokens_per_input == num_tokens -> Z: (B, num_tokens, E)."""
@@ -146,23 +154,23 @@ class HiTStage(nn.Module):
     unless it is the last stage, pixel shuffle x2 plus a Linear to the next stage's width."""
 
     def __init__(self, resolution: int, dim: int, num_heads: int, num_blocks: int, block_size: int | None,
-                 memory_dim: int, next_dim: int | None, *, norm: str, multi_query: bool, attention_mode: str,
+                 memory_dim: int, next_dim: int | None, *, norm_layer, multi_query: bool, attention_mode: str,
                  cross_attention: bool, mlp_ratio: int):
         super().__init__()
         check_heads(dim, num_heads, f"stage {resolution}x{resolution}")
         self.resolution = resolution
         self.pos_embed = nn.Parameter(torch.zeros(resolution, resolution, dim))
-        self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm, multi_query, mlp_ratio)
+        self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm_layer, multi_query, mlp_ratio)
                       if cross_attention else None)
         if block_size is None:
-            self.blocks = nn.Sequential(*[MLPBlock(dim, norm, mlp_ratio) for _ in range(num_blocks)])
-            self.to_rgb = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, 3))
+            self.blocks = nn.Sequential(*[MLPBlock(dim, norm_layer, mlp_ratio) for _ in range(num_blocks)])
+            self.to_rgb = nn.Sequential(norm_layer(dim), nn.Linear(dim, 3))
         else:
             if attention_mode in ("multi_axis", "regional", "dilated") and resolution % block_size:
                 raise ValueError(f"block size {block_size} does not divide the {resolution}x{resolution} map "
                                  f"of stage {resolution}x{resolution}; choose a divisor of {resolution}")
             self.blocks = nn.Sequential(*[
-                SelfAttentionBlock(dim, num_heads, block_size, norm, multi_query, attention_mode, mlp_ratio)
+                SelfAttentionBlock(dim, num_heads, block_size, norm_layer, multi_query, attention_mode, mlp_ratio)
                 for _ in range(num_blocks)])
             self.to_rgb = None
         self.upsample = None
@@ -193,7 +201,7 @@ class HiTStages(nn.Module):
     """
 
     def __init__(self, start_resolution: int, widths, heads, blocks, block_sizes, memory_dim: int, *,
-                 norm: str = "batch", multi_query: bool = True, attention_mode: str = "multi_axis",
+                 norm_layer=None, multi_query: bool = True, attention_mode: str = "multi_axis",
                  cross_attention: bool = True, mlp_ratio: int = 4):
         super().__init__()
         n = len(widths)
@@ -203,12 +211,13 @@ class HiTStages(nn.Module):
         if block_sizes[-1] is not None:
             raise ValueError("the last stage must be a high-resolution MLP stage (block size None): it carries "
                              "the to-RGB head that produces the image")
-        first_mlp = block_sizes.index(None)
+        norm_layer = norm_layer or norm_factory("batch")
+        first_mlp = list(block_sizes).index(None)
         if any(s is not None for s in block_sizes[first_mlp:]):
             raise ValueError(f"attention stages must come before the MLP stages; got block sizes {list(block_sizes)}")
         self.stages = nn.ModuleList(
             HiTStage(start_resolution * 2 ** i, widths[i], heads[i], blocks[i], block_sizes[i], memory_dim,
-                     widths[i + 1] if i + 1 < n else None, norm=norm, multi_query=multi_query,
+                     widths[i + 1] if i + 1 < n else None, norm_layer=norm_layer, multi_query=multi_query,
                      attention_mode=attention_mode, cross_attention=cross_attention, mlp_ratio=mlp_ratio)
             for i in range(n))
 
@@ -236,6 +245,7 @@ class HiTConfig:
     # Options beyond the paper's configuration, all off by default:
     multi_query: bool = True         # False = multi-head K/V
     norm: str = "batch"              # "batch" (paper), "syncbatch", "layer"
+    bn_momentum: float = BN_MOMENTUM  # the release's 0.01; short runs need more (running stats lag behind)
     attention_mode: str = "multi_axis"  # ablations: "regional", "dilated", "axial", "global"
     cross_attention: bool = True     # False = the "no cross-attention" ablation
     mlp_ratio: int = 4
@@ -293,10 +303,11 @@ class HiTGenerator(PretrainedMixin, nn.Module):
         c0, e = config.widths[0], config.memory_dim or config.widths[0]
         s = config.start_resolution
         self.to_map = nn.Linear(config.latent_dim, s * s * c0)
-        self.memory = (Memory(config.latent_dim, config.memory_tokens, e, config.norm,
+        norm_layer = norm_factory(config.norm, config.bn_momentum)
+        self.memory = (Memory(config.latent_dim, config.memory_tokens, e, norm_layer,
                               tokens_per_input=config.memory_tokens) if config.cross_attention else None)
         self.stages = HiTStages(s, config.widths, config.heads, config.blocks, config.block_sizes, e,
-                                norm=config.norm, multi_query=config.multi_query,
+                                norm_layer=norm_layer, multi_query=config.multi_query,
                                 attention_mode=config.attention_mode, cross_attention=config.cross_attention,
                                 mlp_ratio=config.mlp_ratio)
         trunc_normal_init(self)
