@@ -110,3 +110,13 @@ def test_bad_input_raises():
         Discriminator(96)
     with pytest.raises(ValueError, match="power of two"):
         Discriminator(2048)
+
+
+def test_max_channels_caps_every_width_for_tiny_presets():
+    capped = Discriminator(32, max_channels=64)
+    widths = {m.out_channels for m in capped.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert max(widths) == 64 and capped.head_fc.in_features == 64 * 16
+    assert capped(torch.randn(2, 3, 32, 32)).shape == (2,)
+    # the default cap (512) is the paper's table: the count is unchanged
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Discriminator(128, max_channels=512).parameters()) == 23_880_833

@@ -20,10 +20,11 @@ from torch import Tensor, nn
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
 
 
-def discriminator_channels(resolution: int, channel_multiplier: int = 1) -> int:
-    """Channels of the feature map at `resolution`: 512 up to 32x32, then halving (times the multiplier)."""
+def discriminator_channels(resolution: int, channel_multiplier: int = 1, max_channels: int = 512) -> int:
+    """Channels of the feature map at `resolution`: 512 up to 32x32, then halving (times the multiplier),
+    capped at `max_channels`."""
     table = {64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
-    return table[resolution] * channel_multiplier if resolution in table else 512
+    return min(table[resolution] * channel_multiplier if resolution in table else 512, max_channels)
 
 
 class BlurDown2(nn.Module):
@@ -87,19 +88,21 @@ class Discriminator(nn.Module):
         channel_multiplier: m in the channel table (1 for ImageNet, 2 for faces in the paper).
         in_channels: image channels.
         minibatch_stddev: add StyleGAN's minibatch-stddev channel before the head (off in the paper).
+        max_channels: cap on every width, the head's included (512 = the paper). Not in the paper: the tiny
+            CPU presets use 64, since the 512-wide table alone costs 21M parameters at 32x32.
     """
 
     def __init__(self, resolution: int, channel_multiplier: int = 1, in_channels: int = 3,
-                 minibatch_stddev: bool = False):
+                 minibatch_stddev: bool = False, max_channels: int = 512):
         super().__init__()
         if not (MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution & (resolution - 1) == 0):
             raise ValueError(f"resolution must be a power of two in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], "
                              f"got {resolution}")
-        if channel_multiplier < 1 or in_channels < 1:
+        if channel_multiplier < 1 or in_channels < 1 or max_channels < 1:
             raise ValueError(f"channel_multiplier and in_channels must be positive, got {channel_multiplier} "
                              f"and {in_channels}")
         self.resolution, self.in_channels = resolution, in_channels
-        ch = lambda r: discriminator_channels(r, channel_multiplier)  # noqa: E731
+        ch = lambda r: discriminator_channels(r, channel_multiplier, max_channels)  # noqa: E731
 
         self.from_rgb = nn.Conv2d(in_channels, ch(resolution), 3, padding=1)
         self.blocks = nn.ModuleList()
@@ -109,9 +112,10 @@ class Discriminator(nn.Module):
             r //= 2
         self.stddev = MinibatchStddev() if minibatch_stddev else None
         head_in = ch(4) + (1 if minibatch_stddev else 0)
-        self.head_conv = nn.Conv2d(head_in, 512, 3, padding=1)
-        self.head_fc = nn.Linear(512 * 4 * 4, 512)
-        self.head_out = nn.Linear(512, 1)
+        top = ch(4)
+        self.head_conv = nn.Conv2d(head_in, top, 3, padding=1)
+        self.head_fc = nn.Linear(top * 4 * 4, top)
+        self.head_out = nn.Linear(top, 1)
 
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
