@@ -127,8 +127,11 @@ def build_dataloader(dataset, batch_size: int, num_workers: int = 0, shuffle: bo
     when torch.distributed is initialised. Call ``dataset.set_epoch(e)`` before each epoch; it changes both
     the order and the augmentations. Workers are not persistent so that they see the new epoch.
     """
+    # A private generator: iter(DataLoader) draws its workers' base seed from it, never from the global RNG
+    # that the training loop's latents come from (a resumed run would otherwise draw different latents).
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
-                  drop_last=drop_last, pin_memory=torch.cuda.is_available())
+                  drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                  generator=torch.Generator().manual_seed(seed))
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset.shuffle = shuffle  # datasets' buffer shuffle; a DataLoader cannot shuffle a stream
         return DataLoader(dataset, **common)

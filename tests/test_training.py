@@ -1,0 +1,153 @@
+"""The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqhit.losses import r1_penalty
+from vqhit.train_config import TrainConfig, config_from_dict, parse_config
+from vqhit.training import EMA, Trainer, list_checkpoints
+
+TINY = dict(num_workers=0, max_images=8, batch_size=2, disc_max_channels=32, log_every=1, sample_every=1000,
+            checkpoint_every=1000, num_samples=4, seed=3)
+
+
+def make_trainer(tmp_path, task="gan", **overrides):
+    values = dict(TINY, model="hit-tiny" if task == "gan" else "vqhit-tiny", output_dir=str(tmp_path / "run"),
+                  perceptual="none")
+    values.update(overrides)
+    return Trainer(config_from_dict(values), task)
+
+
+def test_ema_copies_before_start_then_averages_parameters_and_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(model, decay=0.9, start_step=2)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model, step=1)  # before start: a copy
+    assert torch.equal(ema.model[0].weight, model[0].weight)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(4.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model, step=2)
+    torch.testing.assert_close(ema.model[0].weight, torch.full((3, 3), 0.9 * 1.0 + 0.1 * 3.0))
+    torch.testing.assert_close(ema.model[1].running_mean, torch.full((3,), 0.9 * 2.0 + 0.1 * 4.0))
+    assert ema.model[1].num_batches_tracked.item() == 7  # integer buffers are copied, not averaged
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
+    trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=3)
+    real = next(trainer._batches(0))["image"]
+    seen = {}
+    for step in range(4):
+        trainer.state.step = step
+        expected = r1_penalty(trainer.D, real, weight=2.0 * 3).item() if step % 3 == 0 else None
+        logs = trainer.train_step(real)
+        seen[step] = logs.get("loss/r1")
+        if expected is not None:
+            assert seen[step].item() == pytest.approx(expected, rel=1e-5)
+    assert seen[1] is None and seen[2] is None and seen[3] is not None
+
+
+@pytest.mark.parametrize("task", ["gan", "vqhit"])
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, task):
+    # 8 images, batch 2: 4 batches an epoch, so the run crosses an epoch and resumes mid-epoch.
+    common = dict(steps=6, checkpoint_every=3, adv_start=2)
+    straight = make_trainer(tmp_path / "a", task, **common)
+    straight.fit()
+    interrupted = make_trainer(tmp_path / "b", task, **{**common, "steps": 3})
+    interrupted.fit()
+    resumed = make_trainer(tmp_path / "b", task, **common, resume="latest")
+    resumed.fit()
+    a, b = straight.accelerator.unwrap_model(straight.model), resumed.accelerator.unwrap_model(resumed.model)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), f"{name} differs after resume"
+    for x, y in zip(straight.D.parameters(), resumed.D.parameters()):
+        assert torch.equal(x, y)
+    for x, y in zip(straight.ema.model.state_dict().values(), resumed.ema.model.state_dict().values()):
+        assert torch.equal(x, y)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_tokenizer_reconstruction_loss_falls(tmp_path):
+    trainer = make_trainer(tmp_path, "vqhit", adv_start=10_000, lr=1e-3)
+    batches = trainer._batches(0)
+    losses = []
+    for step in range(30):
+        trainer.state.step = step
+        losses.append(float(trainer.train_step(next(batches)["image"])["loss/l2"]))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_checkpoint_holds_ema_export_and_is_atomic(tmp_path):
+    trainer = make_trainer(tmp_path, steps=2, checkpoint_every=1)
+    trainer.fit()
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
+    assert not list(run.glob(".checkpoint-*.tmp"))
+    exported = load_file(str(run / "model" / "model.safetensors"))
+    ema = trainer.ema.model.state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert (run / "samples").is_dir() and list((run / "samples").glob("*.png"))
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, checkpoint_every=1)
+    generate = trainer.objective.generate
+
+    def poisoned(forward, real, step):
+        fake, terms = generate(forward, real, step)
+        return (fake * float("nan") if step >= 2 else fake), terms
+
+    trainer.objective.generate = poisoned
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 2.*checkpoint-2"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
+    state = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_folder_with_corrupt_and_grayscale_images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"rgb{i}.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match="broken.png"):
+        trainer = make_trainer(tmp_path, data=str(folder), steps=2, max_images=None)
+        trainer.fit()
+    assert trainer.dataset.num_skipped == 1
+    with pytest.raises(ValueError, match="broken.png"):
+        make_trainer(tmp_path / "raise", data=str(folder), steps=1, max_images=None, bad_images="raise").fit()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown key.*'learning_rate'"):
+        config_from_dict({"learning_rate": 1e-4})
+    with pytest.raises(ValueError, match="'steps' must be of type int"):
+        config_from_dict({"steps": "many"})
+    with pytest.raises(ValueError, match="fp16 is refused while R1 is on"):
+        config_from_dict({"precision": "fp16"})
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: hit-tiny\nbatch_sise: 4\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        parse_config(["--config", str(yaml_file)], "test")
+    with pytest.raises(ValueError, match="train_gan.py trains hit-\\* presets"):
+        make_trainer(tmp_path, model="vqhit-tiny")
+
+
+def test_command_line_overrides_yaml_and_model_options(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: hit-b-256\nlr: 5.0e-5\nmodel_options: {norm: layer}\n")
+    config = parse_config(["--config", str(yaml_file), "--lr", "1e-3", "--model-option", "multi_query=false",
+                           "--no-flip"], "test", defaults={"steps": 7})
+    assert config.lr == 1e-3 and config.steps == 7 and config.flip is False and config.model == "hit-b-256"
+    assert config.model_options == {"norm": "layer", "multi_query": False}
+    assert isinstance(TrainConfig().adam_betas, list)
