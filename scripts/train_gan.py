@@ -8,12 +8,13 @@
 Every option below can also be set in the --config YAML file; the command line wins.
 """
 import sys
+from pathlib import Path
 
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
-DEFAULTS = dict(model="hit-tiny", output_dir="runs/gan-demo", steps=300, batch_size=16, lr=2e-4, disc_max_channels=64, ema_decay=0.99, r1_weight=1.0,
-                sample_every=50, checkpoint_every=100)
+# With no --config, the CPU demo: demo_gan_cpu.yaml.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_gan_cpu.yaml"
 
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, DEFAULTS), task="gan")
+    train(parse_config(sys.argv[1:], __doc__, DEMO_CONFIG), task="gan")

@@ -10,12 +10,13 @@ LPIPS-VGG, downloaded when online or read from --vgg-weights. Every option below
 YAML file; the command line wins.
 """
 import sys
+from pathlib import Path
 
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
-DEFAULTS = dict(model="vqhit-tiny", output_dir="runs/vqhit-demo", steps=300, batch_size=8, lr=2e-4, disc_max_channels=64, ema_decay=0.99,
-                perceptual="none", r1_weight=1.0, adv_start=100, sample_every=50, checkpoint_every=100)
+# With no --config, the CPU demo: demo_vqhit_cpu.yaml.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_vqhit_cpu.yaml"
 
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, DEFAULTS), task="vqhit")
+    train(parse_config(sys.argv[1:], __doc__, DEMO_CONFIG), task="vqhit")

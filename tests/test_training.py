@@ -1,14 +1,18 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from vqhit import list_presets
 from vqhit.losses import r1_penalty
 from vqhit.train_config import TrainConfig, config_from_dict, parse_config
 from vqhit.training import EMA, Trainer, list_checkpoints
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_workers=0, max_images=8, batch_size=2, disc_max_channels=32, log_every=1, sample_every=1000,
             checkpoint_every=1000, num_samples=4, seed=3)
 
@@ -146,8 +150,22 @@ def test_config_errors_name_the_key(tmp_path):
 def test_command_line_overrides_yaml_and_model_options(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-b-256\nlr: 5.0e-5\nmodel_options: {norm: layer}\n")
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("steps: 7\ndisc_max_channels: 64\n")
     config = parse_config(["--config", str(yaml_file), "--lr", "1e-3", "--model-option", "multi_query=false",
-                           "--no-flip"], "test", defaults={"steps": 7})
-    assert config.lr == 1e-3 and config.steps == 7 and config.flip is False and config.model == "hit-b-256"
+                           "--no-flip"], "test", default_config=demo)
+    assert config.lr == 1e-3 and config.flip is False and config.model == "hit-b-256"
     assert config.model_options == {"norm": "layer", "multi_query": False}
-    assert isinstance(TrainConfig().adam_betas, list)
+    # the built-in demo config applies only when no --config is given: a recipe never inherits its keys
+    assert config.steps == TrainConfig().steps and config.disc_max_channels == 512
+    assert parse_config(["--steps", "9"], "test", default_config=demo).disc_max_channels == 64
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config = parse_config(["--config", str(path)], "test")
+    task = "gan" if config.model.startswith("hit-") else "vqhit"
+    assert config.model in list_presets("generator" if task == "gan" else "tokenizer")
+    from vqhit.training import build_model
+    with torch.device("meta"):
+        build_model(config, task)  # the preset and its model_options build

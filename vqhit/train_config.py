@@ -145,16 +145,19 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
-def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
-    """An argparse parser with one --option per TrainConfig field; `defaults` are the script's own."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win")
+def build_parser(description: str, default_config: str | Path | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one --option per TrainConfig field."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win. "
+                        f"Default: {default_config or 'none (the built-in defaults below)'}")
     for f in dataclasses.fields(TrainConfig):
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default!r})")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        allowed = f"; one of {', '.join(choices)}" if choices else ""
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
+                      help=f"{f.metadata['help']} (default: {default!r}{allowed})")
         if f.name == "model_options":
             parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", **kwargs)
         elif t is bool:
@@ -163,18 +166,15 @@ def build_parser(description: str, defaults: dict) -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", type=yaml.safe_load, **kwargs)
         else:
             parser.add_argument(flag, type=str if t is str else yaml.safe_load, metavar=t.__name__.upper(),
-                                choices=f.metadata.get("choices"), **kwargs)
+                                choices=choices, **kwargs)
     return parser
 
 
-def parse_config(argv: list[str] | None, description: str, defaults: dict | None = None) -> TrainConfig:
-    """Script defaults < YAML file < command line."""
-    defaults = defaults or {}
-    args = vars(build_parser(description, defaults).parse_args(argv))
-    values = dict(defaults)
-    if args.get("config"):
-        values.update(load_yaml(args.pop("config")))
-    args.pop("config", None)
+def parse_config(argv: list[str] | None, description: str, default_config: str | Path | None = None) -> TrainConfig:
+    """TrainConfig defaults < the YAML file (--config, else `default_config`) < the command line."""
+    args = vars(build_parser(description, default_config).parse_args(argv))
+    config_file = args.pop("config", None) or default_config
+    values = load_yaml(config_file) if config_file else {}
     options = args.pop("model_options", None)
     values.update(args)
     if options:
@@ -185,7 +185,7 @@ def parse_config(argv: list[str] | None, description: str, defaults: dict | None
             key, value = item.split("=", 1)
             merged[key] = yaml.safe_load(value)
         values["model_options"] = merged
-    return config_from_dict(values)
+    return config_from_dict(values, source=str(config_file or "the command line"))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
