@@ -1,6 +1,5 @@
 """Both training scripts as 2-process CPU runs (torch.distributed, gloo) for a few steps."""
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def test_two_process_run(tmp_path, script, cls):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = out / "checkpoint-3"
-    states = [pickle.loads((checkpoint / f"random_states_{r}.pkl").read_bytes()) for r in (0, 1)]
+    states = [torch.load(checkpoint / f"random_states_{r}.pkl", weights_only=False) for r in (0, 1)]
     # each process saved its own RNG stream, and they differ: latents are seeded per process
     assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
     model = cls.from_pretrained(out / "model").eval()
