@@ -38,6 +38,8 @@ TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "
 IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 
+from .metrics import center_crop_adm
+
 
 class BadImageWarning(UserWarning):
     """An image was unreadable or too small and was skipped."""
@@ -296,7 +298,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
     size, (width, height), kind = cfg.resolution, image.size, cfg.transform
     if kind == "adm_center_crop":
-        image = _adm_center_crop(image, size)
+        image = center_crop_adm(image, size)
     elif kind == "resize":  # whole image to size x size (datasets already square, e.g. FFHQ)
         image = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
     else:
@@ -315,16 +317,6 @@ def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) 
     if cfg.flip and _randint(2, generator) == 1:
         pixels = pixels.flip(2)
     return (pixels.float() / 127.5 - 1.0).contiguous()
-
-
-def _adm_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """ADM's evaluation crop: box-halve while the short side >= 2*size, bicubic short side to size, center crop."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _randint(high: int, generator: torch.Generator) -> int:

@@ -5,6 +5,7 @@ Files are written to a temporary name and renamed, so an interrupted save never 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,28 @@ def resolve_pretrained(path_or_id: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+
+
+class ConfigMixin:
+    """dict / JSON round trip for a config dataclass; an unknown key is an error that lists the known ones."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
 
 
 class PretrainedMixin:

@@ -7,14 +7,14 @@ taming VQGAN checkpoint loads key for key (`load_taming_checkpoint`) and its tok
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .encoder import VQGANEncoder
 from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
-from .pretrained import PretrainedMixin
+from .pretrained import ConfigMixin, PretrainedMixin
 from .quantizer import VectorQuantizer
 
 # Images are expected in [-1, 1]; a little overshoot (resampling) is fine, [0, 255] is not.
@@ -47,7 +47,7 @@ class HiTDecoder(nn.Module):
 
 
 @dataclass
-class VQHiTConfig:
+class VQHiTConfig(ConfigMixin):
     preset: str | None = None
     resolution: int = 256
     # Encoder: taming's VQGAN Encoder (f = 2^(len(encoder_channel_mult) - 1)).
@@ -97,17 +97,6 @@ class VQHiTConfig:
     @property
     def grid(self) -> int:
         return self.resolution // 2 ** (len(self.encoder_channel_mult) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQHiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VQHiTConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 class VQHiT(PretrainedMixin, nn.Module):
