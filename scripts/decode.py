@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Decode token shards (written by scripts/encode.py) back to PNG images with a VQ-HiT tokenizer.
+
+    python scripts/decode.py --model runs/vqhit-demo/model --tokens tokens/images --output-dir decoded/
+    accelerate launch --num_processes 8 scripts/decode.py --model runs/vqhit/model --tokens tokens/val \\
+        --output-dir decoded/val --name-by id
+
+Process r decodes the shards k = r (mod #processes). Images are the decoder's output clamped to [-1, 1]
+and rounded to uint8.
+"""
+import argparse
+
+from vqhit.evaluation import process_state
+from vqhit.models.vqhit import VQHiT
+from vqhit.tokens import NAME_BY, decode_tokens
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="The tokenizer whose decoder renders the tokens: a "
+                   "save_pretrained folder or a Hugging Face Hub repository id (its codebook size and grid must "
+                   "match the tokens')")
+    p.add_argument("--tokens", required=True, help="A folder written by scripts/encode.py (tokens.json + shards)")
+    p.add_argument("--output-dir", required=True, help="Folder for the PNG files")
+    p.add_argument("--name-by", default="index", choices=NAME_BY, help="File names: 'index' = the image's "
+                   "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "
+                   ".png suffix (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="Token grids per forward pass (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = VQHiT.from_pretrained(args.model)
+    written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,
+                            progress=not args.no_progress)
+    state = process_state()
+    if state.is_main_process:
+        print(f"{args.output_dir}: {written} images from the main process ({state.num_processes} processes)")
+    return written
+
+
+if __name__ == "__main__":
+    main()

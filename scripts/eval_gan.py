@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips (SPEC §6).
+
+    python scripts/eval_gan.py --model runs/gan-demo/model --data builtin:photos --num-samples 1000
+    accelerate launch --num_processes 8 scripts/eval_gan.py --model runs/ffhq256/model \\
+        --data /data/ffhq256 --transform resize --ref-stats stats/ffhq256.npz           # 50k samples
+    python scripts/eval_gan.py --model runs/celebahq256/model --ref-stats stats/celebahq256.npz --num-samples 30000
+
+Samples are z ~ N(0, I) (no truncation) from the EMA generator in eval mode. Process r of W draws exactly its
+share of --num-samples from a generator seeded by (--seed, r), so nothing is padded or counted twice (the sample
+set depends on the seed and W). FID against --ref-stats (loaded if the file exists) or the statistics of --data
+(saved to --ref-stats when given); IS over splits of --is-split-size. The grid and the interpolation strips
+(the paper's Figure 7) are drawn by the main process.
+"""
+import argparse
+import os
+from pathlib import Path
+
+from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, INTERPOLATIONS, PRECISIONS, eval_dataset, evaluate_generator,
+                              format_report, process_state, save_interpolations, save_sample_grid, write_report)
+from vqhit.models.hit import HiTGenerator
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="The generator: a save_pretrained folder (use the EMA export, "
+                   "e.g. runs/gan-demo/model) or a Hugging Face Hub repository id")
+    p.add_argument("--data", default=None, help="Reference images for FID: a local image folder, a Hub dataset id "
+                   "or 'builtin:photos'; needed unless --ref-stats names an existing file")
+    p.add_argument("--ref-stats", default=None, help="Reference Inception statistics (.npz with mu and sigma; "
+                   "vqhit, pytorch-fid and torch-fidelity files work): loaded if it exists, else computed from "
+                   "--data and saved here")
+    p.add_argument("--split", default="train", help="Dataset split of --data (default: %(default)s)")
+    p.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: %(default)s)")
+    p.add_argument("--transform", default="center_crop", choices=DETERMINISTIC_TRANSFORMS,
+                   help="How reference images are brought to the generator's resolution (default: %(default)s; "
+                   "'resize' for square datasets such as FFHQ)")
+    p.add_argument("--num-ref-images", type=int, default=None, help="Use only the first N reference images "
+                   "(default: all)")
+    p.add_argument("--num-samples", type=int, default=50_000, help="Generated samples for FID and IS "
+                   "(default: %(default)s; the paper uses 30000 for CelebA-HQ)")
+    p.add_argument("--is-split-size", type=int, default=5000, help="Samples per Inception Score split "
+                   "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the latents (default: %(default)s)")
+    p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
+                   "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
+    p.add_argument("--batch-size", type=int, default=50, help="Samples per process per batch (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for the reference images "
+                   "(default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Generator precision: fp32 or bf16 "
+                   "autocast; Inception always runs in float32 (default: %(default)s)")
+    p.add_argument("--grid-size", type=int, default=8, help="The sample grid is N x N images; 0 skips it "
+                   "(default: %(default)s)")
+    p.add_argument("--interp-rows", type=int, default=4, help="Interpolation strips (rows), each between two random "
+                   "latents; 0 skips them (default: %(default)s)")
+    p.add_argument("--interp-steps", type=int, default=8, help="Images per interpolation strip, endpoints included "
+                   "(default: %(default)s)")
+    p.add_argument("--interpolation", default="linear", choices=INTERPOLATIONS, help="Linear interpolation "
+                   "z0 + t (z1 - z0), or spherical (slerp) (default: %(default)s)")
+    p.add_argument("--output-dir", default="eval", help="Where eval_gan.json, samples.png and interpolation.png "
+                   "are written (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.data is None and (args.ref_stats is None or not os.path.exists(args.ref_stats)):
+        raise ValueError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
+    generator = HiTGenerator.from_pretrained(args.model)
+    dataset = None
+    if args.data is not None:
+        dataset = eval_dataset(args.data, generator.config.resolution, transform=args.transform, split=args.split,
+                               image_column=args.image_column, label_column=None, max_images=args.num_ref_images)
+    report = evaluate_generator(generator, num_samples=args.num_samples, dataset=dataset, ref_stats=args.ref_stats,
+                                model_id=args.model, inception_weights=args.inception_weights,
+                                batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+                                is_split_size=args.is_split_size, precision=args.precision,
+                                progress=not args.no_progress)
+    if process_state().is_main_process:
+        out = Path(args.output_dir)
+        files = {}
+        if args.grid_size > 0:
+            files["sample_grid"] = str(save_sample_grid(generator, out / "samples.png", rows=args.grid_size,
+                                                        cols=args.grid_size, seed=args.seed))
+        if args.interp_rows > 0:
+            files["interpolation"] = str(save_interpolations(generator, out / "interpolation.png",
+                                                             rows=args.interp_rows, steps=args.interp_steps,
+                                                             seed=args.seed, mode=args.interpolation))
+        report["settings"]["interpolation"] = args.interpolation
+        report["files"] = files
+        path = write_report(report, out / "eval_gan.json")
+        print(format_report(report, f"HiT generator ({path})"))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Evaluate a VQ-HiT tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity (SPEC §6).
+
+    python scripts/eval_rfid.py --model runs/vqhit-demo/model --data builtin:photos --num-images 64
+    accelerate launch --num_processes 8 scripts/eval_rfid.py --model runs/vqhit/model \\
+        --data /data/imagenet/val --ref-stats stats/imagenet256_val_adm.npz       # the ImageNet-256 protocol
+
+Every image goes through the tokens: x -> encode -> decode_indices -> uint8. rFID compares the Inception
+statistics of the originals and the reconstructions (torch-fidelity's TF-ported Inception, uint8 by rounding,
+float64 statistics summed over processes, no padding). The default crop is ADM's (box-downsample while the
+short side >= 2x the resolution, bicubic, center crop). A JSON report and a printed table state every setting.
+Offline: --inception-weights and --lpips-backbone take local files.
+"""
+import argparse
+
+from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, format_report,
+                              process_state, write_report)
+from vqhit.models.vqhit import VQHiT
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="The tokenizer: a save_pretrained folder (use the EMA export, "
+                   "e.g. runs/vqhit-demo/model) or a Hugging Face Hub repository id; evaluated in eval mode")
+    p.add_argument("--data", required=True, help="Evaluation images: a local image folder, a Hub dataset id, or "
+                   "'builtin:photos'")
+    p.add_argument("--split", default="train", help="Dataset split: 'validation' for Hub ImageNet; a plain image "
+                   "folder's only split is 'train' (default: %(default)s)")
+    p.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: %(default)s)")
+    p.add_argument("--transform", default="adm_center_crop", choices=DETERMINISTIC_TRANSFORMS,
+                   help="Crop protocol to the model's resolution (default: %(default)s, the ADM protocol)")
+    p.add_argument("--num-images", type=int, default=None, help="Evaluate only the first N images (quick runs; "
+                   "the paper protocol uses all 50k ImageNet validation images)")
+    p.add_argument("--ref-stats", default=None, help="Cache of the originals' Inception statistics (.npz): loaded "
+                   "if the file exists (and must match this data/crop/#images/Inception), else computed and saved")
+    p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
+                   "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
+    p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
+                   "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
+    p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS")
+    p.add_argument("--batch-size", type=int, default=32, help="Images per process per batch (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Tokenizer precision: fp32 or bf16 "
+                   "autocast; Inception always runs in float32 (default: %(default)s)")
+    p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable or too-small images: "
+                   "skip (counted in the report) or stop (default: %(default)s)")
+    p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = VQHiT.from_pretrained(args.model)
+    dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
+                           image_column=args.image_column, label_column=None, max_images=args.num_images,
+                           bad_images=args.bad_images)
+    report = evaluate_tokenizer(model, dataset, model_id=args.model, ref_stats=args.ref_stats,
+                                inception_weights=args.inception_weights, lpips=not args.no_lpips,
+                                lpips_backbone=args.lpips_backbone, batch_size=args.batch_size,
+                                num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress)
+    if process_state().is_main_process:
+        path = write_report(report, f"{args.output_dir}/eval_rfid.json")
+        print(format_report(report, f"VQ-HiT reconstruction ({path})"))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Evaluation pipelines on a tiny folder with random-weight Inception / LPIPS / models (numbers mean nothing;
+the tests check the wiring: which images reach which statistics, caching, counting, reports, PNG sizes).
+
+scipy's sqrtm on 2048 x 2048 matrices takes tens of seconds on a CI CPU, so the pipelines' Fréchet distance is
+replaced by `lowrank_frechet_distance`: with a handful of samples the covariances have rank < 10, and projecting
+onto an orthonormal basis of their column spaces gives the same distance exactly (checked against
+vqhit.metrics.frechet_distance below). The real frechet_distance is tested in test_metrics.py.
+"""
+import json
+import runpy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from vqhit import evaluation
+from vqhit.evaluation import (ReferenceStatistics, eval_dataset, evaluate_generator, interpolate_latents,
+                              process_shares)
+from vqhit.metrics import frechet_distance, psnr, ssim, to_uint8
+from vqhit.models.hit import HiTGenerator
+from vqhit.models.vqhit import VQHiT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lowrank_frechet_distance(mu1, s1, mu2, s2, sketch: int = 32) -> float:
+    """Exact FID for covariances of rank < sketch: reduce both to an orthonormal basis Q of their column spaces
+    (s = Q (Q^T s Q) Q^T exactly), where Tr sqrt(s1 s2) is that of the small matrices."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(np.hstack([s @ rng.normal(size=(len(mu1), sketch)) for s in (s1, s2)]))
+    a1, a2 = q.T @ s1 @ q, q.T @ s2 @ q
+    w, v = scipy.linalg.eigh(a1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = scipy.linalg.eigvalsh(root @ a2 @ root)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+@pytest.fixture
+def fid_calls(monkeypatch):
+    """Route the pipelines' FID through lowrank_frechet_distance and record its inputs."""
+    calls = []
+
+    def spy(mu1, s1, mu2, s2):
+        calls.append((mu1, s1, mu2, s2))
+        return lowrank_frechet_distance(mu1, s1, mu2, s2)
+
+    monkeypatch.setattr(evaluation, "frechet_distance", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, make_images):
+    root = tmp_path_factory.mktemp("eval")
+    make_images(root / "images", {"": 2})  # each image costs ~0.5 s per Inception pass
+    return root / "images"
+
+
+def test_lowrank_frechet_distance_is_exact_for_low_rank_covariances():
+    rng = np.random.default_rng(0)
+    stats = []
+    for _ in range(2):
+        feats = rng.normal(size=(6, 48)) * 3 + rng.normal(size=48)  # 6 samples in 48 dimensions: rank 5
+        stats += [feats.mean(0), np.cov(feats, rowvar=False)]
+    assert lowrank_frechet_distance(*stats) == pytest.approx(frechet_distance(*stats), rel=1e-6)
+    assert abs(lowrank_frechet_distance(stats[0], stats[1], stats[0], stats[1])) < 1e-6
+
+
+def test_process_shares_and_interpolation():
+    for total, world in [(50_000, 8), (7, 3), (2, 4)]:
+        shares = process_shares(total, world)
+        assert sum(shares) == total and max(shares) - min(shares) <= 1
+    z0, z1 = torch.randn(3, 16), torch.randn(3, 16)
+    linear = interpolate_latents(z0, z1, 5, "linear")
+    assert linear.shape == (3, 5, 16)
+    assert torch.allclose(linear[:, 0], z0) and torch.allclose(linear[:, -1], z1, atol=1e-6)
+    assert torch.allclose(linear[:, 2], (z0 + z1) / 2, atol=1e-6)
+    u0, u1 = z0 / z0.norm(dim=1, keepdim=True), z1 / z1.norm(dim=1, keepdim=True)
+    slerp = interpolate_latents(u0, u1, 5, "slerp")  # stays on the unit sphere, unlike linear
+    assert torch.allclose(slerp.norm(dim=-1), torch.ones(3, 5), atol=1e-5)
+    assert torch.allclose(slerp[:, 0], u0, atol=1e-6) and torch.allclose(slerp[:, -1], u1, atol=1e-5)
+    with pytest.raises(ValueError, match="slerp"):
+        interpolate_latents(z0, z1, 5, "cubic")
+
+
+def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_weights, random_alexnet_backbone,
+                                                      fid_calls, tmp_path, capsys):
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    ref = tmp_path / "ref.npz"
+    argv = ["--model", str(model_dir), "--data", str(folder), "--ref-stats", str(ref), "--inception-weights",
+            str(random_inception_weights), "--lpips-backbone", str(random_alexnet_backbone), "--batch-size", "3",
+            "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+
+    report = main(argv)
+    metrics, settings = report["metrics"], report["settings"]
+    assert set(metrics) == {"rfid", "psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity",
+                            "num_images", "num_skipped"}
+    assert metrics["num_images"] == 2 and metrics["num_skipped"] == 0
+    assert metrics["rfid"] > 0 and np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1
+    assert metrics["lpips"] > 0 and 0 < metrics["codebook_usage"] <= 1
+    assert 1 <= metrics["codebook_perplexity"] <= 2 * 64  # at most 2 images x 64 tokens distinct codes
+    assert settings["crop"] == "adm_center_crop" and settings["split"] == "train"
+    assert (settings["preset"], settings["resolution"], settings["grid"], settings["codebook_size"]) == \
+        ("vqhit-tiny", 64, 8, 256)
+    assert str(random_inception_weights) in settings["inception_weights"]
+    assert str(random_alexnet_backbone) in settings["lpips"]
+    assert settings["precision"] == "fp32" and settings["num_processes"] == 1
+    assert settings["reference_statistics"]["status"] == "computed" and settings["reference_statistics"]["n"] == 2
+    assert json.loads((tmp_path / "out" / "eval_rfid.json").read_text()) == json.loads(json.dumps(report))
+    table = capsys.readouterr().out
+    for row in ("rfid", "psnr", "codebook_usage", "crop", "inception_weights", "precision", "dataset_size"):
+        assert row in table
+
+    # PSNR, SSIM and usage are those of the uint8-rounded reconstructions of the ADM-cropped images.
+    model = VQHiT.from_pretrained(model_dir).eval()
+    dataset = eval_dataset(str(folder), 64, transform="adm_center_crop")
+    x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    with torch.no_grad():
+        indices = model.encode(x)
+        rec = to_uint8(model.decode_indices(indices)).float() / 127.5 - 1
+    assert metrics["psnr"] == pytest.approx(psnr(x, rec).mean().item(), rel=1e-5)
+    assert metrics["ssim"] == pytest.approx(ssim(x, rec).mean().item(), rel=1e-5)
+    assert metrics["codebook_usage"] == len(indices.unique()) / 256
+
+    # The reference file holds the originals' statistics (the first argument of the FID).
+    saved = ReferenceStatistics.load(ref)
+    assert saved.n == 2 and saved.protocol["crop"] == "adm_center_crop"
+    np.testing.assert_array_equal(saved.mu, fid_calls[0][0])
+
+    # Second run: the file is read, not recomputed or rewritten. Shift its mean so its use is visible.
+    ReferenceStatistics(saved.mu + 1.0, saved.sigma, saved.n, saved.protocol).save(ref)
+    stamp = ref.stat().st_mtime_ns
+    again = main(argv)
+    assert again["settings"]["reference_statistics"]["status"] == "loaded"
+    assert ref.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(fid_calls[1][0], saved.mu + 1.0)
+    np.testing.assert_array_equal(fid_calls[1][2], fid_calls[0][2])  # the reconstructions' statistics, unchanged
+    assert again["metrics"]["rfid"] != pytest.approx(report["metrics"]["rfid"])
+
+    with pytest.raises(ValueError, match="another protocol"):  # 1 image is not the set the file describes
+        main(argv + ["--num-images", "1", "--no-lpips"])
+
+
+class ReplayGenerator(torch.nn.Module):
+    """A 'generator' that returns given images in order, whatever the latents: samples = a known image set."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images, self.position = images, 0
+        self.config = SimpleNamespace(resolution=images.shape[-1], latent_dim=4, preset=None)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.images[self.position:self.position + len(z)]
+        self.position += len(z)
+        return out
+
+
+def test_fid_of_a_set_with_itself_is_zero_through_the_pipeline(folder, random_inception_weights, fid_calls):
+    # Reference: the folder through the data path. Samples: the same images through the generator path.
+    dataset = eval_dataset(str(folder), 32)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    report = evaluate_generator(ReplayGenerator(images), dataset=dataset, num_samples=2,
+                                inception_weights=random_inception_weights, batch_size=1, device="cpu",
+                                progress=False)
+    mu_ref, sigma_ref, mu_samples, sigma_samples = fid_calls[0]
+    np.testing.assert_allclose(mu_samples, mu_ref, rtol=1e-6)
+    np.testing.assert_allclose(sigma_samples, sigma_ref, rtol=1e-4, atol=1e-6 * np.abs(sigma_ref).max())
+    trace = np.trace(sigma_ref)
+    assert trace > 1.0  # the random Inception's features do differ between images
+    assert abs(report["metrics"]["fid"]) < 1e-6 * trace
+    assert report["metrics"]["num_samples"] == 2 and report["metrics"]["inception_score"] >= 1.0
+    reference = report["settings"]["reference_statistics"]
+    assert (reference["status"], reference["n"], reference["protocol"]["crop"]) == ("computed", 2, "center_crop")
+
+
+def test_eval_gan_script(random_inception_weights, fid_calls, tmp_path, capsys):
+    torch.manual_seed(0)
+    model_dir = HiTGenerator.from_preset("hit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_gan.py"), run_name="script")["main"]
+    out = tmp_path / "out"
+    # A foreign reference file (pytorch-fid's format: mu and sigma only), of low rank for lowrank_frechet_distance.
+    feats = np.random.default_rng(0).normal(size=(5, 2048))
+    np.savez(tmp_path / "foreign.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    report = main(["--model", str(model_dir), "--ref-stats", str(tmp_path / "foreign.npz"), "--num-samples", "3",
+                   "--is-split-size", "2", "--inception-weights", str(random_inception_weights), "--batch-size", "2",
+                   "--grid-size", "2", "--interp-rows", "2", "--interp-steps", "3", "--interpolation", "slerp",
+                   "--output-dir", str(out), "--no-progress"])
+    metrics, settings = report["metrics"], report["settings"]
+    assert set(metrics) == {"fid", "inception_score", "inception_score_std", "num_samples"}
+    assert metrics["num_samples"] == 3 and metrics["fid"] > 0
+    assert metrics["inception_score"] >= 1.0 and metrics["inception_score_std"] >= 0
+    assert settings["is_splits"] == 1 and settings["seed"] == 0 and settings["interpolation"] == "slerp"
+    assert settings["reference_statistics"]["status"] == "loaded" and settings["reference_statistics"]["n"] is None
+    assert settings["preset"] == "hit-tiny" and settings["resolution"] == 32
+    assert len(fid_calls) == 1
+    np.testing.assert_allclose(fid_calls[0][0], feats.mean(0))  # the file's statistics are the reference
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape == (2 * 32, 2 * 32, 3)
+    generator = HiTGenerator.from_pretrained(model_dir).eval()
+    with torch.no_grad():  # the grid is row-major: its top-right tile is the second sample of --seed 0
+        z = torch.randn(4, generator.config.latent_dim, generator=torch.Generator().manual_seed(0))
+        second = to_uint8(generator(z))[1].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(grid[:32, 32:].astype(int) - second).max() <= 1
+    assert Image.open(out / "interpolation.png").size == (3 * 32, 2 * 32)  # (width = steps, height = rows)
+    assert json.loads((out / "eval_gan.json").read_text())["files"]["sample_grid"] == str(out / "samples.png")
+    assert "inception_score" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="reference"):
+        main(["--model", str(model_dir), "--ref-stats", str(tmp_path / "missing.npz")])

@@ -1,0 +1,483 @@
+"""Evaluation protocols (SPEC §6): rFID and friends for a tokenizer, FID and IS for a generator.
+
+    report = evaluate_tokenizer(VQHiT.from_pretrained("runs/vqhit-demo/model"),
+                                eval_dataset("/data/imagenet/val", 256, transform="adm_center_crop"),
+                                ref_stats="imagenet256_val_adm.npz")
+    print(format_report(report, "rFID"))
+
+Every function runs unchanged on one process or many (`accelerate launch`): the data are sharded
+rank::world_size with no padding, generated samples are split into exact per-process shares, and all
+sums (float64 feature statistics, metric sums, code histograms) are added over processes before any
+number is computed. The report states every setting that decides the numbers.
+
+Conventions (beyond those of `vqhit.metrics`):
+- Images enter Inception as uint8 by rounding; PSNR / SSIM / LPIPS are computed on the same rounded
+  reconstructions, i.e. on the images one would save and look at.
+- Reference statistics are cached in an .npz (mu, sigma, n, and the protocol that made them as JSON);
+  a cached file made under another protocol (data, split, crop, resolution, #images, Inception weights)
+  is refused rather than silently compared against.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from .data import DataConfig, ImageDataset, build_dataloader, build_dataset, from_hf_dataset
+from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, _all_reduce_sum, codebook_usage,
+                      frechet_distance, inception_score, psnr, ssim, to_uint8)
+
+# Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
+DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
+PRECISIONS = ("fp32", "bf16")
+INTERPOLATIONS = ("linear", "slerp")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID network
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def eval_dataset(source: str, resolution: int, *, transform: str = "center_crop", split: str = "train",
+                 image_column: str = "image", label_column: str | None = "auto", max_images: int | None = None,
+                 bad_images: str = "skip", cache_dir: str | None = None) -> ImageDataset:
+    """A map-style dataset with a deterministic transform and no flip, for evaluation and encoding.
+
+    source: a local image folder, a Hub dataset id, or "builtin:photos". label_column="auto" keeps a
+    column named "label" when there is one (an image folder with sub-folders has it), None drops labels.
+    """
+    if transform not in DETERMINISTIC_TRANSFORMS:
+        raise ValueError(f"transform={transform!r} is random or unknown; evaluation and encoding need a deterministic "
+                         f"one of {DETERMINISTIC_TRANSFORMS} (center_crop, or adm_center_crop for the rFID protocol).")
+    cfg = DataConfig(source=source, split=split, image_column=image_column,
+                     label_column=None if label_column == "auto" else label_column, streaming=False,
+                     resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
+                     max_images=max_images, cache_dir=cache_dir)
+    dataset = build_dataset(cfg)
+    if label_column == "auto" and "label" in dataset.table.column_names and image_column != "label":
+        dataset = from_hf_dataset(dataset.table, replace(cfg, label_column="label"))
+    return dataset
+
+
+def check_eval_dataset(dataset, resolution: int) -> None:
+    """Refuse datasets that would make evaluation or encoding random, partial or mis-sized."""
+    if not isinstance(dataset, ImageDataset):
+        raise ValueError(f"expected a map-style vqhit ImageDataset (build one with vqhit.evaluation.eval_dataset), "
+                         f"got {type(dataset).__name__}; streamed datasets cannot be split into exact shards, use "
+                         f"streaming=False.")
+    cfg = dataset.cfg
+    if cfg.flip or cfg.transform not in DETERMINISTIC_TRANSFORMS:
+        raise ValueError(f"the dataset uses transform={cfg.transform!r}, flip={cfg.flip}; evaluation and encoding "
+                         f"need a deterministic one ({DETERMINISTIC_TRANSFORMS}) and flip=False.")
+    if cfg.resolution != resolution:
+        raise ValueError(f"the dataset makes {cfg.resolution}x{cfg.resolution} images but the model works at "
+                         f"{resolution}x{resolution}; build the dataset with resolution={resolution}.")
+
+
+def data_settings(dataset: ImageDataset) -> dict:
+    """What the dataset is, for reports and for the protocol of cached statistics."""
+    cfg = dataset.cfg
+    source = cfg.source
+    if os.path.isdir(os.path.expanduser(source)):
+        source = os.path.abspath(os.path.expanduser(source))  # the same folder however it was spelled
+    return {"data": source, "split": cfg.split, "image_column": cfg.image_column, "crop": cfg.transform,
+            "resolution": cfg.resolution, "max_images": cfg.max_images, "dataset_size": len(dataset)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics
+
+
+@dataclass
+class ReferenceStatistics:
+    """Inception pool-feature statistics of a reference set, and the protocol that produced them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int | None = None          # None for foreign files that do not record it
+    protocol: dict | None = None  # None for foreign files (pytorch-fid / torch-fidelity .npz with mu, sigma)
+
+    @classmethod
+    def from_statistics(cls, stats: FeatureStatistics, protocol: dict | None) -> "ReferenceStatistics":
+        mu, sigma = stats.mean_cov()
+        return cls(mu, sigma, stats.n, protocol)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an .npz (written to a temporary name and renamed: a killed run never leaves half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                     protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
+        with np.load(path) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' arrays (the format of "
+                                 f"vqhit, pytorch-fid and torch-fidelity); it has {sorted(data.keys())}.")
+            n = int(data["n"]) if "n" in data else None
+            protocol = json.loads(str(data["protocol"])) if "protocol" in data else None
+            return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, protocol)
+
+    def check_protocol(self, protocol: dict, path) -> None:
+        if self.protocol is None:
+            warnings.warn(f"{path} does not record how it was made; it is used as the reference without checking "
+                          f"that it matches this evaluation's data and crop.")
+            return
+        diff = {k: (self.protocol.get(k), protocol.get(k)) for k in sorted(self.protocol.keys() | protocol.keys())
+                if self.protocol.get(k) != protocol.get(k)}
+        if diff:
+            raise ValueError(f"{path} holds reference statistics of another protocol; differing settings "
+                             f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")
+
+
+def reference_protocol(dataset: ImageDataset, inception_weights) -> dict:
+    """The settings reference statistics depend on (a cached file must match all of them)."""
+    weights = INCEPTION_FILE if inception_weights is None else Path(inception_weights).name
+    return {**data_settings(dataset), "inception_weights": weights, "features": "pool3 2048, uint8 rounded"}
+
+
+def _load_reference(path, protocol: dict | None) -> ReferenceStatistics | None:
+    if path is None or not Path(path).exists():
+        return None
+    reference = ReferenceStatistics.load(path)
+    if protocol is not None:
+        reference.check_protocol(protocol, path)
+    return reference
+
+
+def dataset_statistics(dataset: ImageDataset, inception: InceptionFeatures, *, batch_size: int = 50,
+                       num_workers: int = 0, progress: bool = True) -> FeatureStatistics:
+    """Inception pool-feature statistics of every image of `dataset`, summed over processes."""
+    stats = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device=inception.device)
+    loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
+    for batch in _bar(loader, "reference statistics", progress):
+        if batch is not None:
+            stats.update(inception(to_uint8(batch["image"]))[0])
+    return stats.all_reduce()
+
+
+def reference_statistics(dataset: ImageDataset | None, ref_stats=None, *, inception: InceptionFeatures,
+                         inception_weights=None, batch_size: int = 50, num_workers: int = 0,
+                         progress: bool = True) -> tuple[ReferenceStatistics, str]:
+    """Load `ref_stats` if the file exists (checked against `dataset`'s protocol when one is given), else
+    compute the statistics of `dataset` and save them there. Returns (statistics, "loaded" | "computed")."""
+    protocol = None if dataset is None else reference_protocol(dataset, inception_weights)
+    reference = _load_reference(ref_stats, protocol)
+    if reference is not None:
+        return reference, "loaded"
+    if dataset is None:
+        raise ValueError(f"no reference: the statistics file {ref_stats!r} does not exist and no dataset was given; "
+                         f"pass the dataset (--data) to compute it, or the path of an existing .npz.")
+    stats = dataset_statistics(dataset, inception, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    reference = ReferenceStatistics.from_statistics(stats, protocol)
+    _save_on_main(reference, ref_stats)
+    return reference, "computed"
+
+
+def _save_on_main(reference: ReferenceStatistics, path) -> None:
+    state = process_state()
+    if path is not None and state.is_main_process:
+        reference.save(path)
+    state.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = None, ref_stats=None,
+                       inception_weights=None, lpips: bool = True, lpips_backbone=None, batch_size: int = 32,
+                       num_workers: int = 0, precision: str = "fp32", device=None, progress: bool = True) -> dict:
+    """Reconstruct every image of `dataset` through the tokens (decode_indices(encode(x))) and measure.
+
+    Returns {"metrics": {rfid, psnr, ssim, lpips, codebook_usage, codebook_perplexity, num_images,
+    num_skipped}, "settings": {...every setting that decides the numbers...}}. ref_stats: an .npz of the
+    originals' statistics, loaded if it exists (and checked against this protocol), else computed in the
+    same pass and saved there. lpips_backbone: a local torchvision AlexNet state dict (offline use);
+    None loads torchvision's ImageNet weights (downloaded once).
+    """
+    check_eval_dataset(dataset, model.config.resolution)
+    _check_precision(precision)
+    state, device = _runtime(device)
+    protocol = reference_protocol(dataset, inception_weights)
+    reference = _load_reference(ref_stats, protocol)  # first: a mismatching file fails before any work
+    model = model.to(device).eval()
+    inception = InceptionFeatures(inception_weights, device=device)
+    lpips_metric = LPIPSMetric(net="alex", backbone_path=lpips_backbone).to(device) if lpips else None
+    real = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if reference is None else None
+    fake = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images
+    codes = [torch.zeros(0, dtype=torch.int32)]
+    loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
+    for batch in _bar(loader, "rFID", progress):
+        if batch is None:  # every image of the batch was unreadable (counted as skipped below)
+            continue
+        x = batch["image"].to(device)
+        with _autocast(precision, device):
+            indices = model.encode(x)
+            reconstruction = model.decode_indices(indices)
+        x8, rec8 = to_uint8(x), to_uint8(reconstruction.float())
+        rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
+        if real is not None:
+            real.update(inception(x8)[0])
+        fake.update(inception(rec8)[0])
+        sums += torch.stack([psnr(x, rec).double().sum(), ssim(x, rec).double().sum(),
+                             lpips_metric(x, rec).double().sum() if lpips_metric is not None else sums.new_zeros(()),
+                             sums.new_tensor(len(x))])
+        codes.append(indices.to("cpu", torch.int32))
+    sums = _all_reduce_sum(sums).cpu()
+    fake.all_reduce()
+    status = "loaded"
+    if reference is None:
+        reference, status = ReferenceStatistics.from_statistics(real.all_reduce(), protocol), "computed"
+        _save_on_main(reference, ref_stats)
+    n = int(sums[3])
+    if n < 2:
+        raise ValueError(f"rFID needs at least 2 readable images; got {n}. Use more images (--num-images).")
+    usage = codebook_usage(torch.cat(codes), model.config.codebook_size)
+    metrics = {
+        "rfid": frechet_distance(reference.mu, reference.sigma, *fake.mean_cov()),
+        "psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
+        "lpips": float(sums[2] / n) if lpips_metric is not None else None,
+        "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
+        "num_images": n, "num_skipped": len(dataset) - n,
+    }
+    config = model.config
+    settings = {
+        "model": model_id or config.preset, "preset": config.preset, "resolution": config.resolution,
+        "grid": config.grid, "codebook_size": config.codebook_size, **data_settings(dataset),
+        "reference_statistics": {"path": None if ref_stats is None else str(ref_stats), "status": status,
+                                 "n": reference.n},
+        "inception_weights": _inception_source(inception_weights),
+        "lpips": ("off" if not lpips else f"alex, backbone {lpips_backbone}" if lpips_backbone
+                  else "alex, torchvision ImageNet backbone"),
+        "metrics_on": "uint8-rounded reconstructions; PSNR/SSIM on [0, 1], SSIM Gaussian 11/1.5",
+        "fid_statistics": "float64 sums over all processes, covariance ddof=1",
+        **_run_settings(state, device, precision, batch_size),
+    }
+    return {"metrics": metrics, "settings": settings}
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator: FID, Inception Score, sample grid, interpolation strips
+
+
+def process_shares(total: int, num_processes: int) -> list[int]:
+    """Exact per-process counts summing to `total`: the first total % num_processes get one more."""
+    return [total // num_processes + (rank < total % num_processes) for rank in range(num_processes)]
+
+
+def process_rng(seed: int, rank: int) -> torch.Generator:
+    """A CPU generator whose stream depends on (seed, rank): every process draws different latents."""
+    mixed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+@torch.no_grad()
+def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDataset | None = None,
+                       ref_stats=None, model_id: str | None = None, inception_weights=None, batch_size: int = 50,
+                       num_workers: int = 0, seed: int = 0, is_split_size: int = 5000, precision: str = "fp32",
+                       device=None, progress: bool = True) -> dict:
+    """FID of `num_samples` samples z ~ N(0, I) against a reference, and their Inception Score.
+
+    The reference is `ref_stats` (an .npz, loaded if it exists) or the statistics of `dataset` (saved to
+    `ref_stats` when given). Process r draws exactly its share of num_samples from a generator seeded by
+    (seed, r); the IS logits of all processes are gathered in rank order and split into chunks of
+    `is_split_size`. Returns {"metrics": {fid, inception_score, inception_score_std, num_samples},
+    "settings": {...}}.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples={num_samples}: FID needs at least 2 samples.")
+    if dataset is not None:
+        check_eval_dataset(dataset, generator.config.resolution)
+    _check_precision(precision)
+    state, device = _runtime(device)
+    generator = generator.to(device).eval()
+    inception = InceptionFeatures(inception_weights, device=device)
+    reference, status = reference_statistics(dataset, ref_stats, inception=inception,
+                                             inception_weights=inception_weights, batch_size=batch_size,
+                                             num_workers=num_workers, progress=progress)
+    shares = process_shares(num_samples, state.num_processes)
+    mine, latent_dim = shares[state.process_index], generator.config.latent_dim
+    rng = process_rng(seed, state.process_index)
+    stats = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device)
+    logits = [torch.zeros(0, 1008)]
+    for start in _bar(range(0, mine, batch_size), "FID samples", progress):
+        z = torch.randn(min(batch_size, mine - start), latent_dim, generator=rng).to(device)
+        with _autocast(precision, device):
+            images = generator(z)
+        pool, batch_logits = inception(to_uint8(images.float()))
+        stats.update(pool)
+        logits.append(batch_logits.float().cpu())
+    stats.all_reduce()
+    all_logits = _gather_rows(torch.cat(logits), shares)
+    is_mean, is_std = inception_score(all_logits, split_size=is_split_size)
+    metrics = {"fid": frechet_distance(reference.mu, reference.sigma, *stats.mean_cov()),
+               "inception_score": is_mean, "inception_score_std": is_std, "num_samples": stats.n}
+    config = generator.config
+    settings = {
+        "model": model_id or config.preset, "preset": config.preset, "resolution": config.resolution,
+        "latent_dim": config.latent_dim,
+        "sampling": "z ~ N(0, I), no truncation; per-process CPU generators seeded by (seed, rank)", "seed": seed,
+        "is_split_size": is_split_size, "is_splits": max(1, stats.n // is_split_size),
+        "reference_statistics": {"path": None if ref_stats is None else str(ref_stats), "status": status,
+                                 "n": reference.n, "protocol": reference.protocol},
+        "inception_weights": _inception_source(inception_weights),
+        "fid_statistics": "float64 sums over all processes, covariance ddof=1; uint8-rounded samples",
+        **_run_settings(state, device, precision, batch_size),
+    }
+    return {"metrics": metrics, "settings": settings}
+
+
+def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: str = "linear") -> torch.Tensor:
+    """(R, D) endpoints -> (R, steps, D) latents from z0 to z1 inclusive, linear or spherical (slerp)."""
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"interpolation mode {mode!r} is unknown; use one of {INTERPOLATIONS}.")
+    if steps < 2:
+        raise ValueError(f"an interpolation needs at least 2 steps (the two endpoints); got {steps}.")
+    t = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device)[None, :, None]
+    z0, z1 = z0[:, None], z1[:, None]
+    if mode == "linear":
+        return z0 + t * (z1 - z0)
+    cos = torch.nn.functional.cosine_similarity(z0, z1, dim=-1)[..., None].clamp(-1 + 1e-7, 1 - 1e-7)
+    omega = torch.arccos(cos)
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+@torch.no_grad()
+def save_sample_grid(generator, path, *, rows: int = 8, cols: int = 8, seed: int = 0, batch_size: int = 64,
+                     device=None) -> Path:
+    """A rows x cols PNG of samples (no padding: rows*R by cols*R pixels) from latents seeded by `seed`."""
+    device = _runtime(device)[1]
+    z = torch.randn(rows * cols, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return _save_png(_generate(generator.to(device).eval(), z, batch_size, device), cols, path)
+
+
+@torch.no_grad()
+def save_interpolations(generator, path, *, rows: int = 4, steps: int = 8, seed: int = 0, mode: str = "linear",
+                        batch_size: int = 64, device=None) -> Path:
+    """The paper's Figure 7: each row walks from one latent to another in `steps` images (rows*R by steps*R)."""
+    device = _runtime(device)[1]
+    z = torch.randn(2, rows, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    latents = interpolate_latents(z[0], z[1], steps, mode).flatten(0, 1)
+    return _save_png(_generate(generator.to(device).eval(), latents, batch_size, device), steps, path)
+
+
+def _generate(generator, z: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([to_uint8(generator(chunk.to(device)).float()).cpu() for chunk in z.split(batch_size)])
+
+
+def _save_png(images: torch.Tensor, nrow: int, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images, nrow=nrow, padding=0)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+
+
+def format_report(report: dict, title: str) -> str:
+    """A two-column text table of a report: metrics first, then every setting (nested keys as a.b)."""
+    rows = []
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            rows.append((prefix, f"{value:.4f}" if isinstance(value, float) else str(value)))
+
+    for section in report:
+        rows.append((f"[{section}]", ""))
+        add("", report[section])
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 40)
+    return "\n".join([title, line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def write_report(report: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state (rank, world size, device, barrier), as the training loop's Accelerator sees it:
+    ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != state.num_processes:
+        raise ValueError(f"torch.distributed runs {dist.get_world_size()} processes but Accelerate sees "
+                         f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
+                         f"`accelerate launch --cpu`).")
+    return state
+
+
+def _runtime(device) -> tuple[PartialState, torch.device]:
+    """The process state and the device to run on."""
+    state = process_state()
+    return state, torch.device(device) if device is not None else state.device
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}.")
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def _bar(iterable, desc: str, progress: bool):
+    """tqdm on the main process only."""
+    return tqdm(iterable, desc=desc, disable=not (progress and process_state().is_main_process), dynamic_ncols=True)
+
+
+def _inception_source(weights) -> str:
+    return f"{INCEPTION_FILE} (torch-fidelity download)" if weights is None else f"local file {weights}"
+
+
+def _run_settings(state: PartialState, device: torch.device, precision: str, batch_size: int) -> dict:
+    import torch_fidelity
+
+    from . import __version__
+    return {"precision": precision, "inception_dtype": "float32", "num_processes": state.num_processes,
+            "batch_size_per_process": batch_size, "device": str(device), "vqhit": __version__,
+            "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
+
+
+def _gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate every process's rows in rank order (process r holds counts[r] rows); no padding is kept."""
+    if len(counts) == 1:
+        return rows
+    # all_gather needs equal shapes: pad to the largest share, gather, and cut each back to its count.
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    padded = rows.new_zeros(max(counts), *rows.shape[1:]).to(comm_device)
+    padded[: len(rows)] = rows.to(comm_device)
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]).cpu()

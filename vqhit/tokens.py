@@ -1,0 +1,340 @@
+"""Token shards: a dataset encoded once by a VQ-HiT tokenizer, decoded back to images, or read for training.
+
+An output folder holds
+
+    tokens.json                   the manifest: model, preset, codebook size, grid, preprocessing, shard size ...
+    shard-00000.safetensors       dataset items [0, shard_size)
+    shard-00001.safetensors       dataset items [shard_size, 2 * shard_size) ...
+
+and each shard holds the tensors
+    indices        (N, h, w)  the smallest integer dtype that holds the codebook (uint8 up to 256 codes, ...)
+    dataset_index  (N,) int64 position of each image in the source dataset
+    labels         (N,) int64 only when the dataset has labels
+and, as safetensors metadata (string -> JSON string), the manifest's fields plus `ids` (the source file
+name of each image) and `skipped` (dataset positions of unreadable images, which have no tokens).
+
+Shard k holds a fixed range of dataset positions, and process r of W encodes the shards k = r (mod W):
+every image is encoded exactly once with no padding, whatever the number of processes. A shard is
+written to a temporary name and renamed, so a shard file that exists is complete; a restarted run
+skips those and encodes only the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import ImageDataset, collate_images
+from .evaluation import PRECISIONS, check_eval_dataset, data_settings, process_state
+from .metrics import to_uint8
+from .models.pretrained import atomic_write
+
+FORMAT, VERSION = "vqhit-tokens", 1
+MANIFEST_NAME = "tokens.json"
+NAME_BY = ("index", "id")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def index_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest integer dtype safetensors stores that holds indices [0, codebook_size)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        if codebook_size - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"codebook_size={codebook_size} does not fit in int64")
+
+
+def tokenizer_fingerprint(model) -> str:
+    """sha256 of the weights that decide the indices (encoder, quant_conv, codebook); the decoder is left out,
+    so a decoder trained later on the same codes still matches."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.", "quantize.")) and tensor.is_floating_point():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def token_manifest(model, dataset: ImageDataset, *, shard_size: int, model_id: str | None,
+                   precision: str = "fp32") -> dict:
+    """What a token folder holds and how it was made; a restart must produce the same manifest."""
+    config, n = model.config, len(dataset)
+    settings = data_settings(dataset)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "model": model_id or config.preset, "preset": config.preset,
+        "tokenizer_fingerprint": tokenizer_fingerprint(model),
+        "codebook_size": config.codebook_size, "grid": config.grid, "resolution": config.resolution,
+        "dtype": str(index_dtype(config.codebook_size)).removeprefix("torch."),
+        "preprocessing": {"transform": settings["crop"], "resolution": settings["resolution"], "flip": False,
+                          "bad_images": dataset.cfg.bad_images},
+        "data": {k: settings[k] for k in ("data", "split", "image_column", "max_images")},
+        "label_column": dataset.cfg.label_column, "precision": precision,
+        "num_items": n, "shard_size": shard_size, "num_shards": -(-n // shard_size),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Encode
+
+
+@dataclass
+class EncodeSummary:
+    output_dir: Path
+    num_shards: int
+    encoded: list[int]   # shards this process encoded in this run
+    reused: list[int]    # shards of this process that were already complete
+    num_images: int      # images with tokens in the whole folder
+    num_skipped: int     # unreadable images in the whole folder
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int = 1000, batch_size: int = 64,
+                   num_workers: int = 0, model_id: str | None = None, precision: str = "fp32", device=None,
+                   progress: bool = True) -> EncodeSummary:
+    """Encode every image of `dataset` into token shards in `output_dir` (resumable, multi-process).
+
+    The dataset must be deterministic (vqhit.evaluation.eval_dataset). Restarting with the same model and
+    data encodes only the shards that are missing; another model, data or preprocessing is refused.
+    """
+    check_eval_dataset(dataset, model.config.resolution)
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}.")
+    state = process_state()
+    device = torch.device(device) if device is not None else state.device
+    output_dir = Path(output_dir)
+    model = model.to(device).eval()
+    manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
+    _check_existing_manifest(output_dir, manifest)
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(output_dir / MANIFEST_NAME, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    state.wait_for_everyone()
+
+    n, dtype = manifest["num_items"], index_dtype(model.config.codebook_size)
+    mine = range(state.process_index, manifest["num_shards"], state.num_processes)
+    reused = [k for k in mine if (output_dir / shard_name(k)).exists()]
+    todo = [k for k in mine if k not in reused]
+    # One loader over all of this process's batches; a batch never crosses a shard boundary.
+    plan = [(k, list(range(start, min(start + batch_size, (k + 1) * shard_size, n))))
+            for k in todo for start in range(k * shard_size, min((k + 1) * shard_size, n), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=[positions for _, positions in plan], num_workers=num_workers,
+                        collate_fn=collate_images)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    bar = tqdm(total=sum(len(p) for _, p in plan), desc=f"encode (process {state.process_index} of "
+               f"{state.num_processes})", disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    current, parts = None, []
+    for (k, positions), batch in zip(plan, loader):
+        if k != current:
+            if current is not None:
+                _write_shard(output_dir, current, parts, manifest)
+            current, parts = k, []
+        if batch is not None:
+            with autocast:
+                indices = model.encode(batch["image"].to(device))
+            batch = {**batch, "indices": indices.to("cpu", dtype)}
+        parts.append((positions, batch))
+        bar.update(len(positions))
+    if current is not None:
+        _write_shard(output_dir, current, parts, manifest)
+    bar.close()
+    state.wait_for_everyone()
+    headers = [read_shard_metadata(output_dir / shard_name(k)) for k in range(manifest["num_shards"])]
+    return EncodeSummary(output_dir, manifest["num_shards"], todo, reused,
+                         num_images=sum(h["num_images"] for h in headers),
+                         num_skipped=sum(len(h["skipped"]) for h in headers))
+
+
+def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
+    path = output_dir / MANIFEST_NAME
+    if not path.exists():
+        if output_dir.is_dir() and any(output_dir.glob("shard-*.safetensors")):
+            raise ValueError(f"{output_dir} holds shards but no {MANIFEST_NAME}; use an empty output folder.")
+        return
+    existing = json.loads(path.read_text())
+    # The model's name may change (a copied folder); its fingerprint may not.
+    diff = {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
+            if k != "model" and existing.get(k) != manifest.get(k)}
+    if diff:
+        raise ValueError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
+                         f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
+
+
+def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:
+    """parts: (dataset positions asked for, collated batch with indices or None) in order."""
+    batches = [batch for _, batch in parts if batch is not None]
+    grid, dtype = manifest["grid"], getattr(torch, manifest["dtype"])
+    got = torch.cat([b["index"] for b in batches]) if batches else torch.zeros(0, dtype=torch.int64)
+    tensors = {
+        "indices": torch.cat([b["indices"] for b in batches]) if batches else torch.zeros(0, grid, grid, dtype=dtype),
+        "dataset_index": got.long(),
+    }
+    if manifest["label_column"] is not None:
+        tensors["labels"] = torch.cat([b["label"] for b in batches]).long() if batches else torch.zeros(0).long()
+    asked = {p for positions, _ in parts for p in positions}
+    skipped = sorted(asked - set(got.tolist()))
+    source = manifest["data"]["data"]
+    ids = [_relative_id(i, source) for b in batches for i in b["id"]]
+    metadata = {key: json.dumps(value) for key, value in manifest.items()}
+    state = process_state()
+    metadata.update(shard=json.dumps(k), ids=json.dumps(ids), skipped=json.dumps(skipped),
+                    written_by=json.dumps({"process": state.process_index, "num_processes": state.num_processes}))
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    atomic_write(output_dir / shard_name(k), lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def _relative_id(name: str, source: str) -> str:
+    """File names inside a local source folder are stored relative to it (the folder may move)."""
+    if os.path.isabs(name) and os.path.isdir(source):
+        relative = os.path.relpath(name, source)
+        if not relative.startswith(".."):
+            return relative
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Read
+
+
+def read_shard_metadata(path) -> dict:
+    """A shard's metadata (values decoded from JSON) plus num_images, without reading the tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: json.loads(v) for k, v in f.metadata().items()}
+        metadata["num_images"] = f.get_slice("indices").get_shape()[0]
+    return metadata
+
+
+def read_shard(path) -> dict:
+    """{"indices", "dataset_index", "labels" (or None), "ids", "skipped", "metadata"} of one shard."""
+    tensors = load_file(str(path))
+    metadata = read_shard_metadata(path)
+    return {"indices": tensors["indices"], "dataset_index": tensors["dataset_index"],
+            "labels": tensors.get("labels"), "ids": metadata["ids"], "skipped": metadata["skipped"],
+            "metadata": metadata}
+
+
+def read_manifest(token_dir) -> dict:
+    path = Path(token_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ValueError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vqhit token manifest (format {manifest.get('format')!r}).")
+    return manifest
+
+
+def shard_paths(token_dir) -> list[Path]:
+    """Every shard of a finished folder, in order; an unfinished folder raises, naming the missing shards."""
+    token_dir = Path(token_dir)
+    manifest = read_manifest(token_dir)
+    paths = [token_dir / shard_name(k) for k in range(manifest["num_shards"])]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise ValueError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
+                         f"({missing[:3]}...); re-run scripts/encode.py with the same arguments to finish it.")
+    return paths
+
+
+@dataclass
+class Tokens:
+    """All tokens of a folder, sorted by dataset position."""
+
+    indices: torch.Tensor         # (N, h, w), stored dtype
+    dataset_index: torch.Tensor   # (N,) int64
+    labels: torch.Tensor | None   # (N,) int64
+    ids: list[str]
+    manifest: dict
+
+
+def load_tokens(token_dir) -> Tokens:
+    shards = [read_shard(p) for p in shard_paths(token_dir)]
+    labels = [s["labels"] for s in shards]
+    return Tokens(indices=torch.cat([s["indices"] for s in shards]),
+                  dataset_index=torch.cat([s["dataset_index"] for s in shards]),
+                  labels=torch.cat(labels) if all(x is not None for x in labels) else None,
+                  ids=[i for s in shards for i in s["ids"]], manifest=read_manifest(token_dir))
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Map-style dataset over every shard of a token folder, for training a model on tokens.
+
+    Item: {"indices": int64 (h, w), "index": position in the source dataset, "label": int (if any)}.
+    All shards are read into memory once in their stored dtype (256 tokens of int16 = 512 bytes per image).
+    """
+
+    def __init__(self, token_dir):
+        self.tokens = load_tokens(token_dir)
+        self.manifest, self.ids = self.tokens.manifest, self.tokens.ids
+
+    def __len__(self) -> int:
+        return len(self.tokens.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"indices": self.tokens.indices[i].long(), "index": int(self.tokens.dataset_index[i])}
+        if self.tokens.labels is not None:
+            item["label"] = int(self.tokens.labels[i])
+        return item
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode
+
+
+@torch.no_grad()
+def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by: str = "index", device=None,
+                  progress: bool = True) -> int:
+    """Decode every shard to PNGs in `output_dir`; returns the number of images this process wrote.
+
+    name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
+    with a .png suffix. Process r decodes the shards k = r (mod world size).
+    """
+    if name_by not in NAME_BY:
+        raise ValueError(f"name_by={name_by!r}; use one of {NAME_BY}.")
+    manifest = read_manifest(token_dir)
+    config = model.config
+    if (manifest["codebook_size"], manifest["grid"]) != (config.codebook_size, config.grid):
+        raise ValueError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
+                         f"codes but the model decodes {config.grid}x{config.grid} grids of {config.codebook_size}; "
+                         f"use the tokenizer that made them ({manifest['model']}).")
+    if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(model):
+        warnings.warn(f"the tokens were made by another encoder/codebook ({manifest['model']}); the images are "
+                      f"meaningful only if this decoder was trained on those codes.")
+    state = process_state()
+    device = torch.device(device) if device is not None else state.device
+    model = model.to(device).eval()
+    paths = shard_paths(token_dir)[state.process_index::state.num_processes]
+    output_dir = Path(output_dir)
+    written = 0
+    bar = tqdm(paths, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True)
+    for path in bar:
+        shard = read_shard(path)
+        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else \
+            [str(Path(os.path.basename(i) if os.path.isabs(i) else i).with_suffix(".png")) for i in shard["ids"]]
+        for chunk, chunk_names in zip(shard["indices"].split(batch_size), _chunks(names, batch_size)):
+            images = to_uint8(model.decode_indices(chunk.to(device).long()).float()).permute(0, 2, 3, 1).cpu()
+            for image, name in zip(images.numpy(), chunk_names):
+                target = output_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(target)
+            written += len(chunk)
+    state.wait_for_everyone()
+    return written
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
