@@ -169,3 +169,22 @@ def test_every_shipped_config_is_valid(path):
     from vqhit.training import build_model
     with torch.device("meta"):
         build_model(config, task)  # the preset and its model_options build
+
+
+def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "vqhit", precision="bf16", adv_start=0)
+    import vqhit.training as training
+    seen = {}
+
+    def spy(D, real, weight):
+        value = r1_penalty(D, real, weight)
+        seen["dtype"] = value.dtype
+        return value
+
+    monkeypatch.setattr(training, "r1_penalty", spy)
+    real = next(trainer._batches(0))["image"]
+    logs = trainer.train_step(real)
+    assert seen["dtype"] == torch.float32
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
+    with trainer.autocast():  # the networks really run in bf16
+        assert trainer.D(real).dtype == torch.bfloat16
