@@ -1,8 +1,8 @@
 """Attention for HiT: multi-query projections, cross-attention and blocked multi-axis self-attention.
 
 Every tensor here is channels-last: tokens (B, N, C) or maps (B, H, W, C). All attention goes through
-`F.scaled_dot_product_attention` so fused kernels run on GPU; multi-query K/V heads are expanded over
-the query heads as views (no copy).
+`F.scaled_dot_product_attention` so fused kernels run on GPU; with multi-query attention the query heads
+are folded into the query axis, so the single K/V head is neither copied nor expanded.
 """
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) ->
     *batch, n, width = q.shape
     m, d = k.shape[-2], width // num_heads
     kv_heads = k.shape[-1] // d
+    if kv_heads == 1:
+        # Multi-query: every query row of every head meets the same K/V, so the heads fold into the query
+        # axis, (B, N, h, d) -> (B, 1, N*h, d): a pure reshape, one larger matmul, no K/V expansion.
+        out = F.scaled_dot_product_attention(q.reshape(-1, 1, n * num_heads, d), k.reshape(-1, 1, m, d),
+                                             v.reshape(-1, 1, m, d))
+        return out.reshape(*batch, n, width)
     q = q.reshape(-1, n, num_heads, d).transpose(1, 2)
     k = k.reshape(-1, m, kv_heads, d).transpose(1, 2)
     v = v.reshape(-1, m, kv_heads, d).transpose(1, 2)
-    if kv_heads != num_heads:  # multi-query: one K/V head seen by every query head, as a view
-        k = k.expand(-1, num_heads, -1, -1)
-        v = v.expand(-1, num_heads, -1, -1)
     out = F.scaled_dot_product_attention(q, k, v)  # logits scaled by d^-1/2, softmax over keys
     return out.transpose(1, 2).reshape(*batch, n, width)
 

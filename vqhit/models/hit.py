@@ -9,16 +9,16 @@ All tensors inside are channels-last, (B, H, W, C) or (B, N, C): every Linear ac
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from functools import partial
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, check_heads
-from .pretrained import PretrainedMixin
+from .pretrained import ConfigMixin, PretrainedMixin
 
 NORMS = ("batch", "syncbatch", "layer")
 # The release's Keras BatchNorm: momentum 0.99 (PyTorch counts the other way) and eps 1e-3.
@@ -57,16 +57,27 @@ def norm_factory(kind: str, momentum: float = BN_MOMENTUM):
 
 
 class MLPBlock(nn.Module):
-    """x + FC2(GELU(FC1(Norm(x)))): the high-resolution layer and the second half of every attention block."""
+    """x + FC2(GELU(FC1(Norm(x)))): the high-resolution layer and the second half of every attention block.
 
-    def __init__(self, dim: int, norm_layer, mlp_ratio: int = 4):
+    With `checkpoint` on, the 4C-wide hidden layer is not kept for backward but recomputed from Norm(x).
+    The norm stays outside the checkpoint, so BatchNorm running statistics are updated once per forward.
+    """
+
+    def __init__(self, dim: int, norm_layer, mlp_ratio: int = 4, checkpoint: bool = False):
         super().__init__()
         self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, mlp_ratio * dim)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+        self.checkpoint = checkpoint
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))  # exact (erf) GELU, as the release
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))  # exact (erf) GELU, as the release
+        h = self.norm(x)
+        if self.checkpoint and torch.is_grad_enabled():
+            return x + torch.utils.checkpoint.checkpoint(self.hidden, h, use_reentrant=False)
+        return x + self.hidden(h)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -89,11 +100,12 @@ class CrossAttentionBlock(nn.Module):
     Z is not normalised again here: it was normalised once, when it was made.
     """
 
-    def __init__(self, dim: int, num_heads: int, memory_dim: int, norm_layer, multi_query: bool, mlp_ratio: int):
+    def __init__(self, dim: int, num_heads: int, memory_dim: int, norm_layer, multi_query: bool, mlp_ratio: int,
+                 checkpoint_mlp: bool = False):
         super().__init__()
         self.norm = norm_layer(dim)
         self.attn = CrossAttention(dim, num_heads, kv_dim=memory_dim, multi_query=multi_query)
-        self.mlp = MLPBlock(dim, norm_layer, mlp_ratio)
+        self.mlp = MLPBlock(dim, norm_layer, mlp_ratio, checkpoint=checkpoint_mlp)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -151,19 +163,24 @@ def trunc_normal_init(module: nn.Module) -> None:
 class HiTStage(nn.Module):
     """One HiT stage at resolution R: positional table, cross-attention to Z, then either multi-axis
     self-attention blocks (`block_size` set) or MLP layers with a to-RGB head (`block_size` None), and,
-    unless it is the last stage, pixel shuffle x2 plus a Linear to the next stage's width."""
+    unless it is the last stage, pixel shuffle x2 plus a Linear to the next stage's width.
+
+    `checkpoint_mlp` recomputes the MLP hidden layers of an MLP stage in backward instead of storing them:
+    at high resolution those 4C-wide activations dominate training memory."""
 
     def __init__(self, resolution: int, dim: int, num_heads: int, num_blocks: int, block_size: int | None,
                  memory_dim: int, next_dim: int | None, *, norm_layer, multi_query: bool, attention_mode: str,
-                 cross_attention: bool, mlp_ratio: int):
+                 cross_attention: bool, mlp_ratio: int, checkpoint_mlp: bool = False):
         super().__init__()
         check_heads(dim, num_heads, f"stage {resolution}x{resolution}")
         self.resolution = resolution
         self.pos_embed = nn.Parameter(torch.zeros(resolution, resolution, dim))
-        self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm_layer, multi_query, mlp_ratio)
-                      if cross_attention else None)
+        checkpoint_mlp = checkpoint_mlp and block_size is None  # attention stages are low-resolution
+        self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm_layer, multi_query, mlp_ratio,
+                                          checkpoint_mlp) if cross_attention else None)
         if block_size is None:
-            self.blocks = nn.Sequential(*[MLPBlock(dim, norm_layer, mlp_ratio) for _ in range(num_blocks)])
+            self.blocks = nn.Sequential(*[MLPBlock(dim, norm_layer, mlp_ratio, checkpoint_mlp)
+                                          for _ in range(num_blocks)])
             self.to_rgb = nn.Sequential(norm_layer(dim), nn.Linear(dim, 3))
         else:
             if attention_mode in ("multi_axis", "regional", "dilated") and resolution % block_size:
@@ -202,7 +219,7 @@ class HiTStages(nn.Module):
 
     def __init__(self, start_resolution: int, widths, heads, blocks, block_sizes, memory_dim: int, *,
                  norm_layer=None, multi_query: bool = True, attention_mode: str = "multi_axis",
-                 cross_attention: bool = True, mlp_ratio: int = 4):
+                 cross_attention: bool = True, mlp_ratio: int = 4, checkpoint_mlp: bool = False):
         super().__init__()
         n = len(widths)
         if not (len(heads) == len(blocks) == len(block_sizes) == n) or n == 0:
@@ -218,7 +235,8 @@ class HiTStages(nn.Module):
         self.stages = nn.ModuleList(
             HiTStage(start_resolution * 2 ** i, widths[i], heads[i], blocks[i], block_sizes[i], memory_dim,
                      widths[i + 1] if i + 1 < n else None, norm_layer=norm_layer, multi_query=multi_query,
-                     attention_mode=attention_mode, cross_attention=cross_attention, mlp_ratio=mlp_ratio)
+                     attention_mode=attention_mode, cross_attention=cross_attention, mlp_ratio=mlp_ratio,
+                     checkpoint_mlp=checkpoint_mlp)
             for i in range(n))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
@@ -229,7 +247,7 @@ class HiTStages(nn.Module):
 
 
 @dataclass
-class HiTConfig:
+class HiTConfig(ConfigMixin):
     """A HiT generator. One entry per stage in `widths`, `heads`, `blocks`, `block_sizes`; a block size of
     None marks a high-resolution MLP stage. The first stage is 8x8 and each stage doubles it."""
 
@@ -249,6 +267,7 @@ class HiTConfig:
     attention_mode: str = "multi_axis"  # ablations: "regional", "dilated", "axial", "global"
     cross_attention: bool = True     # False = the "no cross-attention" ablation
     mlp_ratio: int = 4
+    checkpoint_mlp: bool = False     # recompute MLP-stage hidden layers in backward: less memory, more compute
 
     def __post_init__(self):
         self.validate()
@@ -269,24 +288,6 @@ class HiTConfig:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"unknown attention mode {self.attention_mode!r}; choose one of {ATTENTION_MODES}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown HiTConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, s: str) -> "HiTConfig":
-        return cls.from_dict(json.loads(s))
 
 
 class HiTGenerator(PretrainedMixin, nn.Module):
@@ -309,7 +310,7 @@ class HiTGenerator(PretrainedMixin, nn.Module):
         self.stages = HiTStages(s, config.widths, config.heads, config.blocks, config.block_sizes, e,
                                 norm_layer=norm_layer, multi_query=config.multi_query,
                                 attention_mode=config.attention_mode, cross_attention=config.cross_attention,
-                                mlp_ratio=config.mlp_ratio)
+                                mlp_ratio=config.mlp_ratio, checkpoint_mlp=config.checkpoint_mlp)
         trunc_normal_init(self)
 
     @classmethod

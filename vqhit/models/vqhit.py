@@ -30,14 +30,14 @@ class HiTDecoder(nn.Module):
 
     def __init__(self, code_dim: int, grid: int, widths, heads, blocks, block_sizes, memory_dim: int = 512, *,
                  norm_layer=None, multi_query: bool = True, attention_mode: str = "multi_axis",
-                 cross_attention: bool = True, mlp_ratio: int = 4):
+                 cross_attention: bool = True, mlp_ratio: int = 4, checkpoint_mlp: bool = False):
         super().__init__()
         norm_layer = norm_layer or norm_factory("batch")
         self.to_map = nn.Linear(code_dim, widths[0])
         self.memory = Memory(code_dim, grid * grid, memory_dim, norm_layer) if cross_attention else None
         self.stages = HiTStages(grid, widths, heads, blocks, block_sizes, memory_dim, norm_layer=norm_layer,
                                 multi_query=multi_query, attention_mode=attention_mode,
-                                cross_attention=cross_attention, mlp_ratio=mlp_ratio)
+                                cross_attention=cross_attention, mlp_ratio=mlp_ratio, checkpoint_mlp=checkpoint_mlp)
         trunc_normal_init(self)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,7 @@ class VQHiTConfig(ConfigMixin):
     attention_mode: str = "multi_axis"
     cross_attention: bool = True
     mlp_ratio: int = 4
+    checkpoint_mlp: bool = False       # recompute the MLP stages' hidden layers in backward (less memory)
     # Training a decoder on an existing tokenizer's codes (see load_taming_checkpoint).
     freeze_encoder: bool = False
     freeze_codebook: bool = False
@@ -120,7 +121,8 @@ class VQHiT(PretrainedMixin, nn.Module):
                                   c.decoder_block_sizes, c.decoder_memory_dim,
                                   norm_layer=norm_factory(c.norm, c.bn_momentum),
                                   multi_query=c.multi_query, attention_mode=c.attention_mode,
-                                  cross_attention=c.cross_attention, mlp_ratio=c.mlp_ratio)
+                                  cross_attention=c.cross_attention, mlp_ratio=c.mlp_ratio,
+                                  checkpoint_mlp=c.checkpoint_mlp)
         self.set_frozen(encoder=c.freeze_encoder, codebook=c.freeze_codebook)
 
     @classmethod
