@@ -8,6 +8,18 @@ import torch
 from PIL import Image
 
 
+def random_inception_network():
+    """torch-fidelity's FID Inception with its random initialisation: the official weights are never fetched."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    class _Unloaded(fe.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random init instead of real weights
+            return None
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
+        return _Unloaded("random", ["2048", "logits_unbiased"])
+
+
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory) -> Path:
     """A random-weight state dict of torch-fidelity's FID Inception, saved like the official file.
@@ -16,15 +28,8 @@ def random_inception_weights(tmp_path_factory) -> Path:
     one random image, so activations neither vanish nor explode through the 90 layers (with the default
     statistics every image maps to nearly the same features and any FID would be ~0).
     """
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    class _Unloaded(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # keep the random init instead of real weights
-            return None
-
     torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = _Unloaded("random", ["2048", "logits_unbiased"])
+    net = random_inception_network()
     batch_norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for bn in batch_norms:
         bn.reset_running_stats()

@@ -1,10 +1,10 @@
 """Tests for vqhit.metrics: every metric is checked against an independent computation or a closed form."""
 import datetime
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import random_inception_network
 import scipy.linalg
 import torch
 import torch.distributed as dist
@@ -230,15 +230,8 @@ def test_lpips_per_image_and_local_backbone(tmp_path):
 @pytest.fixture(scope="module")
 def random_inception_files(tmp_path_factory):
     """Two random-weight Inception state dicts saved like the official file, plus the network that made the first."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    class _Unloaded(fe.FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # keep the random init instead of real weights
-            return None
-
     torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = _Unloaded("random", ["2048", "logits_unbiased"])
+    net = random_inception_network()
     # Random BN statistics too, so the file carries information beyond the default init.
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
