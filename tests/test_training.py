@@ -159,6 +159,9 @@ def test_command_line_overrides_yaml_and_model_options(tmp_path):
     # the built-in demo config applies only when no --config is given: a recipe never inherits its keys
     assert config.steps == TrainConfig().steps and config.disc_max_channels == 512
     assert parse_config(["--steps", "9"], "test", default_config=demo).disc_max_channels == 64
+    assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test").adam_betas == [0.5, 0.9]
+    with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
+        parse_config(["--steps", "ten"], "test")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

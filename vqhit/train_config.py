@@ -145,6 +145,16 @@ def load_yaml(path: str | Path) -> dict:
     return values
 
 
+def _cli_type(t: type, optional: bool):
+    """Parse a command-line value as the field's type ('none' for an optional field); YAML for dicts."""
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return t(text) if t in (int, float, str) else yaml.safe_load(text)
+    parse.__name__ = t.__name__  # argparse names the type in its "invalid value" message
+    return parse
+
+
 def build_parser(description: str, default_config: str | Path | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one --option per TrainConfig field."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,7 +175,7 @@ def build_parser(description: str, default_config: str | Path | None = None) -> 
         elif t is list:
             parser.add_argument(flag, nargs="+", type=yaml.safe_load, **kwargs)
         else:
-            parser.add_argument(flag, type=str if t is str else yaml.safe_load, metavar=t.__name__.upper(),
+            parser.add_argument(flag, type=_cli_type(t, optional=f.default is None), metavar=t.__name__.upper(),
                                 choices=choices, **kwargs)
     return parser
 

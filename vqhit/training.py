@@ -286,10 +286,13 @@ class Trainer:
         acc, step = self.accelerator, self.state.step
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()  # the folder exists before any process writes its part (e.g. its RNG state)
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every part is written before the folder is renamed
         if acc.is_main_process:
             self.ema.model.save_pretrained(tmp / "ema")
             save_config(self.config, tmp / "train_config.yaml")
