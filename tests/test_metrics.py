@@ -300,3 +300,16 @@ def test_center_crop_adm_matches_reference(width, height):
     out = center_crop_adm(image, size)
     assert out.size == (size, size) and out.mode == "RGB"
     np.testing.assert_array_equal(np.array(out), _adm_center_crop_arr(image, size))
+
+
+def test_inception_download_failure_says_how_to_work_offline(monkeypatch):
+    import urllib.error
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="--inception-weights PATH"):
+        InceptionFeatures(weights_path=None, device="cpu")

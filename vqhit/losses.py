@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .downloads import explain_download_failure
+
 # ----------------------------------------------------------------------------------------------- GAN
 
 
@@ -213,7 +215,9 @@ def load_vgg16_features(vgg_weights_path: str | None = None) -> dict[str, Tensor
         state = torch.load(vgg_weights_path, map_location="cpu", weights_only=True)
     else:
         from torchvision.models import VGG16_Weights
-        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        with explain_download_failure("torchvision's ImageNet VGG16 weights (vgg16-397923af.pth)",
+                                      "PerceptualLoss(vgg_weights_path=...), or --vgg-weights PATH in training"):
+            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     return {k: v for k, v in state.items() if k.startswith("features.")}
 
 

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .downloads import explain_download_failure
+
 __all__ = [
     "to_uint8",
     "InceptionFeatures",
@@ -117,12 +119,14 @@ class InceptionFeatures(nn.Module):
             )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat",
-            ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-            feature_extractor_internal_dtype=internal_dtype,
-        )
+        with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
+                                      "weights_path=..., or --inception-weights PATH in the scripts"):
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat",
+                ["2048", "logits_unbiased"],
+                feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+                feature_extractor_internal_dtype=internal_dtype,
+            )
         self.to(device)
 
     @property
@@ -321,7 +325,9 @@ class LPIPSMetric(nn.Module):
 
         if net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"LPIPS net must be 'alex', 'vgg' or 'squeeze'; got {net!r}.")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), explain_download_failure(
+                f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH "
+                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth)"):
             # lpips builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
             # is about lpips' code, not the caller's, and would otherwise appear on every construction.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
