@@ -89,14 +89,16 @@ class VectorQuantizer(nn.Module):
         self.in_proj = nn.Linear(code_dim, lookup_dim) if lookup_dim else None
         self.out_proj = nn.Linear(lookup_dim, code_dim) if lookup_dim else None
 
-        # All buffers are non-persistent, so state_dict() keeps taming's keys. A resumed run starts its
-        # usage histogram and dead-code clocks afresh, which only delays a restart.
+        # The usage histogram is a logging window: not saved. Without restarts the state dict is taming's
+        # single `embedding.weight`.
         self.register_buffer("code_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False)
         if restart_dead_codes:
-            self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.long), persistent=False)
-            self.register_buffer("recent_inputs", torch.zeros(restart_buffer_size, search_dim), persistent=False)
-            self.recent_filled = 0  # how many rows of recent_inputs hold real data
-            self.recent_next = 0    # ring-buffer write position
+            # Saved with the model: a resumed run must restart the same codes at the same step as an
+            # uninterrupted one.
+            self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.long))
+            self.register_buffer("recent_inputs", torch.zeros(restart_buffer_size, search_dim))
+            self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))  # rows holding real data
+            self.register_buffer("recent_next", torch.zeros((), dtype=torch.long))    # ring-buffer write position
 
     # ------------------------------------------------------------------ search space
     def _to_search_space(self, z: Tensor) -> Tensor:
@@ -211,19 +213,19 @@ class VectorQuantizer(nn.Module):
         capacity = self.recent_inputs.shape[0]
         take = min(z_search.shape[0], capacity)
         sample = z_search[torch.randperm(z_search.shape[0], device=z_search.device)[:take]]
-        rows = (self.recent_next + torch.arange(take, device=sample.device)) % capacity
+        rows = (int(self.recent_next) + torch.arange(take, device=sample.device)) % capacity
         self.recent_inputs[rows] = sample.to(self.recent_inputs.dtype)
-        self.recent_next = (self.recent_next + take) % capacity
-        self.recent_filled = min(self.recent_filled + take, capacity)
+        self.recent_next.fill_((int(self.recent_next) + take) % capacity)
+        self.recent_filled.fill_(min(int(self.recent_filled) + take, capacity))
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
         dead = (self.steps_since_used >= self.dead_code_steps).nonzero().squeeze(1)
         # The clocks are identical on every process, so all of them take this branch together (a clock
         # only advances in a training forward, which also fills the buffer).
-        if dead.numel() == 0 or self.recent_filled == 0:
+        if dead.numel() == 0 or int(self.recent_filled) == 0:
             return
-        pool = self.recent_inputs[:self.recent_filled]
+        pool = self.recent_inputs[:int(self.recent_filled)]
         if pool.shape[0] >= dead.numel():  # distinct candidates when there are enough
             pick = torch.randperm(pool.shape[0], device=pool.device)[:dead.numel()]
         else:
