@@ -297,10 +297,7 @@ class HiTGenerator(PretrainedMixin, nn.Module):
 
     def __init__(self, config: HiTConfig | None = None, **overrides):
         super().__init__()
-        config = config or HiTConfig()
-        if overrides:
-            config = HiTConfig.from_dict({**config.to_dict(), **overrides})
-        self.config = config
+        self.config = config = self.make_config(config, **overrides)
         c0, e = config.widths[0], config.memory_dim or config.widths[0]
         s = config.start_resolution
         self.to_map = nn.Linear(config.latent_dim, s * s * c0)

@@ -65,6 +65,12 @@ class PretrainedMixin:
     model_type: str
     config_class: type
 
+    @classmethod
+    def make_config(cls, config=None, **overrides):
+        """The given config (default: the class's default config) with keyword overrides applied."""
+        config = config or cls.config_class()
+        return cls.config_class.from_dict({**config.to_dict(), **overrides}) if overrides else config
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -107,10 +107,7 @@ class VQHiT(PretrainedMixin, nn.Module):
 
     def __init__(self, config: VQHiTConfig | None = None, **overrides):
         super().__init__()
-        config = config or VQHiTConfig()
-        if overrides:
-            config = VQHiTConfig.from_dict({**config.to_dict(), **overrides})
-        self.config = c = config
+        self.config = c = self.make_config(config, **overrides)
         self.encoder = VQGANEncoder(c.resolution, c.encoder_channels, c.encoder_channel_mult, c.encoder_res_blocks,
                                     c.encoder_attn_resolutions, c.encoder_z_channels)
         self.quant_conv = nn.Conv2d(c.encoder_z_channels, c.code_dim, 1)
