@@ -350,12 +350,7 @@ class Trainer:
             terms = {**terms, "adversarial": weight * g_adv}
         D_plain.requires_grad_(True)
         g_loss = sum(terms.values())
-        self._check_finite({"generator loss": g_loss})
-        acc.backward(g_loss)
-        if acc.sync_gradients:
-            logs["grad_norm/generator"] = _grad_norm(self.model)
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
+        self._update("generator", g_loss, self.model, self.opt_g, logs)
         logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
         logs["loss/generator"] = g_loss.detach()
 
@@ -375,13 +370,17 @@ class Trainer:
                 bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight)
                 d_loss = d_loss + bcr
                 logs["loss/bcr"] = bcr.detach()
-            self._check_finite({"discriminator loss": d_loss})
-            acc.backward(d_loss)
-            if acc.sync_gradients:
-                logs["grad_norm/discriminator"] = _grad_norm(self.D)
-            self.opt_d.step()
-            self.opt_d.zero_grad(set_to_none=True)
+            self._update("discriminator", d_loss, self.D, self.opt_d, logs)
         return logs
+
+    def _update(self, name: str, loss: torch.Tensor, model: nn.Module, optimizer, logs: dict) -> None:
+        """One optimiser update (skipped by Accelerate inside an accumulation window), after the NaN guard."""
+        self._check_finite({f"{name} loss": loss})
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            logs[f"grad_norm/{name}"] = _grad_norm(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
