@@ -1,6 +1,8 @@
 """Tests for vqhit.metrics: every metric is checked against an independent computation or a closed form."""
 import datetime
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +267,26 @@ def test_inception_offline_weights_path(random_inception_files):
         model(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="does not exist"):
         InceptionFeatures(weights_path=path_a.parent / "missing.pth", device="cpu")
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickled object that creates a file when loaded: what a malicious weights file could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_inception_weights_are_loaded_without_running_pickled_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "inception-evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(ValueError, match=r"inception-evil\.pth.*weights_only=True"):
+        InceptionFeatures(weights_path=path, device="cpu")
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the override ends with the construction
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer / data

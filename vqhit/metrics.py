@@ -21,7 +21,10 @@ Conventions that decide the numbers (state them in every report):
 from __future__ import annotations
 
 import math
+import os
+import pickle
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +123,8 @@ class InceptionFeatures(nn.Module):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                                      "weights_path=..., or --inception-weights PATH in the scripts"):
+                                      "weights_path=..., or --inception-weights PATH in the scripts"), \
+                _weights_only_loads(weights_path):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat",
                 ["2048", "logits_unbiased"],
@@ -144,6 +148,32 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"InceptionFeatures expects (B, 3, H, W) images; got shape {tuple(images.shape)}.")
         pool, logits = self.net(images.to(self.device))
         return pool, logits
+
+
+@contextmanager
+def _weights_only_loads(weights_path):
+    """Make torch.load refuse pickled code while torch-fidelity loads its weights.
+
+    torch-fidelity calls torch.load(weights_only=False) on the file it is given (and on its download), so a
+    weights file could run arbitrary code. PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that argument;
+    it is set only while the network is built. The official file is a plain state dict and loads unchanged.
+    """
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
+        reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
+        raise ValueError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
+                         f"weights file cannot run code ({reason}). Pass "
+                         f"weights-inception-2015-12-05-6726825d.pth, or re-save your file with "
+                         f"torch.save(state_dict, path).") from err
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 class FeatureStatistics:
