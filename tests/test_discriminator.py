@@ -47,13 +47,32 @@ def test_blur_down_is_the_fixed_binomial_kernel():
     torch.testing.assert_close(blur(ones)[..., 1:-1, 1:-1], torch.ones(1, 2, 2, 2))
 
 
-def test_residual_block_is_main_plus_skip_over_sqrt2():
+def lrelu(x):
+    return torch.where(x >= 0, x, 0.2 * x)
+
+
+def blur_down(x):
+    """SPEC §3's BlurDown2 written out: depthwise [1,3,3,1]x[1,3,3,1]/64, zero padding 1, stride 2."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype)
+    kernel = (taps[:, None] * taps[None, :] / 64).expand(x.shape[1], 1, 4, 4)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, stride=2, groups=x.shape[1])
+
+
+def test_residual_block_follows_the_spec_equations():
+    """SPEC §3: main = lrelu(Conv3x3(BlurDown2(lrelu(Conv3x3(x))))), skip = Conv1x1(BlurDown2(x)) without bias,
+    out = (main + skip) / sqrt(2); written with functional ops and the block's weights only."""
     torch.manual_seed(0)
-    block = DiscriminatorBlock(4, 6)
-    x = torch.randn(2, 4, 8, 8)
-    main = F.leaky_relu(block.conv2(block.blur(F.leaky_relu(block.conv1(x), 0.2))), 0.2)
-    skip = block.skip(block.blur(x))
-    torch.testing.assert_close(block(x), (main + skip) / math.sqrt(2))
+    block = DiscriminatorBlock(4, 6).double()
+    for p in block.parameters():  # non-zero biases too, so a dropped or misplaced bias shows
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    main = lrelu(F.conv2d(x, block.conv1.weight, block.conv1.bias, padding=1))
+    main = lrelu(F.conv2d(blur_down(main), block.conv2.weight, block.conv2.bias, padding=1))
+    assert block.skip.bias is None and block.skip.weight.shape == (6, 4, 1, 1)
+    skip = F.conv2d(blur_down(x), block.skip.weight)
+    out = block(x)
+    assert out.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(out, (main + skip) / math.sqrt(2))
 
 
 def test_forward_shape_init_and_gradient():
