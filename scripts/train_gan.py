@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Train a HiT generator as an unconditional GAN (SPEC §4-5).
+"""Train a HiT generator as an unconditional GAN (SPEC §1, §3-5).
 
-    accelerate launch scripts/train_gan.py                                   # CPU demo: hit-tiny on built-in photos
-    accelerate launch scripts/train_gan.py --config configs/ffhq256_gan.yaml --data /data/ffhq
-    accelerate launch --multi_gpu --num_processes 8 scripts/train_gan.py --config configs/imagenet128_gan.yaml
+    accelerate launch scripts/train_gan.py                              # CPU demo: hit-tiny on built-in photos
+    accelerate launch scripts/train_gan.py --model hit-b-256 --data /data/ffhq256     # the paper recipe of hit-b-256
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_gan.py --config configs/ffhq256_gan.yaml
 
-Every option below can also be set in the --config YAML file; the command line wins.
+With no arguments at all this runs the CPU demo (configs/demo_gan_cpu.yaml). Any other invocation starts from the
+paper recipe of the chosen --model (default hit-b-256), then the --config file, then the options given here.
 """
 import sys
 from pathlib import Path
@@ -13,8 +14,7 @@ from pathlib import Path
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
-# With no --config, the CPU demo: demo_gan_cpu.yaml.
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_gan_cpu.yaml"
 
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, DEMO_CONFIG), task="gan")
+    train(parse_config(sys.argv[1:], __doc__, "gan", DEMO_CONFIG), task="gan")

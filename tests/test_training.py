@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from vqhit import list_presets
 from vqhit.losses import r1_penalty
-from vqhit.train_config import TrainConfig, config_from_dict, parse_config
+from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
 from vqhit.training import EMA, Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,14 +139,42 @@ def test_config_errors_name_the_key(tmp_path):
         config_from_dict({"learning_rate": 1e-4})
     with pytest.raises(ValueError, match="'steps' must be of type int"):
         config_from_dict({"steps": "many"})
-    with pytest.raises(ValueError, match="fp16 is refused while R1 is on"):
-        config_from_dict({"precision": "fp16"})
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        config_from_dict({"precision": "fp16", "r1_weight": 0.0})  # refused, R1 or not: never a silent fp32 run
+    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+        parse_config(["--adam-betas", "0.9"], "test", "gan")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nbatch_sise: 4\n")
     with pytest.raises(ValueError, match="batch_sise"):
-        parse_config(["--config", str(yaml_file)], "test")
+        parse_config(["--config", str(yaml_file)], "test", "gan")
     with pytest.raises(ValueError, match="train_gan.py trains hit-\\* presets"):
         make_trainer(tmp_path, model="vqhit-tiny")
+
+
+def test_numbers_parse_as_numbers_in_yaml_and_on_the_command_line(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: hit-tiny\nlr: 1e-4\nadam_betas: [0, 9e-1]\n")  # YAML 1.1 reads 1e-4 as a string
+    config = parse_config(["--config", str(yaml_file), "--model-option", "bn_momentum=1e-2"], "test", "gan")
+    assert config.lr == 1e-4 and isinstance(config.lr, float) and config.adam_betas == [0.0, 0.9]
+    from vqhit.training import build_model
+    model = build_model(config, "gan")
+    assert model.config.bn_momentum == 0.01 and isinstance(model.config.bn_momentum, float)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        build_model(parse_config(["--model", "hit-tiny", "--model-option", "mlp_ratio=abc"], "test", "gan"), "gan")
+
+
+def test_defaults_are_the_demo_only_without_arguments(tmp_path):
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("model: vqhit-tiny\nsteps: 7\ndisc_max_channels: 64\nr1_interval: 4\n")
+    assert parse_config([], "test", "vqhit", demo).steps == 7  # no arguments: the demo
+    config = parse_config(["--data", "/somewhere"], "test", "vqhit", demo)  # anything else: the paper recipe
+    assert (config.model, config.steps, config.disc_max_channels, config.r1_interval, config.lr,
+            config.perceptual, config.perceptual_weight) == ("vqhit-b-f16-1024", 500_000, 512, 1, 1e-4, "vgg_l2", 5e-5)
+    face = parse_config(["--model", "hit-b-256"], "test", "gan", demo)
+    assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # SPEC §5, FFHQ 256
+    assert parse_config(["--model", "hit-l-128"], "test", "gan").transform == "imagenet_gan"
+    help_text = build_parser("test", "vqhit").format_help()
+    assert "default: 'vqhit-b-f16-1024'" in help_text and "default: 'hit-tiny'" not in help_text
 
 
 def test_command_line_overrides_yaml_and_model_options(tmp_path):
@@ -155,41 +183,42 @@ def test_command_line_overrides_yaml_and_model_options(tmp_path):
     demo = tmp_path / "demo.yaml"
     demo.write_text("steps: 7\ndisc_max_channels: 64\n")
     config = parse_config(["--config", str(yaml_file), "--lr", "1e-3", "--model-option", "multi_query=false",
-                           "--no-flip"], "test", default_config=demo)
+                           "--no-flip"], "test", "gan", demo)
     assert config.lr == 1e-3 and config.flip is False and config.model == "hit-b-256"
     assert config.model_options == {"norm": "layer", "multi_query": False}
-    # the built-in demo config applies only when no --config is given: a recipe never inherits its keys
-    assert config.steps == TrainConfig().steps and config.disc_max_channels == 512
-    assert parse_config(["--steps", "9"], "test", default_config=demo).disc_max_channels == 64
-    assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test").adam_betas == [0.5, 0.9]
+    # the built-in demo config applies only when no argument is given: a recipe never inherits its keys
+    assert config.steps == RECIPES["hit-b-256"]["steps"] and config.disc_max_channels == 512
+    assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
     with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
-        parse_config(["--steps", "ten"], "test")
+        parse_config(["--steps", "ten"], "test", "gan")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    config = parse_config(["--config", str(path)], "test")
-    task = "gan" if config.model.startswith("hit-") else "vqhit"
+    task = "gan" if "gan" in path.name else "vqhit"
+    config = parse_config(["--config", str(path)], "test", task)
     assert config.model in list_presets("generator" if task == "gan" else "tokenizer")
     from vqhit.training import build_model
     with torch.device("meta"):
         build_model(config, task)  # the preset and its model_options build
 
 
-def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path, monkeypatch):
+def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path):
     trainer = make_trainer(tmp_path, "vqhit", precision="bf16", adv_start=0)
-    import vqhit.training as training
-    seen = {}
+    D = trainer.accelerator.unwrap_model(trainer.D)
+    calls = []  # (is it the R1 call, output dtype, autocast on) of D's first layer, for every D forward
 
-    def spy(D, real, weight):
-        value = r1_penalty(D, real, weight)
-        seen["dtype"] = value.dtype
-        return value
+    def record(module, inputs, output):  # R1 differentiates D with respect to a leaf copy of the real images
+        is_r1 = inputs[0].requires_grad and inputs[0].grad_fn is None
+        calls.append((is_r1, output.dtype, torch.is_autocast_enabled("cpu")))
 
-    monkeypatch.setattr(training, "r1_penalty", spy)
-    real = next(trainer._batches(0))["image"]
-    logs = trainer.train_step(real)
-    assert seen["dtype"] == torch.float32
+    first = next(m for m in D.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = first.register_forward_hook(record)
+    logs = trainer.train_step(next(trainer._batches(0))["image"])
+    handle.remove()
+    r1_calls = [c for c in calls if c[0]]
+    other_calls = [c for c in calls if not c[0]]
+    assert r1_calls and all(dtype == torch.float32 and not autocast for _, dtype, autocast in r1_calls)
+    assert other_calls and all(dtype == torch.bfloat16 for _, dtype, _ in other_calls)  # the networks run in bf16
+    assert logs["loss/r1"].dtype == torch.float32
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
-    with trainer.autocast():  # the networks really run in bf16
-        assert trainer.D(real).dtype == torch.bfloat16

@@ -2,19 +2,48 @@
 
     python scripts/train_gan.py --config configs/ffhq256_gan.yaml --lr 2e-5 --model-option norm=syncbatch
 
-Each field's `help` is what `--help` prints. An unknown key or a value of the wrong type, in the YAML file
-or on the command line, is an error that names the key.
+Where the values come from, lowest first (`resolve_config`):
+  1. the dataclass defaults below: the settings SPEC §5 calls common to every paper run;
+  2. the paper recipe of the chosen preset (`RECIPES`: lr, discriminator width, bCR, ...) — or, when resuming,
+     the configuration saved in the checkpoint instead of 1-2;
+  3. the YAML file of `--config`; with no arguments at all, the script's CPU demo file;
+  4. the command line.
+So a run without `--config` trains the paper recipe of its preset, never the demo's settings.
+
+Each field's `help` is what `--help` prints. An unknown key or a value of the wrong type, in the YAML file or on
+the command line, is an error that names the key. Numbers parse as numbers however they are written (YAML 1.1
+reads `1e-4` as a string; it is converted for a float key).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+TASKS = ("gan", "vqhit")
+DEFAULT_MODEL = {"gan": "hit-b-256", "vqhit": "vqhit-b-f16-1024"}
+SCRIPT = {"gan": "train_gan.py", "vqhit": "train_vqhit.py"}
+PAPER_GLOBAL_BATCH = 256  # SPEC §5 (32 for the 1024 presets)
+
+# The paper recipe of each preset (SPEC §5), as overrides of the TrainConfig defaults. Presets that the paper
+# did not train (the tiny ones) run on the common defaults. configs/*.yaml restate these with a data path.
+_FACES_256 = dict(transform="resize", lr=5e-5, disc_channel_multiplier=2, bcr_weight=10.0, steps=500_000)
+_IMAGENET_128 = dict(transform="imagenet_gan", lr=1e-4, disc_channel_multiplier=1, steps=1_000_000)
+RECIPES = {
+    "hit-l-128": _IMAGENET_128,
+    "hit-128-release": _IMAGENET_128,
+    "hit-s-256": _FACES_256,
+    "hit-b-256": _FACES_256,
+    "hit-l-256": _FACES_256,
+    "hit-b-1024": dict(transform="resize", lr=5e-5, disc_channel_multiplier=2, bcr_weight=0.0, batch_size=4,
+                       steps=500_000),
+    "vqhit-b-f16-1024": dict(transform="random_crop", lr=1e-4, disc_channel_multiplier=1, perceptual="vgg_l2",
+                             adv_weight=0.1, steps=500_000),
+}
 
 
 def opt(default, help: str, choices=None):
@@ -28,19 +57,20 @@ def opt_factory(factory, help: str):
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------------------
-    model: str = opt("hit-tiny", "Model preset (see vqhit.list_presets()): a hit-* generator for train_gan.py, "
-                     "a vqhit-* tokenizer for train_vqhit.py")
+    model: str = opt("hit-b-256", "Model preset (see vqhit.list_presets()): a hit-* generator for train_gan.py, "
+                     "a vqhit-* tokenizer for train_vqhit.py. Its paper recipe sets the defaults of the other keys")
     model_options: dict = opt_factory(dict, "Overrides of the preset's config, e.g. {norm: syncbatch}; on the "
                                       "command line --model-option KEY=VALUE (repeatable, VALUE parsed as YAML)")
-    init_from: str | None = opt(None, "Start from a save_pretrained folder (or Hub id) of the same model")
+    init_from: str | None = opt(None, "Start from a save_pretrained folder (or Hub id) of the same architecture; "
+                                "runtime model options (freeze_*, checkpoint_mlp, syncbatch) may differ")
     taming_checkpoint: str | None = opt(None, "Tokenizer only: import encoder, quant_conv and codebook from a "
                                         "taming VQGAN .ckpt (combine with model option freeze_encoder/freeze_codebook)")
     disc_channel_multiplier: int = opt(1, "Discriminator channel multiplier m (SPEC §3): 1 for ImageNet, 2 for faces")
     disc_max_channels: int = opt(512, "Cap on the discriminator's widths; 512 is the paper's table, the tiny CPU "
                                  "demos use 64")
     # -- data -------------------------------------------------------------------------------------------
-    data: str = opt("builtin:photos", "Training images: 'builtin:photos' (tiles of scikit-image's sample photos, "
-                    "offline), a local image folder, or a Hugging Face Hub dataset id")
+    data: str = opt("builtin:photos", "Training images: 'builtin:photos' (scikit-image's sample photos, offline), "
+                    "a local image folder, or a Hugging Face Hub dataset id")
     data_split: str = opt("train", "Dataset split")
     image_column: str = opt("image", "Image column of a Hub dataset")
     label_column: str | None = opt(None, "Optional label column of a Hub dataset (kept in batches, unused by training)")
@@ -48,32 +78,43 @@ class TrainConfig:
     transform: str = opt("random_crop", "Training transform",
                          ["random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "resize"])
     flip: bool = opt(True, "Random horizontal flips")
-    bad_images: str = opt("skip", "Unreadable or too-small images: skip them (counted, warned with the file "
-                          "name) or raise", ["skip", "raise"])
+    bad_images: str = opt("skip", "Unreadable images: skip them (counted, warned with the file name) or raise",
+                          ["skip", "raise"])
     max_images: int | None = opt(None, "Use only the first N images (quick runs)")
-    num_workers: int = opt(2, "DataLoader worker processes per training process")
+    num_workers: int = opt(4, "DataLoader worker processes per training process")
+    heldout_data: str | None = opt(None, "Tokenizer only: images never trained on, reconstructed at the end of "
+                                   "training (PSNR, SSIM, codebook usage printed, grid saved in samples/); e.g. "
+                                   "'builtin:photos-heldout'")
     # -- optimisation -----------------------------------------------------------------------------------
-    batch_size: int = opt(8, "Images per process per micro-batch (global batch = this x processes x grad_accum)")
+    batch_size: int = opt(32, "Images per process per micro-batch (global batch = this x processes x grad_accum; "
+                          "the paper's is 256, 32 at 1024x1024)")
     grad_accum: int = opt(1, "Gradient accumulation steps per optimiser step")
-    steps: int = opt(300, "Optimiser steps to train for")
-    lr: float = opt(1e-4, "Learning rate of the generator/autoencoder and the discriminator (SPEC §5: G = D)")
-    adam_betas: list = opt_factory(lambda: [0.0, 0.99], "Adam betas for both networks")
+    steps: int = opt(500_000, "Optimiser steps to train for (a resume may raise it)")
+    lr: float = opt(1e-4, "Learning rate of the generator/autoencoder and the discriminator (SPEC §5: G = D); a "
+                    "resume applies the value given here")
+    adam_betas: list = opt_factory(lambda: [0.0, 0.99], "Adam betas (two numbers) for both networks; a resume "
+                                   "applies the values given here")
     r1_weight: float = opt(10.0, "R1 weight as the paper writes it: r1_weight * E||grad D(x)||^2 "
                            "(StyleGAN's gamma = 2 x this); 0 disables R1")
     r1_interval: int = opt(1, "Apply R1 every k steps with weight x k (lazy regularisation); 1 = every step")
     bcr_weight: float = opt(0.0, "Balanced consistency regularisation weight (paper: 10 on faces, with the lr "
                             "halved; the face recipes' lr already is); 0 disables bCR")
+    lecam_weight: float = opt(0.0, "LeCam regularisation of the discriminator (Tseng et al. 2021; not in the paper; "
+                              "0 disables it)")
+    lecam_decay: float = opt(0.99, "EMA decay of LeCam's anchors (the running means of D's real and fake logits)")
     ema_decay: float = opt(0.999, "EMA decay of the generator/decoder (parameters and BatchNorm statistics)")
     ema_start: int = opt(10, "Step at which the EMA starts averaging (before it, it copies)")
-    precision: str = opt("no", "Mixed precision: 'no' (fp32) or 'bf16' autocast; fp16 is refused (R1 needs fp32 "
-                         "range)", ["no", "bf16", "fp16"])
+    precision: str = opt("no", "Mixed precision: 'no' (fp32) or 'bf16' autocast (networks in bf16, R1 in fp32). "
+                         "fp16 is refused: R1's double backward needs more range than fp16 has",
+                         ["no", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the generator/decoder (never the discriminator: R1 needs double "
                         "backward)")
     seed: int = opt(0, "Random seed (latents are seeded per process)")
     # -- tokenizer losses (train_vqhit.py) --------------------------------------------------------------
-    perceptual: str = opt("lpips", "Perceptual loss: 'lpips' (LPIPS-VGG, weight ~1), 'vgg_l2' (the paper's raw "
-                          "VGG features, weight 5e-5) or 'none'", ["lpips", "vgg_l2", "none"])
-    perceptual_weight: float = opt(1.0, "Weight of the perceptual loss (the paper's lambda1 = 5e-5 with vgg_l2)")
+    perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
+                          "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"])
+    perceptual_weight: float | None = opt(None, "Weight of the perceptual loss; default: the paper's 5e-5 for "
+                                          "vgg_l2, 1.0 for lpips (see README, 'Loss scales')")
     perceptual_pretrained: bool = opt(True, "Use ImageNet-pretrained VGG (downloaded when online, or from "
                                       "--vgg-weights); false = random VGG (tests, offline demos)")
     vgg_weights: str | None = opt(None, "Local torchvision vgg16 state dict, for offline machines")
@@ -82,12 +123,16 @@ class TrainConfig:
     adaptive_adv_weight: bool = opt(False, "Scale the adversarial term by taming's gradient-norm ratio at the "
                                     "decoder's last layer")
     # -- output -----------------------------------------------------------------------------------------
-    output_dir: str = opt("runs/demo", "Where checkpoints, samples, TensorBoard logs and the exported model go")
-    log_every: int = opt(10, "Log scalars to TensorBoard every N steps")
-    sample_every: int = opt(100, "Save a PNG grid of samples / reconstructions every N steps")
-    checkpoint_every: int = opt(100, "Save a resumable checkpoint (and export the EMA model) every N steps")
+    output_dir: str | None = opt(None, "Where checkpoints, samples, TensorBoard logs and the exported model go "
+                                 "(default: runs/MODEL)")
+    overwrite: bool = opt(False, "Start a fresh run in an output folder that holds an earlier run's checkpoints or "
+                          "model/, deleting them (without it such a folder is refused)")
+    log_every: int = opt(100, "Log scalars to TensorBoard every N steps")
+    sample_every: int = opt(2000, "Save a PNG grid of samples / reconstructions every N steps")
+    checkpoint_every: int = opt(5000, "Save a resumable checkpoint (and export the EMA model) every N steps")
     keep_checkpoints: int = opt(3, "Keep the last K checkpoints")
-    resume: str | None = opt(None, "Resume from 'latest' or a checkpoint folder")
+    resume: str | None = opt(None, "Resume from 'latest' (in --output-dir) or a checkpoint folder; its saved "
+                             "config is the base, and what the command line gives wins")
     num_samples: int = opt(16, "Images in each sample / reconstruction grid")
 
     def __post_init__(self):
@@ -95,22 +140,35 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of {choices}")
-        if self.precision == "fp16" and self.r1_weight > 0:
-            raise ValueError("precision fp16 is refused while R1 is on: the R1 gradient penalty overflows fp16's "
-                             "range; use --precision bf16 (or --precision no)")
+        if self.precision == "fp16":
+            raise ValueError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
+                             "grad scaler does not cover it; use --precision bf16 (or --precision no)")
         for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every", "sample_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        betas = self.adam_betas
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                      for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got {betas!r}")
+        self.adam_betas = [float(b) for b in betas]
+        if not 0 <= self.lecam_decay < 1:
+            raise ValueError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.model}"
+        if self.perceptual_weight is None:
+            self.perceptual_weight = {"vgg_l2": 5e-5, "lpips": 1.0, "none": 0.0}[self.perceptual]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def _field_type(f: dataclasses.Field):
     """The plain type of a field: int, float, str, bool, list or dict (Optional[...] unwrapped)."""
-    hints = typing.get_type_hints(TrainConfig)
-    t = hints[f.name]
+    t = typing.get_type_hints(TrainConfig)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     if args:
         t = args[0]
@@ -118,28 +176,52 @@ def _field_type(f: dataclasses.Field):
 
 
 def _coerce(name: str, value, f: dataclasses.Field):
+    """The value as the field's type; a number written as a string ('1e-4') is converted, anything else named."""
     t = _field_type(f)
     if value is None and (f.default is None or t in (dict, list)):
         return value
-    ok = (isinstance(value, bool) if t is bool else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
-          isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, t))
+    if t in (int, float) and isinstance(value, str):
+        try:
+            value = t(value)
+        except ValueError:
+            pass
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, bool) if t is bool else (isinstance(value, t) and not isinstance(value, bool))
     if not ok:
         raise ValueError(f"config key {name!r} must be of type {t.__name__}, got {value!r} "
                          f"({type(value).__name__})")
-    return float(value) if t is float else value
+    if t is list:
+        value = [_number(name, v) for v in value] if name == "adam_betas" else value
+    return value
+
+
+def _number(name: str, value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config key {name!r} holds numbers, got {value!r}")
+    return value
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
-    return TrainConfig(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+    return TrainConfig(**{k: _coerce(k, v, FIELDS[k]) for k, v in values.items()})
 
 
 def load_yaml(path: str | Path) -> dict:
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of config keys to values")
     return values
@@ -155,47 +237,102 @@ def _cli_type(t: type, optional: bool):
     return parse
 
 
-def build_parser(description: str, default_config: str | Path | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one --option per TrainConfig field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win. "
-                        f"Default: {default_config or 'none (the built-in defaults below)'}")
+def task_defaults(task: str, model: str | None = None) -> dict:
+    """The defaults a run of `task` starts from: the common paper settings and the recipe of its preset."""
+    model = model or DEFAULT_MODEL[task]
+    return {**{k: _default(f) for k, f in FIELDS.items()}, "model": model, **RECIPES.get(model, {})}
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def build_parser(description: str, task: str, demo_config: str | Path | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one --option per TrainConfig field; --help shows the defaults that apply."""
+    epilog = (f"Defaults shown are those of --model {DEFAULT_MODEL[task]} (its paper recipe, SPEC §5); another "
+              f"--model starts from its own recipe (vqhit.train_config.RECIPES), --config FILE overrides them and "
+              f"the command line overrides the file. With no arguments at all the script runs its CPU demo "
+              f"({Path(demo_config).name if demo_config else 'none'}).")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win")
+    defaults = task_defaults(task)
     for f in dataclasses.fields(TrainConfig):
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         allowed = f"; one of {', '.join(choices)}" if choices else ""
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
-                      help=f"{f.metadata['help']} (default: {default!r}{allowed})")
+                      help=f"{f.metadata['help']} (default: {defaults[f.name]!r}{allowed})")
         if f.name == "model_options":
             parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", **kwargs)
         elif t is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif t is list:
-            parser.add_argument(flag, nargs="+", type=yaml.safe_load, **kwargs)
+            parser.add_argument(flag, nargs="+", type=yaml.safe_load, metavar="X", **kwargs)
         else:
             parser.add_argument(flag, type=_cli_type(t, optional=f.default is None), metavar=t.__name__.upper(),
                                 choices=choices, **kwargs)
     return parser
 
 
-def parse_config(argv: list[str] | None, description: str, default_config: str | Path | None = None) -> TrainConfig:
-    """TrainConfig defaults < the YAML file (--config, else `default_config`) < the command line."""
-    args = vars(build_parser(description, default_config).parse_args(argv))
-    config_file = args.pop("config", None) or default_config
-    values = load_yaml(config_file) if config_file else {}
+def _model_options(items: list[str], base: dict) -> dict:
+    merged = dict(base or {})
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        merged[key.strip()] = yaml.safe_load(value)
+    return merged
+
+
+def saved_config(checkpoint: Path) -> dict:
+    """The config a checkpoint was written with (its train_config.yaml)."""
+    path = Path(checkpoint) / "train_config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} has no train_config.yaml: not a checkpoint written by this trainer")
+    return load_yaml(path)
+
+
+def parse_config(argv: list[str] | None, description: str, task: str,
+                 demo_config: str | Path | None = None) -> TrainConfig:
+    """The config of a run of `task` from its command line (see the module docstring for the precedence)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    argv = list(argv or [])
+    parser = build_parser(description, task, demo_config)
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None) or (demo_config if not argv else None)
+    file_values = load_yaml(config_file) if config_file else {}
     options = args.pop("model_options", None)
-    values.update(args)
+    given = {**file_values, **args}
     if options:
-        merged = dict(values.get("model_options") or {})
-        for item in options:
-            if "=" not in item:
-                raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            merged[key] = yaml.safe_load(value)
-        values["model_options"] = merged
-    return config_from_dict(values, source=str(config_file or "the command line"))
+        given["model_options"] = _model_options(options, given.get("model_options"))
+    return resolve_config(given, task, source=str(config_file or "the command line"))
+
+
+def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfig:
+    """Defaults (or, when resuming, the checkpoint's saved config) < `given` (file values, then command line)."""
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+    resume = given.get("resume")
+    if resume:
+        from .checkpointing import resolve_resume  # the checkpoint's saved config is the base of a resume
+        output_dir = given.get("output_dir") or f"runs/{given.get('model') or DEFAULT_MODEL[task]}"
+        checkpoint = resolve_resume(resume, Path(output_dir))
+        base = saved_config(checkpoint)
+        base["output_dir"] = given.get("output_dir") or str(checkpoint.parent)
+        if "model_options" in given:  # options given on resume add to the saved ones
+            given = {**given, "model_options": {**(base.get("model_options") or {}), **given["model_options"]}}
+        for key in ("overwrite", "init_from", "taming_checkpoint"):  # start-of-run actions are not repeated
+            base.pop(key, None)
+    else:
+        base = task_defaults(task, given.get("model"))
+    values = {**base, **given}
+    if resume:
+        values["resume"] = resume
+    return config_from_dict(values, source=source)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -203,4 +340,4 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 
 def describe(config: TrainConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

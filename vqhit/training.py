@@ -3,19 +3,19 @@
 One iteration = one micro-batch inside `accelerator.accumulate(G, D)`:
   1. generator / autoencoder step: fake = G(z) or x_hat = AE(x); loss = task terms + adversarial term,
      with D frozen and called outside DDP so its gradients are not touched;
-  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR.
+  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR, + LeCam.
+After each optimiser step the BatchNorm running statistics are averaged over processes and the EMA is updated,
+so every process holds the same model (the buffer policy of `vqhit.distributed`).
 The two tasks differ only in an *objective* object (what G makes, and its non-adversarial loss terms).
 
-Checkpoints are `accelerator.save_state` folders (models, optimisers, per-process RNG, EMA, step) written to a
-temporary name and renamed; `--resume latest` continues at the same step, data position and RNG.
+Checkpoints (`vqhit.checkpointing`) hold the models, optimisers, per-process RNG, EMA, LeCam anchors and the data
+position; `--resume` continues at the same step, data position and RNG, with the settings the command line gives.
 """
 from __future__ import annotations
 
-import copy
 import itertools
+import json
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,16 +28,20 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from . import distributed
+from .checkpointing import (CHECKPOINT_PREFIX, STATE_FILE, OutputFolder, list_checkpoints, read_state,
+                            replace_folder, resolve_resume)
 from .data import DataConfig, build_dataloader, build_dataset
-from .losses import (PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss, delayed_weight,
-                     g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
+from .ema import EMA
+from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
+                     delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
-from .train_config import TrainConfig, save_config
+from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config
 
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
 
 
 class SkipFirst(Sampler):
@@ -53,57 +57,22 @@ class SkipFirst(Sampler):
         return max(0, len(self.sampler) - self.n)
 
 
-# -- EMA ------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of a model's parameters *and* floating-point buffers (BatchNorm statistics).
-
-    Before `start_step` the average is a copy of the model; from then on avg <- decay * avg + (1 - decay) * x.
-    Integer buffers (BatchNorm's batch counter) are copied.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999, start_step: int = 10):
-        self.decay, self.start_step = decay, start_step
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._pairs = None  # (source model, [(average, source) float tensors], [(copy, source) int tensors])
-
-    def _tensors(self, model: nn.Module):
-        """Matching tensors of the average and the model, collected once: the first update runs after the model
-        has been placed on its device, and training only changes tensors in place."""
-        if self._pairs is None or self._pairs[0] is not model:
-            ours, theirs = self.model.state_dict(), model.state_dict()
-            pairs = [(ours[k], theirs[k].detach()) for k in ours]
-            self._pairs = (model, [p for p in pairs if p[0].is_floating_point()],
-                           [p for p in pairs if not p[0].is_floating_point()])
-        return self._pairs[1], self._pairs[2]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        floats, others = self._tensors(model)
-        for a, b in others:
-            a.copy_(b)
-        if step < self.start_step:
-            torch._foreach_copy_([a for a, _ in floats], [b for _, b in floats])
-        else:
-            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1.0 - self.decay)
-
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
-
-
 class TrainState:
-    """What `save_state` does not know: the optimiser step reached."""
+    """What `save_state` does not know: the optimiser step reached and the data position.
+
+    `micro_batches` counts every batch drawn from the loader, including those whose images were all unreadable
+    and skipped: the sampler's position, so that a resume continues with exactly the next batch.
+    """
 
     def __init__(self):
         self.step = 0
+        self.micro_batches = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "micro_batches": self.micro_batches}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        self.step, self.micro_batches = int(state["step"]), int(state["micro_batches"])
 
 
 # -- objectives -----------------------------------------------------------------------------------------
@@ -131,7 +100,10 @@ class GANObjective:
 
 
 class TokenizerObjective:
-    """VQ-HiT: x_hat = AE(x); L2 + perceptual + codebook/commitment + (delayed, optionally adaptive) adversarial."""
+    """VQ-HiT: x_hat = AE(x); L2 + perceptual + codebook/commitment + (delayed, optionally adaptive) adversarial.
+
+    The L2 and perceptual terms use the reduction convention of `vqhit.losses` (README, "Loss scales").
+    """
 
     def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device):
         self.config = config
@@ -139,11 +111,9 @@ class TokenizerObjective:
         if config.perceptual != "none":
             self.perceptual = PerceptualLoss(config.perceptual, pretrained=config.perceptual_pretrained,
                                              vgg_weights_path=config.vgg_weights).to(device)
-        self.last_aux = {}
 
     def generate(self, forward, real: torch.Tensor, step: int):
         reconstruction, aux = forward(real)
-        self.last_aux = aux
         terms = {"l2": l2_reconstruction_loss(real, reconstruction), "vq": aux["vq_loss"]}
         if self.perceptual is not None:
             terms["perceptual"] = self.config.perceptual_weight * self.perceptual(real, reconstruction)
@@ -167,14 +137,16 @@ class TokenizerObjective:
 
 
 # -- building -------------------------------------------------------------------------------------------
+def model_class(task: str):
+    return HiTGenerator if task == "gan" else VQHiT
+
+
 def build_model(config: TrainConfig, task: str) -> nn.Module:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
-    script = "train_gan.py" if task == "gan" else "train_vqhit.py"
     if config.model not in presets:
-        raise ValueError(f"{script} trains {'hit-*' if task == 'gan' else 'vqhit-*'} presets, got "
+        raise ValueError(f"{SCRIPT[task]} trains {'hit-*' if task == 'gan' else 'vqhit-*'} presets, got "
                          f"{config.model!r}; choose one of {', '.join(presets)}")
-    cls = HiTGenerator if task == "gan" else VQHiT
-    model = cls.from_preset(config.model, **config.model_options)
+    model = model_class(task).from_preset(config.model, **config.model_options)
     if config.init_from:
         model.load_weights(config.init_from)
     if task == "vqhit" and config.taming_checkpoint:
@@ -182,23 +154,23 @@ def build_model(config: TrainConfig, task: str) -> nn.Module:
     return model
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise ValueError(f"--resume latest: no {CHECKPOINT_PREFIX}N folder in {output_dir}")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "train_state.txt").exists():
-        raise ValueError(f"--resume {resume}: not a checkpoint folder written by this trainer")
-    return path
+def check_same_architecture(model: nn.Module, checkpoint: Path, task: str) -> None:
+    """Refuse, in one sentence, to resume a checkpoint of another preset or architecture option."""
+    saved = saved_config(checkpoint)
+    try:
+        theirs = model_class(task).from_preset(saved["model"], **(saved.get("model_options") or {}))
+    except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
+        raise ValueError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
+            from None
+    ours_arch, theirs_arch = model.config.architecture_dict(), theirs.config.architecture_dict()
+    if ours_arch != theirs_arch:
+        diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
+                if ours_arch.get(k) != theirs_arch.get(k)}
+        raise ValueError(
+            f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
+            f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
+            f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
+            f"(--init-from {checkpoint.parent / 'model'} keeps the weights)")
 
 
 class Trainer:
@@ -208,24 +180,25 @@ class Trainer:
         self.config, self.task = config, task
         self.output_dir = Path(config.output_dir)
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
-        # and R1 must stay in fp32 (SPEC §4).
+        # and R1 must stay in fp32 (SPEC §4). DDP kwargs: the buffer policy of vqhit.distributed.
         self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, log_with="tensorboard",
-                                       project_dir=str(self.output_dir))
+                                       project_dir=str(self.output_dir), kwargs_handlers=distributed.ddp_kwargs())
         acc = self.accelerator
+        self.resume_path = resolve_resume(config.resume, self.output_dir)
+        self.folder = OutputFolder(self.output_dir)
+        self._on_main(self._prepare_output_folder)
         set_seed(config.seed, device_specific=True)  # per-process streams: different latents on every rank
         self.autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) \
             if config.precision == "bf16" else nullcontext
 
         model = build_model(config, task)
+        if self.resume_path is not None:
+            check_same_architecture(model, self.resume_path, task)
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
         self.ema = EMA(model, config.ema_decay, config.ema_start)
         self.ema.model.to(acc.device)
-        self.dataset = build_dataset(DataConfig(
-            source=config.data, split=config.data_split, image_column=config.image_column,
-            label_column=config.label_column, streaming=config.streaming, resolution=resolution,
-            transform=config.transform, flip=config.flip, bad_images=config.bad_images,
-            max_images=config.max_images), seed=config.seed)
+        self.dataset = build_dataset(self._data_config(config.data, resolution), seed=config.seed)
         self.loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                        seed=config.seed, drop_last=True)
         if not self.dataset_is_streaming and len(self.loader) == 0:
@@ -237,10 +210,36 @@ class Trainer:
         self.model, self.D, self.opt_g, self.opt_d = acc.prepare(model, D, opt_g, opt_d)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.state = TrainState()
-        acc.register_for_checkpointing(self.ema, self.state)
+        self.lecam = LeCam(config.lecam_weight, config.lecam_decay)
+        acc.register_for_checkpointing(self.ema, self.state, self.lecam)
         objective_cls = GANObjective if task == "gan" else TokenizerObjective
         self.objective = objective_cls(config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = self._fixed_real_batch()
+
+    def _data_config(self, source: str, resolution: int) -> DataConfig:
+        c = self.config
+        return DataConfig(source=source, split=c.data_split, image_column=c.image_column,
+                          label_column=c.label_column, streaming=c.streaming, resolution=resolution,
+                          transform=c.transform, flip=c.flip, bad_images=c.bad_images, max_images=c.max_images)
+
+    def _on_main(self, fn) -> None:
+        """Run `fn` on the main process only; if it fails there, every process stops (none waits forever)."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
+                error = e
+        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)]))
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError("the main process failed (its error is above); this process stops too")
+
+    def _prepare_output_folder(self) -> None:
+        self.folder.lock()
+        for message in self.folder.prepare(self.resume_path, self.config.overwrite):
+            print(message, flush=True)
 
     @property
     def dataset_is_streaming(self) -> bool:
@@ -255,16 +254,18 @@ class Trainer:
                 images.append(item["image"])
             if len(images) == self.config.num_samples:
                 break
+        if not images:
+            raise ValueError(f"no readable image in {self.config.data}")
         return torch.stack(images).to(self.accelerator.device)
 
     # -- data position --------------------------------------------------------------------------------
-    def _batches(self, start_step: int):
-        """Micro-batches from optimiser step `start_step` on, as an uninterrupted run would have seen them."""
-        micro = start_step * self.config.grad_accum
+    def _batches(self, start: int):
+        """Loader batches from micro-batch number `start` on (None where every image was unreadable), as an
+        uninterrupted run draws them: the order is a function of (seed, epoch), so skipping by index is exact."""
         if self.dataset_is_streaming:  # a stream can only be replayed: read and drop what was seen
-            epoch, skip = 0, micro
+            epoch, skip = 0, start
         else:
-            epoch, skip = divmod(micro, len(self.loader))
+            epoch, skip = divmod(start, len(self.loader))
         while True:
             self.dataset.set_epoch(epoch)
             loader = self.loader
@@ -277,9 +278,19 @@ class Trainer:
             for batch in loader:
                 if skip:
                     skip -= 1
-                elif batch is not None:  # None: every image of the batch was unreadable (and skipped)
+                else:
                     yield batch
             epoch = epoch + 1
+
+    def _next_batch(self, batches) -> dict:
+        """The next batch that every process can use. A batch whose images were all unreadable is skipped on every
+        process together, so the processes stay in step and the position (`micro_batches`) is the same on all."""
+        while True:
+            batch = next(batches)
+            self.state.micro_batches += 1
+            empty = torch.tensor([float(batch is None)])
+            if not distributed.all_reduce_sum(empty).item():
+                return batch
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -287,51 +298,70 @@ class Trainer:
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()  # the folder exists before any process writes its part (e.g. its RNG state)
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every part is written before the folder is renamed
         if acc.is_main_process:
             self.ema.model.save_pretrained(tmp / "ema")
             save_config(self.config, tmp / "train_config.yaml")
-            (tmp / "train_state.txt").write_text(f"step {step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # a kill before this line leaves only a .tmp folder, never a half checkpoint
-            for old in list_checkpoints(self.output_dir)[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old)
-            self.export(self.output_dir / "model")
+            state = {**self.state.state_dict(), "num_processes": acc.num_processes,
+                     "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+            replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
+            self.folder.prune(self.config.keep_checkpoints)
+            self.export()
         acc.wait_for_everyone()
         return final
 
-    def export(self, directory: Path) -> None:
-        """The EMA model as a save_pretrained folder, replaced atomically."""
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.ema.model.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+    def export(self) -> Path:
+        """The EMA model as a save_pretrained folder; each file is replaced atomically, so `model/` stays loadable."""
+        return self.ema.model.save_pretrained(self.output_dir / "model")
 
     def resume(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
-        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+        acc = self.accelerator
+        saved = read_state(path)
+        rng_file = path / f"random_states_{acc.process_index}.pkl"
+        if saved.get("num_processes", acc.num_processes) == acc.num_processes:
+            try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
+                torch.load(rng_file, weights_only=False)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
+                                 f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
+                    from None
+        else:
+            acc.print(f"warning: {path} was written by {saved['num_processes']} processes, this run has "
+                      f"{acc.num_processes}: random streams and the data order continue differently")
+        try:
+            acc.load_state(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
+            raise ValueError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
+                             f"earlier checkpoint in {path.parent}") from None
+        if saved.get("batch_size", self.config.batch_size) != self.config.batch_size:
+            self.state.micro_batches = self.state.micro_batches * saved["batch_size"] // self.config.batch_size
+            acc.print(f"warning: batch size changed from {saved['batch_size']} to {self.config.batch_size}: the "
+                      f"data continues at the same image count, not the same batches")
+        for optimizer in (self.opt_g, self.opt_d):  # the settings of this command line, not the checkpoint's
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = self.config.lr, tuple(self.config.adam_betas)
+        acc.print(f"resumed from {path} at step {self.state.step} (lr {self.config.lr}, betas "
+                  f"{self.config.adam_betas})")
 
     # -- one iteration --------------------------------------------------------------------------------
     def _check_finite(self, losses: dict) -> None:
-        bad = torch.tensor([float(not torch.isfinite(v).all()) for v in losses.values()],
-                           device=self.accelerator.device)
-        bad = self.accelerator.reduce(bad, reduction="sum")  # every rank stops together
+        bad = torch.tensor([float(not torch.isfinite(v).all()) for v in losses.values()])
+        bad = distributed.all_reduce_sum(bad)  # every rank stops together
         if bad.any():
             names = [k for k, b in zip(losses, bad.tolist()) if b]
             last = list_checkpoints(self.output_dir)
+            where = (f"The last good checkpoint, {last[-1]}, is intact: resume it with a lower learning rate, "
+                     f"--resume {last[-1]} --lr {self.config.lr / 2:g}" if last else
+                     "No checkpoint was written yet: start again with a lower --lr "
+                     f"(e.g. --lr {self.config.lr / 2:g} --overwrite)")
             raise FloatingPointError(
                 f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
-                f"The last good checkpoint ({last[-1] if last else 'none yet'}) is intact: resume with "
-                f"--resume latest and a lower --lr, or --precision no")
+                f"{where}{', or --precision no' if self.config.precision != 'no' else ''}")
 
     def train_step(self, real: torch.Tensor) -> dict:
         cfg, acc, step = self.config, self.accelerator, self.state.step
@@ -359,7 +389,8 @@ class Trainer:
             fake = fake.detach()
             with self.autocast():
                 real_logits, fake_logits = self.D(real), self.D(fake)
-            d_loss = d_logistic_loss(real_logits.float(), fake_logits.float())
+            real_logits, fake_logits = real_logits.float(), fake_logits.float()
+            d_loss = d_logistic_loss(real_logits, fake_logits)
             logs.update({"loss/discriminator": d_loss.detach(), "D/real_logits": real_logits.detach().mean(),
                          "D/fake_logits": fake_logits.detach().mean()})
             if cfg.r1_weight > 0 and step % cfg.r1_interval == 0:
@@ -370,12 +401,16 @@ class Trainer:
                 bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight)
                 d_loss = d_loss + bcr
                 logs["loss/bcr"] = bcr.detach()
+            if cfg.lecam_weight > 0:
+                lecam = self.lecam.penalty(real_logits, fake_logits)  # weighted; anchors averaged over processes
+                d_loss = d_loss + lecam
+                logs["loss/lecam"] = lecam.detach()
             self._update("discriminator", d_loss, self.D, self.opt_d, logs)
         return logs
 
     def _update(self, name: str, loss: torch.Tensor, model: nn.Module, optimizer, logs: dict) -> None:
         """One optimiser update (skipped by Accelerate inside an accumulation window), after the NaN guard."""
-        self._check_finite({f"{name} loss": loss})
+        self._check_finite({f"{name} loss": loss.detach()})
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients:
             logs[f"grad_norm/{name}"] = _grad_norm(model)
@@ -384,38 +419,51 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
+        """Train to `config.steps`; returns the EMA model. The output folder is unlocked however this ends."""
+        try:
+            return self._fit()
+        finally:
+            self.folder.unlock()
+
+    def _fit(self) -> nn.Module:
         cfg, acc = self.config, self.accelerator
-        resume_path = resolve_resume(cfg.resume, self.output_dir)
-        if resume_path is not None:
-            self.resume(resume_path)
+        if self.resume_path is not None:
+            self.resume(self.resume_path)
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            print(f"effective config ({SCRIPT[self.task]}):\n{describe(cfg)}", flush=True)
+            global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+            print(f"global batch {global_batch} = {cfg.batch_size} per process x {acc.num_processes} processes x "
+                  f"{cfg.grad_accum} accumulation steps", flush=True)
             save_config(cfg, self.output_dir / "train_config.yaml")
         acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"train {self.task}", dynamic_ncols=True)
-        batches = self._batches(self.state.step)
+        batches = self._batches(self.state.micro_batches)
         seen, t0 = 0, time.perf_counter()
+        unwrapped = acc.unwrap_model(self.model)
         while self.state.step < cfg.steps:
             for _ in range(cfg.grad_accum):
-                real = next(batches)["image"].to(acc.device, non_blocking=True)
+                real = self._next_batch(batches)["image"].to(acc.device, non_blocking=True)
                 with acc.accumulate(self.model, self.D):
                     logs = self.train_step(real)
-                seen += real.shape[0] * acc.num_processes
+                seen += real.shape[0]
             self.state.step += 1
             step = self.state.step
-            self.ema.update(acc.unwrap_model(self.model), step)
+            distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same statistics
+            self.ema.update(unwrapped, step)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                logs = {k: float(v) for k, v in logs.items()}
-                logs["images_per_second"] = seen / (time.perf_counter() - t0)
+                logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
+                logs["images_per_second"] = distributed.all_reduce_sum(torch.tensor([float(seen)])).item() / (
+                    time.perf_counter() - t0)
                 logs["lr"] = self.opt_g.param_groups[0]["lr"]
                 seen, t0 = 0, time.perf_counter()
                 if self.task == "vqhit":
-                    quantize = acc.unwrap_model(self.model).quantize
+                    quantize = unwrapped.quantize
                     logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
                     quantize.reset_usage()
                 acc.log(logs, step=step)
+                self._log_line(step, logs)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                                  if k in ("loss/generator", "loss/discriminator", "loss/l2", "codebook/usage")})
             if step % cfg.sample_every == 0 or step == cfg.steps:
@@ -423,8 +471,19 @@ class Trainer:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        if acc.is_main_process:
+            self.export()  # also when a resume found the run already finished
+        acc.wait_for_everyone()
         acc.end_training()
+        if self.task == "vqhit" and cfg.heldout_data:
+            self.heldout_report()
         return self.ema.model
+
+    def _log_line(self, step: int, logs: dict) -> None:
+        """The logged scalars also as one JSON line per log step (logs.jsonl): easy to read without TensorBoard."""
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "logs.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
 
     def save_samples(self, step: int) -> Path | None:
         if not self.accelerator.is_main_process:
@@ -434,6 +493,10 @@ class Trainer:
         grid = self.objective.sample_grid(self.ema.model, self.fixed_real).float().clamp(-1, 1)
         save_image((grid + 1) / 2, path, nrow=8 if self.task == "vqhit" else int(math.sqrt(len(grid)) + 0.5))
         return path
+
+    def heldout_report(self) -> dict | None:
+        """Reconstruct the held-out images with the EMA model: PSNR, SSIM and codebook usage printed, grid saved."""
+        raise NotImplementedError  # filled in with the DEMO helper's evaluation function
 
 
 def _grad_norm(model: nn.Module) -> float:

@@ -1,0 +1,158 @@
+"""Checkpoints and the run's output folder: nothing a user did not ask to delete is ever deleted.
+
+A run's folder holds `checkpoint-N/` folders (resumable state), `model/` (the exported EMA model), `samples/`,
+`tensorboard/` and `train_config.yaml`. The rules:
+
+- While a run writes the folder it holds an exclusive lock on `OUTPUT_DIR/.lock` (released by the kernel when the
+  process dies, even by kill -9): a second run into the same folder stops at once, naming the first.
+- A fresh run (no `--resume`) refuses a folder that holds another run's checkpoints or `model/`, unless
+  `--overwrite` asks to delete them. A folder with no checkpoint and no model (a run killed before its first
+  checkpoint) is not "used": a plain restart into it just works.
+- Resuming from an older checkpoint than the newest keeps the newer ones: they are moved, untouched, into
+  `superseded-<step>-<time>/` so that the resumed lineage is the only one left to prune and to `--resume latest`.
+- A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`replace_folder`): a kill at any
+  instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes.
+- `model/` is written file by file, each file to a temporary name and renamed (`save_pretrained`): a kill at any
+  instant leaves a loadable `model/` (the previous export or the new one; their configs are the same run's).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "train_state.json"  # written last into a checkpoint: what a resume reads first
+LOCK_FILE = ".lock"
+RUN_OUTPUTS = ("model", "samples", "tensorboard", "train_config.yaml", "logs.jsonl")  # what --overwrite deletes besides checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = Path(path).name
+    suffix = name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    found = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if checkpoint_step(p) is not None and p.is_dir()]
+    return sorted(found, key=checkpoint_step)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a completely written folder `tmp` to `final` by rename (atomic on one file system).
+
+    If `final` exists it is first renamed aside and deleted only after the new folder is in place, so a kill at
+    any instant leaves one complete copy under some name.
+    """
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def read_state(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+        return state
+    except FileNotFoundError:
+        raise ValueError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
+                         f"{CHECKPOINT_PREFIX}N folder or --resume latest") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint folder that `--resume latest|PATH` names (None for a fresh run)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise ValueError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
+                             f"stopped before its first checkpoint); start it again without --resume")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
+    read_state(path)  # a clear error for a folder that is not a checkpoint
+    return path
+
+
+class OutputFolder:
+    """The output folder of one run, locked for the run's lifetime by the main process."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd = None
+
+    def lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
+                               f"or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self):
+        self.unlock()
+
+    def prepare(self, resume_from: Path | None, overwrite: bool) -> list[str]:
+        """Make the folder ready for a fresh run or a resume; returns what it did, as messages for the log."""
+        done = []
+        for stale in [*self.path.glob(f".{CHECKPOINT_PREFIX}*.tmp"), *self.path.glob(f".{CHECKPOINT_PREFIX}*.replaced")]:
+            shutil.rmtree(stale)  # what a kill during a checkpoint write left behind; never a complete checkpoint
+        checkpoints = list_checkpoints(self.path)
+        if resume_from is None:
+            used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
+            if used and not overwrite:
+                raise ValueError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
+                                 f"latest, choose another --output-dir, or pass --overwrite to delete it")
+            if used:
+                for p in checkpoints + [self.path / name for name in RUN_OUTPUTS]:
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+                done.append(f"--overwrite: deleted {', '.join(used)} of the earlier run in {self.path}")
+            return done
+        resume_step = read_state(resume_from)["step"]
+        newer = [p for p in checkpoints if checkpoint_step(p) > resume_step]
+        if newer and resume_from.resolve().parent == self.path.resolve():
+            aside = self.path / f"superseded-{resume_step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for p in newer:
+                os.replace(p, aside / p.name)
+            done.append(f"resuming from step {resume_step}: the newer {', '.join(p.name for p in newer)} "
+                        f"were moved, untouched, to {aside}")
+        return done
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints (all of this lineage: see `prepare`)."""
+        for old in list_checkpoints(self.path)[:-keep]:
+            shutil.rmtree(old)
