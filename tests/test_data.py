@@ -1,5 +1,6 @@
 """vqhit.data: decoding, bad-image policy, transforms, reproducible randomness, streaming, sampler."""
 import io
+import os
 import warnings
 
 import datasets
@@ -90,17 +91,28 @@ def test_folder_without_images_raises(tmp_path):
         build_dataset(DataConfig(source=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache")))
 
 
-def test_image_smaller_than_resolution_is_a_bad_image_unless_min_size_allows_it():
-    tiny = table([(png(np.full((20, 24, 3), 100, np.uint8)), "tiny.png")])
-    skipping = from_hf_dataset(tiny, DataConfig(resolution=32))
-    with pytest.warns(BadImageWarning, match=r"tiny\.png"):
-        assert skipping[0] is None
-    assert skipping.num_skipped == 1
-    with pytest.raises(ValueError, match=r"tiny\.png.*min_size"):
-        from_hf_dataset(tiny, DataConfig(resolution=32, bad_images="raise"))[0]
-    upsampled = from_hf_dataset(tiny, DataConfig(resolution=32, min_size=0))[0]["image"]
-    assert upsampled.shape == (3, 32, 32)
-    assert torch.allclose(upsampled, torch.full_like(upsampled, 100 / 127.5 - 1), atol=1e-6)
+def test_images_smaller_than_resolution_are_upsampled_unless_min_size_drops_them():
+    tiny = table([(png(np.full((20, 24, 3), 100, np.uint8)), "tiny.png"),
+                  (png(np.full((10, 12, 3), 100, np.uint8)), "tinier.png")])
+    upsampling = from_hf_dataset(tiny, DataConfig(resolution=32))  # the default, as ADM's protocol
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        upsampled = [upsampling[i]["image"] for i in (0, 1, 0, 1)]
+    notes = [w for w in caught if issubclass(w.category, BadImageWarning)]
+    assert len(notes) == 1 and "tiny.png" in str(notes[0].message) and "upsampled" in str(notes[0].message)
+    assert upsampling.num_upsampled == 2 and upsampling.num_skipped == 0
+    for image in upsampled:
+        assert image.shape == (3, 32, 32)
+        assert torch.allclose(image, torch.full_like(image, 100 / 127.5 - 1), atol=1e-6)
+
+    dropping = from_hf_dataset(tiny, DataConfig(resolution=32, min_size=16))
+    with pytest.warns(BadImageWarning, match="upsampled"):
+        assert dropping[0]["image"].shape == (3, 32, 32)  # 20 px: above min_size, upsampled
+    with pytest.warns(BadImageWarning, match=r"tinier\.png"):
+        assert dropping[1] is None
+    assert dropping.skipped == {"tinier.png": "short side below min_size"}
+    with pytest.raises(ValueError, match=r"tinier\.png.*min_size"):
+        from_hf_dataset(tiny, DataConfig(resolution=32, min_size=16, bad_images="raise"))[1]
 
 
 def test_modes_other_than_rgb_are_converted_sensibly():
@@ -267,5 +279,93 @@ def test_string_labels_are_encoded_and_bad_config_raises():
         from_hf_dataset(source, DataConfig(image_column="picture"))
     with pytest.raises(ValueError, match="transform"):
         DataConfig(transform="random_resized_crop")
-    with pytest.raises(ValueError, match="not a folder"):
-        build_dataset(DataConfig(source="./no/such/folder"))
+
+
+def test_missing_source_is_no_such_folder_and_the_hub_is_asked_only_for_hub_ids(monkeypatch, tmp_path):
+    asked = []
+
+    def offline_hub(name, **kwargs):
+        asked.append(name)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    for path in ("./no/such/folder", str(tmp_path / "missing"), "runs/images/train"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            build_dataset(DataConfig(source=path))
+    assert asked == []  # a path is never sent to the Hub
+    with pytest.raises(FileNotFoundError, match="no local folder my_images and the Hub"):
+        build_dataset(DataConfig(source="my_images"))  # could be either: both readings are named
+    assert asked == ["my_images"]
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        build_dataset(DataConfig(source=str(tmp_path / "file.png")))
+    with pytest.raises(ValueError, match="not a built-in source"):
+        build_dataset(DataConfig(source="builtin:photo"))
+
+
+def test_dangling_symlinks_are_named_and_raise_mode_refuses_them(tmp_path, make_images):
+    make_images(tmp_path / "images", {"": 2}, size=(40, 40))
+    (tmp_path / "images" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    cfg = DataConfig(source=str(tmp_path / "images"), resolution=32, cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(BadImageWarning, match=r"gone\.png: dangling symlink"):
+        dataset = build_dataset(cfg)
+    assert len(dataset) == 2 and dataset.num_skipped == 1
+    assert dataset.skipped == {str(tmp_path / "images" / "gone.png"): "dangling symlink"}
+    with pytest.raises(ValueError, match=r"gone\.png: dangling symlink.*bad_images='skip'"):
+        build_dataset(DataConfig(**{**cfg.__dict__, "bad_images": "raise"}))
+
+
+def test_a_folder_with_no_usable_image_gets_one_error_naming_it(tmp_path, make_images):
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (unreadable / name).write_bytes(b"not an image" * 4)
+    with pytest.raises(ValueError, match=r"no usable image in .*unreadable.*2 unreadable.*a\.png"):
+        build_dataset(DataConfig(source=str(unreadable), cache_dir=str(tmp_path / "cache")))
+
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("a.png", "b.png"):
+        (links / name).symlink_to(tmp_path / "moved" / name)
+    with pytest.raises(ValueError, match=r"no usable image in .*links.*all 2 image files are dangling symlinks"):
+        build_dataset(DataConfig(source=str(links), cache_dir=str(tmp_path / "cache")))
+
+    make_images(tmp_path / "small", {"": 2}, size=(16, 16))
+    with pytest.raises(ValueError, match=r"no usable image.*2 short side below min_size.*lower min_size"):
+        build_dataset(DataConfig(source=str(tmp_path / "small"), min_size=32, cache_dir=str(tmp_path / "cache")))
+
+
+@pytest.fixture
+def warnings_to_stderr():
+    """Print every warning to file descriptor 2, in this process and in forked DataLoader workers (pytest would
+    otherwise record the workers' warnings in their own copy of its list, where no test can see them)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        os.write(2, f"{category.__name__}: {message}\n".encode())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+def test_a_bad_file_is_warned_about_once_per_run_with_two_workers(tmp_path, make_images, warnings_to_stderr, capfd):
+    make_images(tmp_path / "images", {"": 5}, size=(40, 40))
+    (tmp_path / "images" / "x.png").write_bytes(b"not an image" * 4)  # last in order: the build-time check misses it
+    dataset = build_dataset(DataConfig(source=str(tmp_path / "images"), resolution=32, cache_dir=str(tmp_path / "c")))
+    loader = build_dataloader(dataset, batch_size=2, num_workers=2, shuffle=True, seed=0, drop_last=False)
+    seen = 0
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        seen += sum(len(batch["id"]) for batch in loader)
+    assert seen == 3 * 5
+    assert capfd.readouterr().err.count("skipping") == 1  # not once per worker and epoch
+    assert dataset.num_skipped == 1 and list(dataset.skipped)[0].endswith("x.png")  # workers' findings reach here
+
+    stream = from_hf_dataset(table([(png(np.zeros((20, 20, 3), np.uint8)), f"{i}.png") for i in range(4)] +
+                                   [(b"garbage", "bad.png")]).to_iterable_dataset(num_shards=2),
+                             DataConfig(resolution=16))
+    loader = build_dataloader(stream, batch_size=2, num_workers=2, shuffle=False, seed=0, drop_last=False)
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        assert sum(len(batch["id"]) for batch in loader) == 4
+    assert capfd.readouterr().err.count("bad.png") == 1

@@ -6,13 +6,25 @@ Three kinds of source share one decode-and-transform path:
   inside its wheel (no network). The photographs are public domain or CC0:
   astronaut (NASA, public domain), coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0),
   rocket (SpaceX, public domain), immunohistochemistry (CMMI, no known copyright restrictions).
+  ``"builtin:photos-heldout"`` -- the same tiling of three *other* photographs from the same wheel, for
+  measuring reconstruction on images a demo never trained on: motorcycle (the left view of
+  ``stereo_motorcycle``, from the Middlebury 2014 stereo benchmark, distributed for research), camera
+  (Lav Varshney, CC0; grey, repeated into RGB) and coins (Brooklyn Museum, no known copyright restrictions;
+  grey, repeated into RGB).
 * a local folder -- loaded with ``datasets.load_dataset("imagefolder", data_dir=...)`` (sub-folders
   become a ``label`` column).
 * a Hub dataset id -- ``datasets.load_dataset(id, split=..., streaming=...)``.
 
 Images are decoded here, not by `datasets` (the image column is cast to ``Image(decode=False)``), so
 an unreadable file is caught in this module with its name: it is skipped with one warning per file
-and counted, or raises a ``ValueError`` naming the file (``DataConfig.bad_images``). Every random
+and counted, or raises a ``ValueError`` naming the file (``DataConfig.bad_images``). A dangling symlink
+in a folder is a bad image too (the ``imagefolder`` loader would drop it silently). "One warning per
+file" holds per run, whatever the DataLoader workers: DataLoader workers are new processes every epoch,
+so what a map-style dataset learnt about each position (skipped, upsampled) lives in a small tensor in
+shared memory that every worker of the run reads and writes (one byte per image); it also gives the
+main process the run's counts. A source with no usable image at all fails when it is built, with one
+error naming it. Images smaller than the resolution are upsampled (bicubic), as ADM's evaluation crop
+does; ``min_size`` makes those below it bad images instead. Every random
 draw for item ``i`` comes from a generator seeded by ``(seed, epoch, i)``, so a map-style dataset
 returns the same tensor for the same ``(seed, epoch, index)`` whatever the worker count or order:
 training can resume exactly.
@@ -23,8 +35,9 @@ import io
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -37,12 +50,25 @@ from torch.utils.data import DataLoader, Sampler, get_worker_info
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
 IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+# Held out from training: different photographs, not other tiles of the training ones (neighbouring tiles of one
+# photo share content, so they would flatter a tokenizer). These are the remaining bundled photographs of everyday
+# scenes; the bundled scientific images (hubble_deep_field, mostly black sky; retina; moon) and textures/text are
+# left out because they would say little about photographs (a black sky alone would inflate PSNR).
+BUILTIN_HELDOUT_PHOTOS = ("motorcycle", "camera", "coins")
+BUILTIN_SOURCES = {"builtin:photos": BUILTIN_PHOTOS, "builtin:photos-heldout": BUILTIN_HELDOUT_PHOTOS}
 
+from .downloads import local_or_hub
 from .metrics import center_crop_adm
 
 
 class BadImageWarning(UserWarning):
-    """An image was unreadable or too small and was skipped."""
+    """An image was unreadable, a dangling symlink or below min_size and was skipped; or (once per run)
+    images smaller than the resolution are being upsampled."""
+
+
+# What became of a dataset position, as stored in a map-style dataset's shared status tensor.
+_FINE, _UNREADABLE, _TOO_SMALL, _UPSAMPLED = 0, 1, 2, 3
+_REASONS = {_UNREADABLE: "unreadable", _TOO_SMALL: "short side below min_size"}
 
 
 @dataclass
@@ -50,13 +76,13 @@ class DataConfig:
     source: str = "builtin:photos"  # "builtin:photos" | path to a local folder | Hub dataset id
     split: str = "train"
     image_column: str = "image"
-    label_column: str | None = None
+    label_column: str | None = None  # "auto": the column named "label" when there is one
     streaming: bool = False
     resolution: int = 64
     transform: str = "random_crop"  # one of TRANSFORMS
     flip: bool = True  # random horizontal flip with probability 1/2
     bad_images: str = "skip"  # "skip" (count + warn once per file) | "raise" (ValueError naming the file)
-    min_size: int | None = None  # short side below this is a bad image; None: resolution; 0: upsample instead
+    min_size: int = 0  # short side below this is a bad image; 0 keeps all (smaller than resolution: upsampled)
     max_images: int | None = None  # keep only the first max_images (quick runs)
     shuffle_buffer: int = 1000  # streaming only: buffer of datasets' approximate shuffle
     cache_dir: str | None = None
@@ -68,8 +94,9 @@ class DataConfig:
             raise ValueError(f"DataConfig.bad_images={self.bad_images!r}; use 'skip' or 'raise'.")
         if self.resolution < 1:
             raise ValueError(f"DataConfig.resolution={self.resolution} must be a positive number of pixels.")
-        if self.min_size is not None and self.min_size < 0:
-            raise ValueError(f"DataConfig.min_size={self.min_size} must be >= 0 (0 upsamples small images).")
+        if self.min_size < 0:
+            raise ValueError(f"DataConfig.min_size={self.min_size} must be >= 0 (0 keeps every image, upsampling "
+                             "those smaller than the resolution).")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"DataConfig.max_images={self.max_images} must be >= 1, or None for all images.")
 
@@ -79,19 +106,56 @@ class DataConfig:
 
 
 def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingImageDataset:
-    """The dataset `cfg` describes: map-style, or iterable when ``cfg.streaming``."""
-    if cfg.source == "builtin:photos":
-        table = builtin_photos(tile=max(128, cfg.resolution))
+    """The dataset `cfg` describes: map-style, or iterable when ``cfg.streaming``.
+
+    A mistyped local path gets "no such folder", never a Hub lookup (vqhit.downloads.local_or_hub). The items
+    are read up to the first usable one, so a source with none fails here with one error naming it.
+    """
+    dangling = {}
+    if cfg.source in BUILTIN_SOURCES:
+        table = builtin_photos(tile=max(128, cfg.resolution), photos=BUILTIN_SOURCES[cfg.source])
         if cfg.streaming:
             table = table.to_iterable_dataset()
-    elif os.path.isdir(os.path.expanduser(cfg.source)):
-        table = _load_folder(os.path.expanduser(cfg.source), cfg)
-    elif cfg.source.startswith(("/", ".", "~")) or os.path.exists(cfg.source):
-        raise ValueError(f"DataConfig.source={cfg.source!r} looks like a path but is not a folder; "
-                         "give a folder of images, a Hub dataset id, or 'builtin:photos'.")
+    elif cfg.source.startswith("builtin:"):
+        raise ValueError(f"DataConfig.source={cfg.source!r} is not a built-in source; use one of "
+                         f"{sorted(BUILTIN_SOURCES)}, a folder of images or a Hub dataset id.")
     else:
-        table = datasets.load_dataset(cfg.source, split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
-    return from_hf_dataset(table, cfg, seed=seed)
+        found = local_or_hub(cfg.source, "image folder or Hub dataset (DataConfig.source, --data)",
+                             fetch=lambda hub_id: datasets.load_dataset(hub_id, split=cfg.split,
+                                                                        streaming=cfg.streaming,
+                                                                        cache_dir=cfg.cache_dir))
+        if isinstance(found, Path) and not found.is_dir():
+            raise ValueError(f"DataConfig.source={cfg.source!r} is a file, not a folder; give a folder of images, "
+                             "a Hub dataset id, or 'builtin:photos'.")
+        table, dangling = _load_folder(str(found), cfg) if isinstance(found, Path) else (found, {})
+    dataset = from_hf_dataset(table, cfg, seed=seed)
+    dataset.dangling = dangling
+    _check_usable(dataset)
+    return dataset
+
+
+def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
+    """Read items up to the first usable one; when there is none, raise one error naming the source and why.
+
+    Without this, a source whose every image is bad fails far away (an empty batch in torch.stack). The bad
+    images met on the way are warned about as usual (and, being recorded, never again in this run).
+    """
+    rows = iter(dataset) if isinstance(dataset, StreamingImageDataset) else map(dataset.__getitem__,
+                                                                                 range(len(dataset)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BadImageWarning)  # once per file is ours to enforce, not the filter's
+        usable = any(item is not None for item in rows)
+    if usable:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return
+    kinds = Counter(dataset.skipped.values())
+    why = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "it holds no images"
+    first = next((str(w.message) for w in caught if issubclass(w.category, BadImageWarning)), None)
+    first = first or next((f"{name}: {kind}" for name, kind in dataset.skipped.items()), "")
+    fix = " or lower min_size (0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
+    raise ValueError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
+                     f"DataConfig.source / --data at the images you mean{fix}.")
 
 
 def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
@@ -103,6 +167,9 @@ def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: Dat
         for what, name in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
             if name is not None and name not in columns:
                 raise ValueError(f"DataConfig.{what}={name!r} is not a column of the dataset; it has {columns}.")
+    if cfg.label_column == "auto":  # a column named "label" when there is one (an image folder with sub-folders)
+        has_label = columns is not None and "label" in columns and cfg.image_column != "label"
+        cfg = replace(cfg, label_column="label" if has_label else None)
     features = table.features or {}
     if isinstance(features.get(cfg.image_column), datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
@@ -152,21 +219,32 @@ def collate_images(items: list[dict | None]) -> dict | None:
 
 
 class _ImageRows:
-    """Decode, check and transform one row; keeps this process's counts of skipped and converted files."""
+    """Decode, check and transform one row; records which files were skipped or upsampled (see `_record`)."""
 
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg = cfg
         self.seed = seed
         self.epoch = 0
-        self.skipped: dict[str, str] = {}  # file name -> why it was skipped
+        self.dangling: dict[str, str] = {}  # dangling symlink -> its missing target (folders; set by build_dataset)
         self.converted: dict[str, str] = {}  # file name -> original PIL mode, for images converted to RGB
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     @property
+    def skipped(self) -> dict[str, str]:
+        """File name -> why it was skipped: "unreadable", "short side below min_size" or "dangling symlink"."""
+        return {**{name: _REASONS[code] for name, code in self._outcomes() if code in _REASONS},
+                **{link: "dangling symlink" for link in self.dangling}}
+
+    @property
     def num_skipped(self) -> int:
         return len(self.skipped)
+
+    @property
+    def num_upsampled(self) -> int:
+        """Images met so far whose short side is below the resolution, upsampled by the transform."""
+        return sum(code == _UPSAMPLED for _, code in self._outcomes())
 
     @property
     def conversions(self) -> Counter:
@@ -179,12 +257,17 @@ class _ImageRows:
         try:
             image = _decode(value)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-            return self._bad(name, f"unreadable image ({type(err).__name__}: {err})",
+            return self._bad(index, name, _UNREADABLE, f"unreadable image ({type(err).__name__}: {err})",
                              "Set DataConfig(bad_images='skip') to skip unreadable images.")
-        min_size = self.cfg.resolution if self.cfg.min_size is None else self.cfg.min_size
-        if min(image.size) < min_size:
-            return self._bad(name, f"image of {image.width}x{image.height} has a short side below min_size={min_size}",
-                             "Set DataConfig(bad_images='skip') to skip such images, or min_size=0 to upsample them.")
+        if min(image.size) < self.cfg.min_size:
+            return self._bad(index, name, _TOO_SMALL, f"image of {image.width}x{image.height} has a short side "
+                             f"below min_size={self.cfg.min_size}", "Set DataConfig(bad_images='skip') to skip such "
+                             "images, or min_size=0 to upsample them.")
+        if min(image.size) < self.cfg.resolution and self._record(index, name, _UPSAMPLED) and self._first_upsample():
+            warnings.warn(f"{name} is {image.width}x{image.height}, smaller than the resolution {self.cfg.resolution}: "
+                          "upsampled (bicubic), as ADM's protocol does. Further small images are upsampled without a "
+                          "warning and counted (num_upsampled); set min_size to skip them instead.",
+                          BadImageWarning, stacklevel=2)
         if image.mode != "RGB":
             self.converted.setdefault(name, image.mode)
             image = _to_rgb(image)
@@ -194,13 +277,23 @@ class _ImageRows:
             item["label"] = int(row[self.cfg.label_column])
         return item
 
-    def _bad(self, name: str, problem: str, fix: str) -> None:
+    def _bad(self, index: int, name: str, code: int, problem: str, fix: str) -> None:
         if self.cfg.bad_images == "raise":
             raise ValueError(f"{name}: {problem}. {fix}")
-        if name not in self.skipped:
-            self.skipped[name] = problem
+        if self._record(index, name, code):
             warnings.warn(f"skipping {name}: {problem}", BadImageWarning, stacklevel=2)
         return None
+
+    # Subclasses keep the record: `_record` returns True the first time in the run an item gets its outcome.
+    def _record(self, index: int, name: str, code: int) -> bool:
+        raise NotImplementedError
+
+    def _first_upsample(self) -> bool:
+        raise NotImplementedError
+
+    def _outcomes(self):
+        """(file name, outcome code) of every item recorded so far."""
+        raise NotImplementedError
 
 
 class ImageDataset(_ImageRows, torch.utils.data.Dataset):
@@ -212,6 +305,25 @@ class ImageDataset(_ImageRows, torch.utils.data.Dataset):
     def __init__(self, table: datasets.Dataset, cfg: DataConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.table = table
+        # Shared memory: DataLoader workers (new processes each epoch) write what they find here, so each bad
+        # file is warned about once per run and the main process sees the run's counts.
+        self._status = torch.zeros(len(table), dtype=torch.uint8).share_memory_()
+        self._upsample_warned = torch.zeros(1, dtype=torch.bool).share_memory_()
+
+    def _record(self, index: int, name: str, code: int) -> bool:
+        first = int(self._status[index]) != code
+        self._status[index] = code
+        return first
+
+    def _first_upsample(self) -> bool:
+        first = not bool(self._upsample_warned[0])
+        self._upsample_warned[0] = True
+        return first
+
+    def _outcomes(self):
+        for index in self._status.nonzero().flatten().tolist():
+            name = _file_name(self.table[index][self.cfg.image_column]) or f"{self.cfg.source}[{index}]"
+            yield name, int(self._status[index])
 
     def __len__(self) -> int:
         return len(self.table)
@@ -234,6 +346,20 @@ class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
         super().__init__(cfg, seed)
         self.table = table
         self.shuffle = False  # set by build_dataloader
+        self._seen: dict[str, int] = {}  # file name -> outcome code, in this process
+
+    # A stream has no fixed positions to keep shared flags for. Every epoch reads every file of this process's
+    # share once (by one worker), so warning only in epoch 0 warns about each bad file once per run.
+    def _record(self, index: int, name: str, code: int) -> bool:
+        first = self.epoch == 0 and name not in self._seen
+        self._seen[name] = code
+        return first
+
+    def _first_upsample(self) -> bool:
+        return sum(code == _UPSAMPLED for code in self._seen.values()) == 1
+
+    def _outcomes(self):
+        return self._seen.items()
 
     def __iter__(self):
         table = self.table
@@ -336,35 +462,62 @@ def _derive_seed(*numbers: int) -> int:
 # Sources
 
 
-def _load_folder(folder: str, cfg: DataConfig):
-    if not _contains_image_file(folder):  # imagefolder's own errors for this case are cryptic
+def _load_folder(folder: str, cfg: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDataset, dict]:
+    """The folder's `imagefolder` table and its dangling symlinks (link -> missing target), checked first:
+    imagefolder drops dangling links silently and fails cryptically when no file is left."""
+    count, dangling = _scan_folder(folder)
+    if count == 0:
         raise ValueError(f"no image files found in {folder!r}; DataConfig.source must be a folder holding "
                          "images (sub-folders become labels), a Hub dataset id, or 'builtin:photos'.")
-    return datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
-                                 streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    if dangling:
+        link, target = next(iter(dangling.items()))
+        if len(dangling) == count:
+            raise ValueError(f"no usable image in {folder!r}: all {count} image files are dangling symlinks (e.g. "
+                             f"{link} -> {target}, which does not exist); restore their targets or point "
+                             "DataConfig.source / --data at the real images.")
+        if cfg.bad_images == "raise":
+            raise ValueError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
+                             f"in {folder!r}). Restore the targets, or set DataConfig(bad_images='skip') to skip them.")
+        if _rank_and_world_size()[0] == 0:  # every process lists the folder; one is enough to tell
+            for link, target in dangling.items():
+                warnings.warn(f"skipping {link}: dangling symlink to {target}, which does not exist",
+                              BadImageWarning, stacklevel=3)
+    table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
+                                  streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    return table, dangling
 
 
-def _contains_image_file(folder: str) -> bool:
+def _scan_folder(folder: str) -> tuple[int, dict[str, str]]:
+    """How many image files the folder tree holds (by extension, as imagefolder), and which are dangling symlinks.
+
+    One pass of os.scandir: its entries know whether they are links without a stat, so only links cost a stat.
+    """
     extensions = set(Image.registered_extensions())
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
-            return True  # stop at the first: the walk is cheap unless the folder has no images
-    return False
+    count, dangling, folders = 0, {}, [folder]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in extensions:
+                    count += 1
+                    if entry.is_symlink() and not os.path.exists(entry.path):
+                        dangling[entry.path] = os.readlink(entry.path)
+    return count, dangling
 
 
 @lru_cache(maxsize=4)
-def builtin_photos(tile: int = 128) -> datasets.Dataset:
+def builtin_photos(tile: int = 128, photos: tuple[str, ...] = BUILTIN_PHOTOS) -> datasets.Dataset:
     """Tiles of ``tile`` pixels, stride ``tile // 2``, cut from scikit-image's bundled photographs.
 
-    201 tiles at tile=128 (resolution <= 128), 34 at 256. Deterministic and offline: the photographs are
-    files inside the scikit-image wheel (see the module docstring for their public-domain / CC0 status).
-    Stored as PNG bytes so they go through the same decode path as any other dataset.
+    The training photos (BUILTIN_PHOTOS) give 201 tiles at tile=128 (resolution <= 128), 34 at 256; the held-out
+    ones (BUILTIN_HELDOUT_PHOTOS) 124 at 128. Deterministic and offline: the photographs are files inside the
+    scikit-image wheel (see the module docstring for their licences). Stored as PNG bytes so they go through the
+    same decode path as any other dataset.
     """
-    import skimage.data
-
     paths, encoded = [], []
-    for name in BUILTIN_PHOTOS:
-        photo = getattr(skimage.data, name)()
+    for name in photos:
+        photo = _skimage_photo(name)
         height, width = photo.shape[:2]
         stride = tile // 2
         for top in range(0, height - tile + 1, stride):
@@ -378,6 +531,14 @@ def builtin_photos(tile: int = 128) -> datasets.Dataset:
     images = [{"bytes": data, "path": path} for data, path in zip(encoded, paths)]
     features = datasets.Features({"image": datasets.Image(decode=False)})
     return datasets.Dataset.from_dict({"image": images}, features=features)
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photographs as (H, W, 3) uint8; grey ones are repeated into RGB."""
+    import skimage.data
+
+    photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    return np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo
 
 
 # --------------------------------------------------------------------------------------------------
