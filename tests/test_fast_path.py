@@ -7,17 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqhit import HiTGenerator
+from vqhit import HiTConfig, HiTGenerator
 from vqhit.models import attention
 from vqhit.models.hit import MLPBlock
-from vqhit.presets import generator_config
 
 
 def twin_generators():
     """hit-tiny with and without `checkpoint_mlp`, same weights, both in training mode (BatchNorm batch stats)."""
     torch.manual_seed(0)
-    plain = HiTGenerator(generator_config("hit-tiny")).train()
-    ckpt = HiTGenerator(generator_config("hit-tiny", checkpoint_mlp=True)).train()
+    plain = HiTGenerator(HiTConfig.from_preset("hit-tiny")).train()
+    ckpt = HiTGenerator(HiTConfig.from_preset("hit-tiny", checkpoint_mlp=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     return plain, ckpt
 

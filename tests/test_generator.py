@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vqhit import HiTConfig, HiTGenerator, list_presets
-from vqhit.presets import GENERATOR_PARAMS, generator_config
+from vqhit.presets import GENERATOR_PARAMS
 
 
 @pytest.mark.parametrize("name", sorted(GENERATOR_PARAMS))
@@ -129,7 +129,7 @@ def test_options_build_and_run(overrides):
 
 
 def test_config_round_trips_through_json():
-    config = generator_config("hit-b-256", attention_mode="axial")
+    config = HiTConfig.from_preset("hit-b-256", attention_mode="axial")
     assert HiTConfig.from_json(config.to_json()) == config
     with torch.device("meta"):
         assert HiTGenerator(HiTConfig.from_json(config.to_json())).config == config
@@ -140,7 +140,7 @@ def test_save_and_load_pretrained(tmp_path):
     G = HiTGenerator.from_preset("hit-tiny")
     G.train()(torch.randn(4, 64))  # move BN running stats away from their init: they must be saved too
     G.eval().save_pretrained(tmp_path / "g")
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     H = HiTGenerator.from_pretrained(tmp_path / "g").eval()
     z = torch.randn(2, 64)
     with torch.no_grad():

@@ -83,6 +83,58 @@ def test_inputs_are_checked(tiny):
         tiny.decode_indices(torch.zeros(1, 8, 8))
 
 
+def test_nan_images_are_refused(tiny):
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    x[0, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        tiny.encode(x)
+    with pytest.raises(ValueError, match="NaN"):
+        tiny(x)
+    x[0, 1, 5, 7] = float("inf")
+    with pytest.raises(ValueError, match="far outside"):
+        tiny(x)
+
+
+def test_uint8_indices_decode_like_int64(tiny):
+    """load_tokens returns uint8 for a 256-code book: 255 must not wrap around in the range check."""
+    tiny.eval()
+    idx = torch.randint(0, 256, (2, 8, 8))
+    idx[0, 0, 0] = 255
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.decode_indices(idx.to(torch.uint8)), tiny.decode_indices(idx))
+
+
+def test_decode_says_what_shape_it_expects(tiny):
+    with pytest.raises(ValueError, match=r"expected code vectors of shape \(B, 32, 8, 8\).*got \(1, 16, 8, 8\)"):
+        tiny.decode(torch.zeros(1, 16, 8, 8))
+    with pytest.raises(ValueError, match=r"expected code vectors of shape \(B, 32, 8, 8\).*got \(1, 32, 4, 4\)"):
+        tiny.decode(torch.zeros(1, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"expected code vectors of shape \(B, 32, 8, 8\).*got \(1, 8, 8, 32\)"):
+        tiny.decode(torch.zeros(1, 8, 8, 32))  # channels-last by mistake
+
+
+def train_codebook(freeze_codebook: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook before and after three training steps with dead-code restart due every step."""
+    torch.manual_seed(0)
+    model = VQHiT.from_preset("vqhit-tiny", freeze_codebook=freeze_codebook, dead_code_steps=1).train()
+    before = model.quantize.embedding.weight.detach().clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        reconstruction, aux = model(torch.rand(2, 3, 64, 64) * 2 - 1)
+        (reconstruction.square().mean() + aux["vq_loss"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return before, model.quantize.embedding.weight.detach()
+
+
+def test_frozen_codebook_is_never_changed_by_training():
+    """freeze_codebook: neither a gradient step nor a dead-code restart may move a code (token ids stay valid)."""
+    before, after = train_codebook(freeze_codebook=True)
+    assert torch.equal(after, before)
+    before, after = train_codebook(freeze_codebook=False)  # the same loop does move an unfrozen book
+    assert (after != before).any(dim=1).sum() > 128
+
+
 def test_bad_config_is_explained():
     with pytest.raises(ValueError, match="take the 8x8 grid to 32x32, not 64x64"):
         VQHiT.from_preset("vqhit-tiny", decoder_widths=[128, 64, 32], decoder_heads=[4, 4, 4],

@@ -12,8 +12,9 @@ A run's folder holds `checkpoint-N/` folders (resumable state), `model/` (the ex
   `superseded-<step>-<time>/` so that the resumed lineage is the only one left to prune and to `--resume latest`.
 - A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`replace_folder`): a kill at any
   instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes.
-- `model/` is written file by file, each file to a temporary name and renamed (`save_pretrained`): a kill at any
-  instant leaves a loadable `model/` (the previous export or the new one; their configs are the same run's).
+- `model/` first appears complete by one rename; later exports replace it file by file, each file written to a
+  temporary name and renamed (`save_pretrained`): a kill at any instant leaves a loadable `model/` (the previous
+  export or the new one; their configs are the same run's).
 """
 from __future__ import annotations
 
@@ -125,8 +126,9 @@ class OutputFolder:
     def prepare(self, resume_from: Path | None, overwrite: bool) -> list[str]:
         """Make the folder ready for a fresh run or a resume; returns what it did, as messages for the log."""
         done = []
-        for stale in [*self.path.glob(f".{CHECKPOINT_PREFIX}*.tmp"), *self.path.glob(f".{CHECKPOINT_PREFIX}*.replaced")]:
-            shutil.rmtree(stale)  # what a kill during a checkpoint write left behind; never a complete checkpoint
+        for stale in [*self.path.glob(".*.tmp"), *self.path.glob(".*.replaced")]:
+            if stale.is_dir():  # what a kill during a checkpoint write or the first export left behind
+                shutil.rmtree(stale)
         checkpoints = list_checkpoints(self.path)
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])

@@ -1,10 +1,10 @@
 """Every named preset, as plain data. Parameter counts are the acceptance test (SPEC §1.4, §2.3).
 
-Generator presets are keyword arguments of `HiTConfig`; tokenizer presets of `VQHiTConfig`.
+Generator presets are keyword arguments of `HiTConfig`; tokenizer presets of `VQHiTConfig`. Build them with
+`HiTConfig.from_preset(name, **overrides)` / `HiTGenerator.from_preset(...)` (and the VQHiT equivalents).
+This module imports nothing, so the models can import it.
 """
 from __future__ import annotations
-
-import copy
 
 GENERATOR_PRESETS = {
     # Paper Table 9's HiT-S (Table 4 prints 38.01M, which no configuration consistent with Table 9 gives).
@@ -70,18 +70,3 @@ def list_presets(kind: str | None = None) -> list[str]:
         names += list(TOKENIZER_PRESETS)
     return names
 
-
-def _lookup(table: dict, name: str, what: str) -> dict:
-    if name not in table:
-        raise ValueError(f"unknown {what} preset {name!r}; available: {', '.join(table)}")
-    return copy.deepcopy(table[name])
-
-
-def generator_config(name: str, **overrides):
-    from .models.hit import HiTConfig
-    return HiTConfig(**{**_lookup(GENERATOR_PRESETS, name, "generator"), "preset": name, **overrides})
-
-
-def tokenizer_config(name: str, **overrides):
-    from .models.vqhit import VQHiTConfig
-    return VQHiTConfig(**{**_lookup(TOKENIZER_PRESETS, name, "tokenizer"), "preset": name, **overrides})

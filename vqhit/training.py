@@ -187,6 +187,14 @@ class Trainer:
         self.resume_path = resolve_resume(config.resume, self.output_dir)
         self.folder = OutputFolder(self.output_dir)
         self._on_main(self._prepare_output_folder)
+        try:
+            self._build(config, task)
+        except BaseException:
+            self.folder.unlock()  # a run that could not start leaves the folder free
+            raise
+
+    def _build(self, config: TrainConfig, task: str) -> None:
+        acc = self.accelerator
         set_seed(config.seed, device_specific=True)  # per-process streams: different latents on every rank
         self.autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) \
             if config.precision == "bf16" else nullcontext
@@ -238,7 +246,12 @@ class Trainer:
 
     def _prepare_output_folder(self) -> None:
         self.folder.lock()
-        for message in self.folder.prepare(self.resume_path, self.config.overwrite):
+        try:
+            messages = self.folder.prepare(self.resume_path, self.config.overwrite)
+        except BaseException:
+            self.folder.unlock()
+            raise
+        for message in messages:
             print(message, flush=True)
 
     @property
@@ -315,8 +328,16 @@ class Trainer:
         return final
 
     def export(self) -> Path:
-        """The EMA model as a save_pretrained folder; each file is replaced atomically, so `model/` stays loadable."""
-        return self.ema.model.save_pretrained(self.output_dir / "model")
+        """The EMA model as a save_pretrained folder that is loadable at every instant: the first export appears
+        complete by one rename; later ones replace each file by a rename (their configs are the same run's)."""
+        directory = self.output_dir / "model"
+        if directory.is_dir():
+            self.ema.model.save_pretrained(directory)
+        else:
+            tmp = self.output_dir / ".model.tmp"
+            self.ema.model.save_pretrained(tmp)
+            replace_folder(tmp, directory)
+        return directory
 
     def resume(self, path: Path) -> None:
         acc = self.accelerator

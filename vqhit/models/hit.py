@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..presets import GENERATOR_PRESETS
 from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, check_heads
 from .pretrained import ConfigMixin, PretrainedMixin
 
@@ -249,7 +250,13 @@ class HiTStages(nn.Module):
 @dataclass
 class HiTConfig(ConfigMixin):
     """A HiT generator. One entry per stage in `widths`, `heads`, `blocks`, `block_sizes`; a block size of
-    None marks a high-resolution MLP stage. The first stage is 8x8 and each stage doubles it."""
+    None marks a high-resolution MLP stage. The first stage is 8x8 and each stage doubles it.
+
+    Runtime keys (RUNTIME_KEYS) change neither the parameters nor the eval-mode function: loading weights
+    compares only the other, architecture keys (and `norm` "syncbatch" counts as "batch")."""
+
+    PRESETS = GENERATOR_PRESETS
+    RUNTIME_KEYS = frozenset({"preset", "checkpoint_mlp", "bn_momentum"})
 
     preset: str | None = None        # the preset name this config came from, if any (kept in checkpoints)
     resolution: int = 256
@@ -270,6 +277,7 @@ class HiTConfig(ConfigMixin):
     checkpoint_mlp: bool = False     # recompute MLP-stage hidden layers in backward: less memory, more compute
 
     def __post_init__(self):
+        self.check_types()
         self.validate()
 
     @property
@@ -309,11 +317,6 @@ class HiTGenerator(PretrainedMixin, nn.Module):
                                 attention_mode=config.attention_mode, cross_attention=config.cross_attention,
                                 mlp_ratio=config.mlp_ratio, checkpoint_mlp=config.checkpoint_mlp)
         trunc_normal_init(self)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "HiTGenerator":
-        from ..presets import generator_config
-        return cls(generator_config(name, **overrides))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.latent_dim:

@@ -1,19 +1,42 @@
-"""`save_pretrained` / `from_pretrained` for every vqhit model: a folder with `config.json` + `model.safetensors`.
+"""Configs, saving, loading and sharing for every vqhit model.
 
-A folder that is not on disk is treated as a Hugging Face Hub repository id and downloaded (when online).
-Files are written to a temporary name and renamed, so an interrupted save never leaves a half file.
+A saved model is a folder: `config.json` (the config dataclass + `model_type`), `model.safetensors` (every
+parameter and persistent buffer, BatchNorm statistics included) and a `README.md` model card. The models are
+huggingface_hub `PyTorchModelHubMixin`s, so `push_to_hub` uploads that folder as any Hub model. Saving and
+loading are written here rather than taken from the mixin, because the mixin would lose guarantees we keep:
+
+- every file is written under a temporary name and renamed, so a kill never leaves a half-written file
+  (the mixin deletes config.json first and writes in place);
+- loading is strict, and a config that describes another architecture is refused with the differing keys
+  (the mixin loads non-strictly and builds whatever the config says);
+- a local path that does not exist is an error, never a Hub request (`vqhit.downloads.local_or_hub`);
+- a damaged file is a ValueError that names the file and the fix.
+
+Config keys are of two kinds. *Architecture* keys change the parameters or the function the model computes
+in eval mode; *runtime* keys (`RUNTIME_KEYS`: freezing, activation checkpointing, BatchNorm momentum, the
+quantizer's training-time behaviour, the preset's name) do not. Weights load into any model with the same
+architecture; runtime keys always come from the caller.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import types
+import typing
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+from ..downloads import local_or_hub
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+PAPER_URL = "https://arxiv.org/abs/2106.07631"
+LIBRARY = "vqhit"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -23,25 +46,104 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def resolve_pretrained(path_or_id: str | os.PathLike) -> Path:
-    """A local folder, or a Hub repository id downloaded into the local cache."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local folder, or a Hub repository id downloaded into the local cache (`hub_kwargs`: revision, token,
+    cache_dir, force_download, local_files_only, as for `huggingface_hub.snapshot_download`)."""
+    def download(repo_id: str) -> Path:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **hub_kwargs))
+
+    folder = local_or_hub(path_or_id, "model folder", fetch=download)
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return folder
+
+
+# -- configs ------------------------------------------------------------------------------------------------
+_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string", list: "a list"}
+
+
+def _convert(value, kind: type):
+    """`value` as `kind`, or raise TypeError. Numbers may arrive as strings: YAML reads `1e-2` (no dot) and
+    every `--model-option` value it cannot type as a string, so a string that parses as the number is one."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif isinstance(value, kind):
+        return value
+    raise TypeError
 
 
 class ConfigMixin:
-    """dict / JSON round trip for a config dataclass; an unknown key is an error that lists the known ones."""
+    """For the config dataclasses: presets, a type-checked dict / JSON round trip, and the architecture view.
+
+    A subclass sets `PRESETS` (name -> keyword arguments, from vqhit.presets) and `RUNTIME_KEYS`, and calls
+    `self.check_types()` first in its `__post_init__`.
+    """
+
+    PRESETS: dict = {}
+    # Keys that change neither the parameters nor the eval-mode function: never compared when loading weights.
+    RUNTIME_KEYS: frozenset = frozenset({"preset"})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """The named preset's config (its `preset` field set to `name`), with keyword overrides applied."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; available: {', '.join(cls.PRESETS)}")
+        return cls.from_dict({**copy.deepcopy(cls.PRESETS[name]), "preset": name, **overrides})
+
+    def check_types(self) -> None:
+        """Check every field against its annotation, converting numeric strings ("1e-2" -> 0.01, "4" -> 4)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            kind, value = hints[f.name], getattr(self, f.name)
+            members = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+            optional = type(None) in members
+            if value is None and optional:
+                continue
+            base = next(m for m in members if m is not type(None))
+            try:
+                setattr(self, f.name, _convert(value, base))
+            except TypeError:
+                raise ValueError(f"{f.name} must be {_TYPE_NAMES.get(base, base.__name__)}"
+                                 f"{' or None' if optional else ''}, got {value!r}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def architecture_dict(self) -> dict:
+        """The keys that fix the parameters and the eval-mode function: what two configs must share for the
+        weights of one to be loaded into the other."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_KEYS}
+        if d.get("norm") == "syncbatch":  # the same BatchNorm, with statistics over all processes: runtime
+            d["norm"] = "batch"
+        return d
+
     @classmethod
     def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"a {cls.__name__} is built from a dict of keys, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -56,14 +158,39 @@ class ConfigMixin:
         return cls.from_dict(json.loads(s))
 
 
-class PretrainedMixin:
-    """Mixed into an nn.Module that has a `config` dataclass with `to_dict` / `from_dict`.
+def _differences(ours: dict, theirs: dict) -> str:
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    return "; ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in keys)
 
-    Subclasses set `model_type` (written into config.json, checked on load) and `config_class`.
+
+# -- models -------------------------------------------------------------------------------------------------
+DEFAULT_CARD = """---
+{{ card_data }}
+---
+
+# {{ model_type }}{% if preset %} ({{ preset }}){% endif %}
+
+A vqhit model ([HiT, Zhao et al. 2021]({{ paper_url }})), saved with `save_pretrained`.
+
+```python
+from vqhit import {{ class_name }}
+model = {{ class_name }}.from_pretrained("<this folder or Hub repository>")
+```
+"""
+
+
+class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, paper_url=PAPER_URL,
+                      model_card_template=DEFAULT_CARD, tags=["vqhit", "image-generation"]):
+    """Mixed into an nn.Module that has a `config` dataclass built on ConfigMixin.
+
+    Subclasses set `model_type` (written into config.json, checked on load) and `config_class`, and may set
+    `optional_state_prefixes`: state-dict keys under them are buffers that exist only with some runtime
+    option (the quantizer's dead-code restart state), so they may be absent on one side when loading.
     """
 
     model_type: str
     config_class: type
+    optional_state_prefixes: tuple = ()
 
     @classmethod
     def make_config(cls, config=None, **overrides):
@@ -71,45 +198,149 @@ class PretrainedMixin:
         config = config or cls.config_class()
         return cls.config_class.from_dict({**config.to_dict(), **overrides}) if overrides else config
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """A freshly initialised model of the named preset (see vqhit.presets), with config overrides."""
+        return cls(cls.config_class.from_preset(name, **overrides))
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's hook: the weights, under a temporary name then renamed."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, config=None, push_to_hub: bool = False,
+                        repo_id: str | None = None, model_card_kwargs: dict | None = None, **push_to_hub_kwargs):
+        """Write model.safetensors, config.json and (unless the folder has one) a README.md model card, each
+        atomically. Returns the folder; with `push_to_hub=True` also uploads it (to `repo_id`, default the
+        folder's name) and returns the commit URL, as the mixin does."""
+        if config is not None:
+            raise ValueError("a vqhit model saves its own config (model.config); build the model from the config "
+                             "you want instead of passing config=")
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(directory)
         meta = {"model_type": self.model_type, **self.config.to_dict()}
-        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        if not (directory / CARD_NAME).exists():  # an evaluated card (write_model_card) is kept, as the mixin does
+            card = self.generate_model_card(model_type=self.model_type, preset=self.config.preset,
+                                            class_name=type(self).__name__, **(model_card_kwargs or {}))
+            atomic_write(directory / CARD_NAME, lambda p: card.save(p))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
         return directory
 
+    # -- loading ------------------------------------------------------------------------------------------
     @classmethod
-    def read_config(cls, path_or_id):
-        directory = resolve_pretrained(path_or_id)
-        if not (directory / CONFIG_NAME).exists():
+    def read_config(cls, path_or_id, **hub_kwargs):
+        """(folder, config) of a save_pretrained folder or Hub repository; the file is checked, not trusted."""
+        directory = resolve_pretrained(path_or_id, **hub_kwargs)
+        file = directory / CONFIG_NAME
+        if not file.exists():
             raise ValueError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
-        meta = json.loads((directory / CONFIG_NAME).read_text())
+        try:
+            meta = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
+                             f"model again or download it again") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
+                             f"not written by save_pretrained; save the model again")
         model_type = meta.pop("model_type", None)
         if model_type != cls.model_type:
             raise ValueError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "
                              f"load it with the matching class")
-        return directory, cls.config_class.from_dict(meta)
+        try:
+            config = cls.config_class.from_dict(meta)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
+        return directory, config
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, map_location: str | torch.device = "cpu"):
-        directory, config = cls.read_config(path_or_id)
-        model = cls(config)
-        model.load_weights(directory, map_location)
-        return model
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *,
+                        map_location: str | torch.device = "cpu", revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None, **overrides):
+        """The model saved in a local folder or a Hub repository, in eval mode (as the Hub mixin returns it).
 
-    def load_weights(self, path_or_id, map_location: str | torch.device = "cpu") -> None:
-        """Load a save_pretrained folder into this model, strictly; its config must describe this model."""
-        directory, config = self.read_config(path_or_id)
-        if config.to_dict() != self.config.to_dict():
-            ours, theirs = self.config.to_dict(), config.to_dict()
-            diff = {k: (theirs.get(k), ours.get(k)) for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
-            raise ValueError(f"checkpoint {directory} was saved for another configuration "
-                             f"(preset {theirs.get('preset', '?')!r}); differing keys (checkpoint, this model): "
-                             f"{diff}. Build the model with from_pretrained instead")
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {directory} does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        Keyword `overrides` set runtime keys (e.g. `freeze_encoder=True`, `checkpoint_mlp=True`); architecture
+        keys are fixed by the saved weights and refused.
+        """
+        directory, saved = cls.read_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                           force_download=force_download, local_files_only=local_files_only,
+                                           token=token)
+        config = cls.make_config(saved, **overrides)
+        changed = _differences(config.architecture_dict(), saved.architecture_dict())
+        if changed:
+            raise ValueError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
+                             f"weights in {directory} fit only their own architecture; overrides may set only "
+                             f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
+        model = cls(config)
+        model._load_weights_file(directory, map_location)
+        return model.eval()
+
+    def load_weights(self, path_or_id, map_location: str | torch.device = "cpu", **hub_kwargs) -> None:
+        """Load a save_pretrained folder (or Hub repository) into this model, strictly. Its architecture keys
+        must equal this model's; runtime keys (freezing, checkpointing, ...) stay this model's own."""
+        directory, config = self.read_config(path_or_id, **hub_kwargs)
+        changed = _differences(self.config.architecture_dict(), config.architecture_dict())
+        if changed:
+            raise ValueError(f"checkpoint {directory} was saved for another configuration (preset "
+                             f"{config.preset!r}, this model {self.config.preset!r}); differing architecture keys "
+                             f"(checkpoint vs this model): {changed}. Build the model with the checkpoint's "
+                             f"preset and options, or load it with {type(self).__name__}.from_pretrained")
+        self._load_weights_file(directory, map_location)
+
+    def _load_weights_file(self, directory: Path, map_location) -> None:
+        file = directory / WEIGHTS_NAME
+        if not file.exists():
+            raise ValueError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
+                             f"save_pretrained folder; save the model again")
+        try:
+            state = load_file(str(file), device=str(map_location))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
+                             f"again") from None
+        ours, buffers = self.state_dict(), dict(self.named_buffers())
+        optional = self.optional_state_prefixes  # runtime-option buffers: absent on one side is fine
+        missing = [k for k in ours if k not in state and not (k.startswith(optional) and k in buffers)]
+        unexpected = [k for k in state if k not in ours and not k.startswith(optional)]
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items()
+                 if k in ours and v.shape != ours[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
+                             f"was not written with its config.json: save the model again")
+        self.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
+
+
+def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -> Path:
+    """Write `folder/README.md`: a Hub model card holding evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...})
+    and the settings they were measured with (e.g. {"data": ..., "images": 50000}). Atomic; replaces the card."""
+    folder = Path(folder)
+    meta = {}
+    if (folder / CONFIG_NAME).exists():
+        try:
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+        except json.JSONDecodeError:
+            meta = {}
+    model_type, preset = meta.get("model_type", "model"), meta.get("preset")
+    data = ModelCardData(library_name=LIBRARY, tags=["vqhit", "model_hub_mixin", "pytorch_model_hub_mixin"])
+
+    def table(rows: dict) -> str:
+        lines = ["| | |", "|---|---|"]
+        for key, value in rows.items():
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+        return "\n".join(lines)
+
+    title = f"{model_type} ({preset})" if preset else model_type
+    class_name = {"vqhit": "VQHiT", "hit-generator": "HiTGenerator"}.get(model_type, "VQHiT")
+    text = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n"
+            f"A vqhit model ([HiT, Zhao et al. 2021]({PAPER_URL})).\n\n"
+            f"```python\nfrom vqhit import {class_name}\n"
+            f"model = {class_name}.from_pretrained(\"<this folder or Hub repository>\")\n```\n\n"
+            f"## Evaluation\n\n{table(metrics)}\n\n## Measured with\n\n{table(settings)}\n")
+    card = ModelCard(text)
+    atomic_write(folder / CARD_NAME, lambda p: card.save(p))
+    return folder / CARD_NAME

@@ -7,11 +7,13 @@ taming VQGAN checkpoint loads key for key (`load_taming_checkpoint`) and its tok
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..presets import TOKENIZER_PRESETS
 from .encoder import VQGANEncoder
 from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
 from .pretrained import ConfigMixin, PretrainedMixin
@@ -48,6 +50,15 @@ class HiTDecoder(nn.Module):
 
 @dataclass
 class VQHiTConfig(ConfigMixin):
+    """A VQ-HiT tokenizer. Runtime keys (RUNTIME_KEYS) change neither the parameters nor the eval-mode function
+    (freezing, checkpointing, BatchNorm momentum, the quantizer's training-time behaviour): loading weights
+    compares only the other, architecture keys, and `norm` "syncbatch" counts as "batch"."""
+
+    PRESETS = TOKENIZER_PRESETS
+    RUNTIME_KEYS = frozenset({"preset", "checkpoint_mlp", "bn_momentum", "freeze_encoder", "freeze_codebook",
+                              "restart_dead_codes", "dead_code_steps", "beta", "entropy_loss_weight",
+                              "entropy_temperature"})
+
     preset: str | None = None
     resolution: int = 256
     # Encoder: taming's VQGAN Encoder (f = 2^(len(encoder_channel_mult) - 1)).
@@ -82,6 +93,7 @@ class VQHiTConfig(ConfigMixin):
     freeze_codebook: bool = False
 
     def __post_init__(self):
+        self.check_types()
         f = 2 ** (len(self.encoder_channel_mult) - 1)
         if self.resolution % f:
             raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
@@ -104,6 +116,8 @@ class VQHiT(PretrainedMixin, nn.Module):
     """The VQ-HiT tokenizer. Images are NCHW in [-1, 1]; indices are (B, h, w) int64 in [0, codebook_size)."""
 
     model_type, config_class = "vqhit", VQHiTConfig
+    # The quantizer's dead-code restart state exists only with restart_dead_codes (a runtime key).
+    optional_state_prefixes = ("quantize.",)
 
     def __init__(self, config: VQHiTConfig | None = None, **overrides):
         super().__init__()
@@ -122,11 +136,6 @@ class VQHiT(PretrainedMixin, nn.Module):
                                   checkpoint_mlp=c.checkpoint_mlp)
         self.set_frozen(encoder=c.freeze_encoder, codebook=c.freeze_codebook)
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "VQHiT":
-        from ..presets import tokenizer_config
-        return cls(tokenizer_config(name, **overrides))
-
     def set_frozen(self, encoder: bool, codebook: bool) -> None:
         """Freeze the encoder (+ quant_conv) and/or the codebook, e.g. to train the decoder on fixed codes."""
         for p in [*self.encoder.parameters(), *self.quant_conv.parameters()]:
@@ -142,9 +151,13 @@ class VQHiT(PretrainedMixin, nn.Module):
                              f"{tuple(images.shape)}; resize or crop to {r}x{r} RGB")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype}; use x / 127.5 - 1")
-        if images.numel() and images.detach().abs().max() > INPUT_RANGE_LIMIT:
-            raise ValueError(f"image values reach {images.detach().abs().max().item():.3g}, far outside [-1, 1]; "
-                             f"scale uint8 images with x / 127.5 - 1")
+        peak = images.detach().abs().max().item() if images.numel() else 0.0  # one sync; max propagates NaN
+        if math.isnan(peak):
+            raise ValueError("images contain NaN values; check the data pipeline (a failed decode, a division by "
+                             "zero) before encoding")
+        if peak > INPUT_RANGE_LIMIT:
+            raise ValueError(f"image values reach {peak:.3g}, far outside [-1, 1]; scale uint8 images with "
+                             f"x / 127.5 - 1")
 
     def _check_indices(self, indices: torch.Tensor) -> None:
         g, n = self.config.grid, self.config.codebook_size
@@ -152,9 +165,10 @@ class VQHiT(PretrainedMixin, nn.Module):
             raise ValueError(f"expected indices of shape (B, {g}, {g}), got {tuple(indices.shape)}")
         if indices.is_floating_point() or indices.dtype == torch.bool:
             raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= n):
-            raise ValueError(f"indices must lie in [0, {n}), got values in [{indices.min().item()}, "
-                             f"{indices.max().item()}]")
+        # Compared as Python ints: on uint8 indices `max() >= 256` would wrap around.
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise ValueError(f"indices must lie in [0, {n}), got values in [{int(indices.min())}, "
+                             f"{int(indices.max())}]")
 
     # -- public API ---------------------------------------------------------------------------------------
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -169,6 +183,10 @@ class VQHiT(PretrainedMixin, nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R)."""
+        d, g = self.config.code_dim, self.config.grid
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != (d, g, g):
+            raise ValueError(f"expected code vectors of shape (B, {d}, {g}, {g}) (taming's layout, as "
+                             f"get_codebook_entry returns them), got {tuple(latents.shape)}")
         return self.decoder(latents.permute(0, 2, 3, 1))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -208,7 +226,13 @@ class VQHiT(PretrainedMixin, nn.Module):
         except Exception as err:  # pickle.UnpicklingError and friends
             raise ValueError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
                              f"file, pass weights_only=False") from err
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
+                             f"checkpoint (a Lightning .ckpt, or a saved state dict)")
         state = ckpt.get("state_dict", ckpt)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
+                             f"taming VQGAN checkpoint")
         prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
         wanted = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
         missing = sorted(set(wanted) - set(state))

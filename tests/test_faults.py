@@ -1,0 +1,234 @@
+"""Nothing lost under faults: resume settings, data position, damaged checkpoints, used folders, kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqhit import HiTGenerator
+from vqhit.checkpointing import list_checkpoints
+from vqhit.train_config import config_from_dict, parse_config
+from vqhit.training import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model="hit-tiny", num_workers=0, max_images=8, batch_size=2, disc_max_channels=32, log_every=1,
+            sample_every=1000, checkpoint_every=1000, num_samples=4, seed=3, perceptual="none")
+
+
+def trainer(run: Path, **overrides) -> Trainer:
+    return Trainer(config_from_dict({**TINY, "output_dir": str(run), **overrides}), "gan")
+
+
+def weights(t: Trainer) -> dict:
+    return {k: v.clone() for k, v in t.accelerator.unwrap_model(t.model).state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# -- resume and its settings ---------------------------------------------------------------------------
+def test_resume_applies_the_command_lines_optimizer_settings(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=2, checkpoint_every=2, lr=2e-4).fit()
+    # the command line of a resume: the saved config is the base, what is given wins
+    config = parse_config(["--resume", str(run / "checkpoint-2"), "--lr", "1e-5", "--adam-betas", "0.5", "0.9",
+                           "--steps", "3"], "test", "gan")
+    assert (config.model, config.batch_size, config.lr, config.output_dir) == ("hit-tiny", 2, 1e-5, str(run))
+    resumed = Trainer(config, "gan")
+    seen = []
+    original_step = resumed.opt_g.step
+
+    def spy(*args, **kwargs):
+        seen.append([(g["lr"], g["betas"]) for g in resumed.opt_g.param_groups])
+        return original_step(*args, **kwargs)
+
+    resumed.opt_g.step = spy
+    resumed.fit()
+    assert seen and all(groups == [(1e-5, (0.5, 0.9))] for groups in seen)  # step 3 ran with the new settings
+    assert "lr: 1.0e-05" in (run / "checkpoint-3" / "train_config.yaml").read_text()
+
+
+def make_folder(folder: Path, good: int, broken: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    for i in range(broken):
+        (folder / f"broken{i}.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_is_exact_when_unreadable_images_empty_whole_batches(tmp_path):
+    # batch 1: each unreadable image is a whole batch skipped; the position must count it
+    data = str(make_folder(tmp_path / "images", good=6, broken=3))
+    common = dict(data=data, max_images=None, batch_size=1, checkpoint_every=3)
+    straight = trainer(tmp_path / "a", steps=8, **common)
+    straight.fit()
+    trainer(tmp_path / "b", steps=3, **common).fit()
+    resumed = trainer(tmp_path / "b", steps=8, resume="latest", **common)
+    resumed.fit()
+    assert_same(weights(straight), weights(resumed))
+    assert resumed.state.micro_batches == straight.state.micro_batches > 8  # skipped batches were drawn too
+
+
+def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=2, checkpoint_every=1).fit()
+    rng_file = run / "checkpoint-2" / "random_states_0.pkl"
+    rng_file.write_bytes(rng_file.read_bytes()[:20])
+    with pytest.raises(ValueError, match="random_states_0.pkl is missing or damaged.*checkpoint-"):
+        trainer(run, steps=3, resume="latest").fit()
+    rng_file.unlink()
+    with pytest.raises(ValueError, match="random_states_0.pkl is missing or damaged"):
+        trainer(run, steps=3, resume="latest").fit()
+    weights_file = run / "checkpoint-1" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: a file in it is damaged"):
+        trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
+
+
+def test_resume_with_another_architecture_names_both(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=1, checkpoint_every=1).fit()
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-1: it was trained as --model hit-tiny.*"
+                                         r"multi_query.*\(True, False\)"):
+        trainer(run, steps=2, resume="latest", model_options={"multi_query": False})
+    # a runtime option may change on resume
+    trainer(run, steps=2, resume="latest", model_options={"checkpoint_mlp": True}).fit()
+
+
+def test_nan_advice_without_a_checkpoint_does_not_point_at_resume(tmp_path):
+    t = trainer(tmp_path / "run", steps=2, checkpoint_every=10)
+    generate = t.objective.generate
+    t.objective.generate = lambda forward, real, step: (generate(forward, real, step)[0] * float("nan"), {})
+    with pytest.raises(FloatingPointError, match="No checkpoint was written yet: start again with a lower --lr") as e:
+        t.fit()
+    assert "--resume" not in str(e.value)
+
+
+# -- output folders ------------------------------------------------------------------------------------
+def test_a_used_folder_is_refused_unless_resumed_or_overwritten(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=2, checkpoint_every=1).fit()
+    with pytest.raises(ValueError, match="holds an earlier run \\(checkpoint-1, checkpoint-2, model/\\).*--overwrite"):
+        trainer(run, steps=1)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]  # nothing deleted
+    trainer(run, steps=1, checkpoint_every=1, overwrite=True).fit()
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1"]
+
+
+def test_a_folder_without_checkpoints_restarts_plainly(tmp_path):
+    run = tmp_path / "run"
+    (run / ".checkpoint-5.tmp").mkdir(parents=True)  # a run killed inside its first checkpoint write
+    (run / "samples").mkdir()
+    (run / "train_config.yaml").write_text("model: hit-tiny\n")
+    trainer(run, steps=1, checkpoint_every=1).fit()
+    assert not (run / ".checkpoint-5.tmp").exists() and (run / "checkpoint-1").is_dir()
+
+
+def test_resuming_from_the_past_keeps_the_newer_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=3, checkpoint_every=1).fit()
+    trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
+    aside = list(run.glob("superseded-1-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_two_runs_cannot_write_one_folder(tmp_path):
+    run = tmp_path / "run"
+    first = trainer(run, steps=1)  # holds the lock from construction to the end of fit()
+    with pytest.raises(RuntimeError, match=f"{run} is being written by another run \\(pid {os.getpid()}"):
+        trainer(run, steps=1)
+    first.fit()
+    trainer(run, steps=2, resume="latest").fit()  # released: the folder can be used again
+
+
+def test_a_resume_at_the_last_step_exports_the_model(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=2, checkpoint_every=2).fit()
+    for f in (run / "model").iterdir():
+        f.unlink()
+    (run / "model").rmdir()
+    trainer(run, steps=2, resume="latest").fit()
+    HiTGenerator.from_pretrained(run / "model")
+
+
+# -- kill -9 -------------------------------------------------------------------------------------------
+# Each run is a subprocess that SIGKILLs itself at a chosen moment: at the k-th rename whose destination
+# matches a pattern (inside a checkpoint write, inside the export of model/), or after a delay. Then
+# `--resume latest` (or a plain restart, when no checkpoint exists yet) goes on, and the end is compared with
+# an uninterrupted run.
+DRIVER = r"""
+import os, signal, sys, threading, time
+from vqhit.train_config import parse_config
+from vqhit.training import train
+pattern, count, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+if pattern:
+    real_replace, calls = os.replace, [0]
+    def replace(src, dst, *args, **kwargs):
+        if pattern in str(dst):
+            calls[0] += 1
+            if calls[0] == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+if delay:
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+train(parse_config(sys.argv[4:], "fault test", "gan"), task="gan")
+"""
+ARGS = ["--model", "hit-tiny", "--num-workers", "0", "--max-images", "8", "--batch-size", "2",
+        "--disc-max-channels", "32", "--log-every", "1", "--sample-every", "1000", "--seed", "3",
+        "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+
+
+def run_driver(out: Path, pattern="", count=0, delay=0.0, resume=False) -> int:
+    cmd = [sys.executable, "-c", DRIVER, pattern, str(count), str(delay), *ARGS, "--output-dir", str(out)]
+    cmd += ["--resume", "latest"] if resume else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(result.stderr[-3000:])
+    return result.returncode
+
+
+def check_loadable(out: Path) -> None:
+    for checkpoint in list_checkpoints(out):
+        json.loads((checkpoint / "train_state.json").read_text())
+        load_file(str(checkpoint / "model.safetensors"))
+        HiTGenerator.from_pretrained(checkpoint / "ema")
+    if (out / "model").exists():
+        HiTGenerator.from_pretrained(out / "model")
+
+
+def test_kill_at_any_moment_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    assert run_driver(straight) == 0
+    out = tmp_path / "killed"
+    kills = [dict(pattern="checkpoint-2", count=1),      # the checkpoint folder's rename: its .tmp is complete
+             dict(pattern="model.safetensors", count=2),  # inside the second export of model/
+             dict(pattern="config.json", count=3),        # between the export's two files
+             dict(delay=12.0)]                            # wherever the run is after 12 s
+    for kill in kills:
+        resume = bool(list_checkpoints(out))  # no checkpoint yet: a plain restart into the same folder
+        assert run_driver(out, resume=resume, **kill) == -signal.SIGKILL or kill.get("delay")
+        check_loadable(out)
+    while run_driver(out, resume=bool(list_checkpoints(out))) != 0:
+        pass
+    check_loadable(out)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert_same(load_file(str(straight / "model" / "model.safetensors")),
+                load_file(str(out / "model" / "model.safetensors")))
+    assert_same(load_file(str(straight / "checkpoint-6" / "model_1.safetensors")),  # the discriminator
+                load_file(str(out / "checkpoint-6" / "model_1.safetensors")))
