@@ -1,5 +1,7 @@
 """Losses (SPEC §4): GAN losses, R1 and its lazy schedule, DiffAugment and bCR, reconstruction,
-perceptual losses (random backbones, offline), adaptive adversarial weight."""
+perceptual losses (random backbones, offline), adaptive adversarial weight, LeCam.
+LeCam across processes: tests/test_distributed.py."""
+import copy
 import math
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqhit.losses import (R1Schedule, PerceptualLoss, adaptive_adversarial_weight, augment_color, augment_cutout,
+from vqhit.losses import (LeCam, R1Schedule, PerceptualLoss, adaptive_adversarial_weight, augment_color, augment_cutout,
                           augment_translation, bcr_loss, bcr_penalty, d_logistic_loss, delayed_weight, diff_augment,
                           g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 
@@ -203,11 +205,13 @@ def test_bcr_loss_and_penalty():
 # ------------------------------------------------------------------------------ reconstruction
 
 
-def test_l2_reconstruction_loss():
+def test_l2_reconstruction_loss_is_a_per_element_mean():
     x, x_hat = torch.zeros(2, 3, 2, 2), torch.ones(2, 3, 2, 2)
     x_hat[1] = 3.0
     torch.testing.assert_close(l2_reconstruction_loss(x, x_hat), torch.tensor((1.0 + 9.0) / 2))
-    torch.testing.assert_close(l2_reconstruction_loss(x, x_hat, reduction="sum"), torch.tensor((12 + 108) / 2.0))
+    # Independent of the resolution: the same per-pixel error at 4x the pixels gives the same loss.
+    big = torch.nn.functional.interpolate(x_hat, scale_factor=2.0)
+    torch.testing.assert_close(l2_reconstruction_loss(torch.zeros_like(big), big), torch.tensor(5.0))
     with pytest.raises(ValueError, match="same shape"):
         l2_reconstruction_loss(x, x_hat[:1])
 
@@ -277,16 +281,36 @@ def test_vgg_l2_is_the_raw_feature_distance_at_the_five_lpips_layers(vgg_referen
 
     with torch.no_grad():
         a, b = taps(x), taps(x_hat)
-        expected_sum = sum((f - g).square().flatten(1).sum(1).mean() for f, g in zip(a, b))
-        expected_mean = sum((f - g).square().mean() for f, g in zip(a, b))
-        torch.testing.assert_close(loss_fn(x, x_hat), expected_sum, rtol=1e-4, atol=1e-4)
-        loss_fn.reduction = "mean"
-        try:
-            torch.testing.assert_close(loss_fn(x, x_hat), expected_mean, rtol=1e-4, atol=1e-6)
-        finally:
-            loss_fn.reduction = "sum"
+        # ||F(x) - F(x_hat)||^2 over the five taps concatenated, divided by their element count.
+        expected = sum((f - g).square().sum() for f, g in zip(a, b)) / sum(f.numel() for f in a)
+        torch.testing.assert_close(loss_fn(x, x_hat), expected, rtol=1e-4, atol=1e-6)
 
 
+class Taps(nn.Module):
+    """Known 'features' in place of VGG: the loss's reduction can then be checked by hand."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, img):
+        return self.fn(img)
+
+
+def test_pixel_and_feature_terms_share_one_reduction(perceptual_losses):
+    """Eq. 5's two squared norms under one convention: were F the identity, ||F(x) - F(x_hat)||^2 would be
+    the pixel term itself, so lambda1 weighs feature differences exactly as the pixel term weighs pixel ones.
+    A per-image sum beside a per-element mean (the old bug) gives a ratio of C*H*W instead of 1."""
+    loss_fn = copy.deepcopy(perceptual_losses["vgg_l2"])
+    loss_fn.scaling, loss_fn.vgg = nn.Identity(), Taps(lambda img: [img])  # F = identity, one "tap"
+    torch.manual_seed(2)
+    x, x_hat = torch.rand(3, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loss_fn(x, x_hat) / l2_reconstruction_loss(x, x_hat), torch.tensor(1.0))
+    # Two taps with n1 and n2 values per image: the ratio is the mean over the n1 + n2 values.
+    loss_fn.vgg = Taps(lambda img: [img, 2 * img[:, :1]])  # tap 2: channel 0 doubled (4x its squared difference)
+    d = (x - x_hat).square()
+    expected = (d.sum() + 4 * d[:, :1].sum()) / (d.numel() + d[:, :1].numel())
+    torch.testing.assert_close(loss_fn(x, x_hat), expected)
 def test_random_backbone_without_weights_file():
     torch.manual_seed(0)
     first = PerceptualLoss("vgg_l2", pretrained=False)
@@ -322,3 +346,48 @@ def test_adaptive_adversarial_weight_is_the_grad_norm_ratio():
     assert not weight.requires_grad
     assert adaptive_adversarial_weight(rec_loss, adv_loss * 1e-12, last, max_weight=7.0) == 7.0
     assert delayed_weight(99, 100, 0.1) == 0.0 and delayed_weight(100, 100, 0.1) == 0.1
+
+
+# ------------------------------------------------------------------------------------------- LeCam
+
+
+def test_lecam_penalty_follows_its_formula():
+    """weight * (mean relu(D(x) - a_fake)^2 + mean relu(a_real - D(G(z)))^2), anchors = zero-debiased EMAs of
+    the mean logits, updated with the current batch first (the official release)."""
+    decay, weight = 0.9, 0.5
+    lecam = LeCam(weight, decay)
+    history = [(torch.tensor([2.0, 0.0]), torch.tensor([-1.0, -3.0])),
+               (torch.tensor([3.0, 1.0]), torch.tensor([0.5, -0.5])),
+               (torch.tensor([-4.0, 4.0]), torch.tensor([1.0, -2.5]))]
+    real_ema = fake_ema = 0.0
+    for t, (real, fake) in enumerate(history, start=1):
+        penalty = lecam.penalty(real, fake)
+        real_ema = decay * real_ema + (1 - decay) * real.mean().item()
+        fake_ema = decay * fake_ema + (1 - decay) * fake.mean().item()
+        a_real, a_fake = real_ema / (1 - decay ** t), fake_ema / (1 - decay ** t)
+        expected = weight * (torch.relu(real - a_fake).square().mean() + torch.relu(a_real - fake).square().mean())
+        torch.testing.assert_close(penalty, expected)
+        assert lecam.anchors == pytest.approx((a_real, a_fake))
+    assert lecam.anchors[0] != pytest.approx(history[-1][0].mean().item())  # a moving average, not the last batch
+    # First step: the debiased anchors are exactly that batch's means.
+    first = LeCam(1.0, 0.99)
+    first.penalty(torch.tensor([1.0, 3.0]), torch.tensor([-2.0]))
+    assert first.anchors == pytest.approx((2.0, -2.0))
+
+
+def test_lecam_gradient_reaches_both_logits_and_state_round_trips():
+    lecam = LeCam(1.0, 0.99)
+    lecam.penalty(torch.tensor([0.0]), torch.tensor([0.0]))
+    real = torch.tensor([1.0, 2.0], requires_grad=True)  # above the fake anchor: pulled down
+    fake = torch.tensor([-1.0, -2.0], requires_grad=True)  # below the real anchor: pulled up
+    lecam.penalty(real, fake).backward()
+    assert (real.grad > 0).all() and (fake.grad < 0).all()
+
+    resumed = LeCam(1.0, 0.99)
+    resumed.load_state_dict(lecam.state_dict())
+    x, y = torch.tensor([0.3, 1.7]), torch.tensor([-0.2])
+    torch.testing.assert_close(resumed.penalty(x, y), lecam.penalty(x, y))
+    with pytest.raises(ValueError, match="decay"):
+        LeCam(1.0, decay=1.0)
+    with pytest.raises(RuntimeError, match="first penalty"):
+        LeCam(1.0).anchors

@@ -1,10 +1,8 @@
-"""VectorQuantizer: lookup, losses and their gradients, options, usage statistics across processes."""
+"""VectorQuantizer: lookup, losses and their gradients, options, usage statistics (across processes: test_distributed)."""
 import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vqhit.models.quantizer import QuantizerOutput, VectorQuantizer
@@ -151,57 +149,75 @@ def test_bad_input_raises():
         vq.lookup(torch.zeros(1, 1, 1))
 
 
-# --------------------------------------------------------------------------- two processes (gloo)
-
-NUM_CODES, CODE_DIM = 64, 4
-
-
-def _data():
-    g = torch.Generator().manual_seed(123)
-    return torch.randn(8, 4, 4, CODE_DIM, generator=g) * 1.5
-
-
-def _codebook():
-    return torch.randn(NUM_CODES, CODE_DIM, generator=torch.Generator().manual_seed(7))
-
-
-def _worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(1000 + rank)  # different restart candidates on each rank
-        vq = VectorQuantizer(NUM_CODES, CODE_DIM)
-        vq.embedding.weight.data.copy_(_codebook())
-        vq.eval()
-        vq(_data().chunk(world_size)[rank])  # each rank half the data
-        stats = vq.usage_stats()
-
-        # Dead-code restart with rank-specific data must leave every rank with the same codebook.
-        restart = VectorQuantizer(NUM_CODES, CODE_DIM, restart_dead_codes=True, dead_code_steps=1,
-                                  restart_buffer_size=32)
-        restart.embedding.weight.data.copy_(_codebook())
-        restart.train()
-        for _ in range(2):
-            restart(torch.randn(2, 4, 4, CODE_DIM) + 5.0 * rank)
-        torch.save({"stats": stats, "codebook": restart.embedding.weight.detach().clone(),
-                    "changed": not torch.equal(restart.embedding.weight.detach(), _codebook())},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def test_frozen_codebook_never_restarts():
+    """A frozen codebook (freeze_codebook, decoder-only fine-tuning) keeps its codes: token ids stay valid."""
+    vq = VectorQuantizer(num_codes=4, code_dim=2, restart_dead_codes=True, dead_code_steps=1, restart_buffer_size=8)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]]))
+    vq.embedding.weight.requires_grad_(False)
+    before = vq.embedding.weight.detach().clone()
+    vq.train()
+    for _ in range(4):  # codes 1..3 are never chosen: unfrozen, they would be restarted at the 2nd forward
+        vq(torch.randn(1, 2, 2, 2))
+    assert torch.equal(vq.embedding.weight, before)
 
 
-def test_usage_stats_and_restart_agree_across_two_processes(tmp_path):
-    vq = VectorQuantizer(NUM_CODES, CODE_DIM)
-    vq.embedding.weight.data.copy_(_codebook())
-    vq.eval()
-    vq(_data())
-    single = vq.usage_stats()
-    assert 0 < single["codes_used"] < NUM_CODES  # a histogram where merging matters
+# --------------------------------------------------------------------------- entropy loss
 
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for result in results:
-        assert result["stats"]["codes_used"] == single["codes_used"]
-        assert result["stats"]["usage"] == pytest.approx(single["usage"])
-        assert math.isclose(result["stats"]["perplexity"], single["perplexity"], rel_tol=1e-9)
-    assert results[0]["changed"]  # a restart did happen
-    assert torch.equal(results[0]["codebook"], results[1]["codebook"])
+
+def entropy_by_hand(z_flat, codebook, temperature):
+    """mean_i H(p_i) - H(mean_i p_i), p_i = softmax(-||z_i - e||^2 / T), from explicit differences."""
+    d = (z_flat[:, None, :] - codebook[None, :, :]).square().sum(-1)
+    p = torch.softmax(-d / temperature, dim=1)
+    per_token = -(p * p.log()).sum(1).mean()
+    mean_p = p.mean(0)
+    return per_token - (-(mean_p * mean_p.log()).sum())
+
+
+def test_entropy_loss_value_and_weight():
+    torch.manual_seed(4)
+    vq = VectorQuantizer(num_codes=6, code_dim=3, entropy_loss_weight=0.3, entropy_temperature=2.0)
+    vq.embedding.weight.data.normal_()
+    z = torch.randn(2, 2, 2, 3)
+    out = vq(z)
+    expected = entropy_by_hand(z.reshape(-1, 3), vq.embedding.weight.detach(), 2.0)
+    torch.testing.assert_close(out.entropy_loss, expected)
+    torch.testing.assert_close(out.loss, out.codebook_loss + 0.25 * out.commitment_loss + 0.3 * expected)
+    assert VectorQuantizer(num_codes=6, code_dim=3)(z).entropy_loss is None  # off: not even computed
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        VectorQuantizer(num_codes=6, code_dim=3, entropy_temperature=0.0)
+
+
+def test_entropy_loss_prefers_confident_and_diverse_assignments():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    vq = VectorQuantizer(num_codes=4, code_dim=2, entropy_loss_weight=1.0, entropy_temperature=0.01)
+    vq.embedding.weight.data.copy_(codebook)
+    diverse = vq(codebook.view(1, 2, 2, 2)).entropy_loss            # each token on its own code
+    collapsed = vq(codebook[:1].expand(4, 2).reshape(1, 2, 2, 2)).entropy_loss  # every token on code 0
+    unsure = vq(torch.full((1, 2, 2, 2), 0.5)).entropy_loss           # every token equidistant from all codes
+    assert diverse.item() == pytest.approx(-math.log(4), abs=1e-4)   # certain tokens, uniform batch: the minimum
+    assert collapsed.item() == pytest.approx(0.0, abs=1e-4)
+    assert unsure.item() == pytest.approx(0.0, abs=1e-4)             # uniform batch, but each token unsure
+    assert diverse < collapsed
+
+
+def test_entropy_loss_gradient_reaches_encoder_and_codebook():
+    torch.manual_seed(5)
+    vq = VectorQuantizer(num_codes=8, code_dim=4, l2_normalize=True, entropy_loss_weight=1.0, entropy_temperature=0.5)
+    z = torch.randn(2, 3, 3, 4, requires_grad=True)
+    vq(z).entropy_loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert vq.embedding.weight.grad is not None and vq.embedding.weight.grad.abs().sum() > 0
+
+
+def test_entropy_loss_through_vqhit_aux():
+    from vqhit import VQHiT
+    torch.manual_seed(6)
+    model = VQHiT.from_preset("vqhit-tiny", entropy_loss_weight=0.5, entropy_temperature=1.0).train()
+    images = torch.rand(2, 3, model.config.resolution, model.config.resolution) * 2 - 1
+    _, aux = model(images)
+    torch.testing.assert_close(aux["vq_loss"], aux["codebook_loss"] + model.config.beta * aux["commitment_loss"]
+                               + 0.5 * aux["entropy_loss"])
+    aux["entropy_loss"].backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # the encoder side learns from it
+    assert "entropy_loss" not in VQHiT.from_preset("vqhit-tiny")(images)[1]  # off by default (the paper)

@@ -5,8 +5,10 @@
   (StyleGAN writes the same penalty as gamma/2 * E||grad||^2, so the paper's 10 is StyleGAN's gamma = 20).
   `R1Schedule` applies it lazily (every k steps with weight * k).
 - bCR: balanced consistency regularisation with DiffAugment "color, translation, cutout".
+- LeCam: regularisation of D towards moving anchors of its own logits (an option beyond the paper).
 - VQ-HiT: L2 reconstruction, a perceptual loss (LPIPS-VGG, or the paper's raw VGG16 feature L2),
-  taming's adaptive adversarial weight and a delayed start for the adversarial term.
+  taming's adaptive adversarial weight and a delayed start for the adversarial term. Every squared norm is
+  a per-element mean (see "reconstruction" below for why, and what the weights then mean).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .downloads import explain_download_failure
 
 # ----------------------------------------------------------------------------------------------- GAN
@@ -184,22 +187,86 @@ def bcr_penalty(discriminator: Callable[[Tensor], Tensor], real_images: Tensor, 
     return bcr_loss(real_logits, real_aug_logits, fake_logits, fake_aug_logits, weight)
 
 
+# ---------------------------------------------------------------------------------------------- LeCam
+
+
+class LeCam:
+    """LeCam regularisation of the discriminator (Tseng et al., "Regularizing Generative Adversarial Networks
+    under Limited Data", CVPR 2021), as their official release computes it:
+
+        weight * ( mean relu(D(x) - a_fake)^2  +  mean relu(a_real - D(G(z)))^2 )
+
+    a_real and a_fake are exponential moving averages (decay 0.99, zero-debiased) of D's mean logit on real
+    and fake batches, updated with the current batch before the penalty, as the release does. It pulls the
+    real logits down towards where fakes used to score, and fake logits up towards where reals used to score,
+    which keeps D from running away on a small dataset. The paper's Eq. 3 writes the squares without the
+    relu; the two agree whenever D scores reals above the fake anchor and fakes below the real anchor.
+
+    Under torch.distributed the batch means are averaged over processes before entering the averages, so
+    every process holds the same anchors (the release's MEAN-aggregated variables): `penalty` is then a
+    collective, called by every process in each D step. Add the result to the D loss only. Save
+    `state_dict()` with the checkpoint so that a resumed run continues with the same anchors.
+    """
+
+    def __init__(self, weight: float, decay: float = 0.99):
+        if weight < 0 or not 0.0 <= decay < 1.0:
+            raise ValueError(f"LeCam needs weight >= 0 and 0 <= decay < 1, got weight {weight} and decay {decay}")
+        self.weight, self.decay = weight, decay
+        self.real_average, self.fake_average, self.updates = 0.0, 0.0, 0  # biased EMAs and their count
+
+    @property
+    def anchors(self) -> tuple[float, float]:
+        """(a_real, a_fake): the zero-debiased averages, i.e. EMA / (1 - decay^updates)."""
+        if self.updates == 0:
+            raise RuntimeError("LeCam anchors are defined after the first penalty() call")
+        debias = 1.0 - self.decay ** self.updates
+        return self.real_average / debias, self.fake_average / debias
+
+    def update(self, real_logits: Tensor, fake_logits: Tensor) -> None:
+        """Move the averages towards this step's mean logits (averaged over processes)."""
+        means = distributed.reduce_scalars({"real": real_logits.detach().float().mean(),
+                                            "fake": fake_logits.detach().float().mean()})
+        self.real_average = self.decay * self.real_average + (1.0 - self.decay) * means["real"]
+        self.fake_average = self.decay * self.fake_average + (1.0 - self.decay) * means["fake"]
+        self.updates += 1
+
+    def penalty(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        """Update the anchors with this batch, then return the weighted penalty (gradient to both logits)."""
+        self.update(real_logits, fake_logits)
+        real_anchor, fake_anchor = self.anchors
+        return self.weight * (F.relu(real_logits.float() - fake_anchor).square().mean()
+                              + F.relu(real_anchor - fake_logits.float()).square().mean())
+
+    def state_dict(self) -> dict:
+        return {"real_average": self.real_average, "fake_average": self.fake_average, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.real_average, self.fake_average = float(state["real_average"]), float(state["fake_average"])
+        self.updates = int(state["updates"])
+
+
 # ------------------------------------------------------------------------------------ reconstruction
+# One reduction for the whole VQ-HiT objective (SPEC §4, Eq. 5): every squared norm is a per-element mean.
+#   pixel term       ||x - x_hat||^2      -> mean over the B*3*H*W pixel values
+#   feature term     ||F(x) - F(x_hat)||^2 -> mean over all B*N_F feature values (five VGG taps together)
+#   codebook/commit  ||sg[z] - e||^2 ...   -> mean over the B*h*w*D code values (the quantizer)
+#   adversarial      -E[log D(x_hat)]      -> mean over the B images of one logit each
+# Why means: with per-image sums the pixel term at 256^2 is 196,608 times larger, and the paper's
+# lambda2 = 0.1 on the adversarial term (and beta = 0.25 on the commitment) would weigh ~1e-6 of the
+# objective; the paper's other weights only mean something beside per-element means, which is also how the
+# TF tokenizer codebases of the same group (ViT-VQGAN, MaskGIT) reduce, and what makes a weight independent
+# of the resolution. lambda1 = 5e-5 then weighs the mean squared raw VGG activation difference against the
+# mean squared pixel difference: were F the identity, the feature term would equal the pixel term
+# (tests/test_losses.py derives the ratio of the two terms from these definitions).
+# LPIPS is a per-image spatial mean already (about 0.1-0.5 for reconstructions, against a pixel MSE of about
+# 0.01 on [-1, 1]): weight 1 beside this pixel mean is taming's balance (taming: pixel L1 mean + 1.0 * LPIPS).
 
 
-def _reduce(squared_error: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return squared_error.mean()
-    if reduction == "sum":  # per-sample squared L2 norm, then the batch mean
-        return squared_error.flatten(1).sum(1).mean()
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
-def l2_reconstruction_loss(x: Tensor, x_hat: Tensor, reduction: str = "mean") -> Tensor:
-    """||x - x_hat||^2: "mean" over every element (the usual scale) or "sum" over each image, batch-averaged."""
+def l2_reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||x - x_hat||^2 as a per-element mean (the reduction convention above)."""
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-    return _reduce((x - x_hat).square(), reduction)
+    return (x - x_hat).square().mean()
 
 
 # ---------------------------------------------------------------------------------------- perceptual
@@ -260,27 +327,22 @@ class PerceptualLoss(nn.Module):
 
     kind="lpips": LPIPS-VGG (`lpips.LPIPS(net="vgg")`), the perceptual loss of taming and modern tokenizers;
         use it with weight ~1. Its calibrated linear heads ship with the `lpips` package.
-    kind="vgg_l2": the paper's raw-feature loss ||F(x) - F(x_hat)||^2 on the same backbone and the same five
-        layers (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of torchvision's VGG16, after LPIPS' input
-        scaling). With `reduction="sum"` (default) each layer's squared differences are summed per image,
-        the five layers added and the batch averaged: the literal squared norm, whose scale fits the
-        paper's lambda1 = 5e-5 (applied by the caller). `reduction="mean"` averages each layer instead
-        (`reduction` is ignored by kind="lpips", which is LPIPS' own spatial mean).
+    kind="vgg_l2": the paper's raw-feature loss ||F(x) - F(x_hat)||^2 on the same backbone, F the five
+        layers relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of torchvision's VGG16 (after LPIPS' input scaling)
+        taken together, reduced like the pixel term: the mean over all B*N_F feature values (N_F = 8.0M per
+        256^2 image, 52% of them in relu1_2). Use it with the paper's lambda1 = 5e-5, applied by the caller.
 
     pretrained: load ImageNet VGG16 weights, from `vgg_weights_path` if given, else via torchvision's
         download. pretrained=False keeps a random backbone (tests, offline smoke runs).
     """
 
-    def __init__(self, kind: str = "lpips", pretrained: bool = True, vgg_weights_path: str | None = None,
-                 reduction: str = "sum"):
+    def __init__(self, kind: str = "lpips", pretrained: bool = True, vgg_weights_path: str | None = None):
         super().__init__()
         if kind not in PERCEPTUAL_KINDS:
             raise ValueError(f"unknown perceptual loss {kind!r}; choose one of {PERCEPTUAL_KINDS}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         import lpips  # deferred: only training needs it
 
-        self.kind, self.reduction = kind, reduction
+        self.kind = kind
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             if kind == "lpips":
@@ -308,7 +370,8 @@ class PerceptualLoss(nn.Module):
         if self.kind == "lpips":
             return self.lpips(x, x_hat).mean()
         features, features_hat = self.vgg(self.scaling(x)), self.vgg(self.scaling(x_hat))
-        return sum(_reduce((f - f_hat).square(), self.reduction) for f, f_hat in zip(features, features_hat))
+        squared = sum((f - f_hat).square().sum() for f, f_hat in zip(features, features_hat))
+        return squared / sum(f.numel() for f in features)  # one mean over the five taps together
 
 
 # ------------------------------------------------------------------------------- adversarial weight

@@ -17,13 +17,23 @@ Options (all off by default):
 - `lookup_dim`: factorised codes. z is projected to a small space (e.g. 8 or 32 dims) for the search,
   the codebook lives there, and the chosen code is projected back to code_dim (ViT-VQGAN, LlamaGen).
 - `restart_dead_codes`: a code that no token chose for `dead_code_steps` training forwards is
-  re-initialised from a random recent encoder output (kept in a ring buffer). Under torch.distributed
-  the "chosen" counts are summed over processes and rank 0's replacements are broadcast, so every
-  process keeps the same codebook.
+  re-initialised from a random recent encoder output (kept in a ring buffer). A codebook whose weight is
+  frozen (`requires_grad=False`) is never restarted: its token ids must stay valid.
+- `entropy_loss_weight`: the codebook entropy loss of MAGVIT / LlamaGen, added to `loss`. With the soft
+  assignment p(k | z) = softmax(-||z - e_k||^2 / entropy_temperature) it is
+      mean_z H(p(. | z))  -  H(mean_z p(. | z))
+  low when each token is sure of its code (first term) and the batch spreads over many codes (second term),
+  which fights codebook collapse. It sees the codes through the soft assignment, so its gradient reaches
+  both the encoder side and the codebook. The batch average is per process (as MAGVIT and LlamaGen).
+
+Under torch.distributed (DDP with `broadcast_buffers=False`, see vqhit.distributed) every process sees
+its own images and the statistics are made global where they matter: the usage histogram stays per
+process and `usage_stats()` sums it; the dead-code clocks advance on counts summed over processes; restart
+candidates are drawn from every process's ring buffer, and every process writes the same new codes.
 
 Usage statistics (a code histogram) are accumulated by every forward, training and eval alike, until
-`reset_usage()`; `usage_stats()` sums the histogram over processes. Codebook collapse is the first thing
-tokenizer users look for, so these numbers are meant to be logged.
+`reset_usage()`. Codebook collapse is the first thing tokenizer users look for, so these numbers are
+meant to be logged.
 """
 from __future__ import annotations
 
@@ -31,9 +41,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import distributed
 
 
 @dataclass
@@ -43,10 +54,7 @@ class QuantizerOutput:
     loss: Tensor             # codebook_loss + beta * commitment_loss
     codebook_loss: Tensor    # mean ||sg[z] - e||^2: moves the codes
     commitment_loss: Tensor  # mean ||z - sg[e]||^2: moves the encoder
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    entropy_loss: Tensor | None = None  # unweighted entropy loss (None when entropy_loss_weight is 0)
 
 
 class VectorQuantizer(nn.Module):
@@ -62,6 +70,9 @@ class VectorQuantizer(nn.Module):
         restart_dead_codes: re-initialise codes unused for `dead_code_steps` training forwards.
         dead_code_steps: how many training forwards a code may go unchosen before it is restarted.
         restart_buffer_size: how many recent encoder outputs (per process) to keep as restart candidates.
+        entropy_loss_weight: weight of the codebook entropy loss in `loss` (0: off, not even computed).
+        entropy_temperature: temperature of the soft assignment of that loss (0.01, as LlamaGen; it divides
+            squared distances, so it suits l2-normalised or low-dimensional codes, whose distances are O(1)).
 
     With `restart_dead_codes` under torch.distributed every training-mode forward all-reduces the
     per-code hits (K integers): run training-mode forwards on every process together, and sample or
@@ -70,7 +81,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes: int = 1024, code_dim: int = 256, beta: float = 0.25, l2_normalize: bool = False,
                  lookup_dim: int | None = None, restart_dead_codes: bool = False, dead_code_steps: int = 500,
-                 restart_buffer_size: int = 4096):
+                 restart_buffer_size: int = 4096, entropy_loss_weight: float = 0.0,
+                 entropy_temperature: float = 0.01):
         super().__init__()
         if num_codes < 1 or code_dim < 1:
             raise ValueError(f"num_codes and code_dim must be positive, got {num_codes} and {code_dim}")
@@ -79,7 +91,11 @@ class VectorQuantizer(nn.Module):
         if restart_dead_codes and (dead_code_steps < 1 or restart_buffer_size < 1):
             raise ValueError("dead_code_steps and restart_buffer_size must be >= 1 when restart_dead_codes is on, "
                              f"got {dead_code_steps} and {restart_buffer_size}")
+        if entropy_loss_weight < 0 or entropy_temperature <= 0:
+            raise ValueError(f"entropy_loss_weight must be >= 0 and entropy_temperature > 0, got "
+                             f"{entropy_loss_weight} and {entropy_temperature}")
         self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
+        self.entropy_loss_weight, self.entropy_temperature = entropy_loss_weight, entropy_temperature
         self.l2_normalize, self.lookup_dim = l2_normalize, lookup_dim
         self.restart_dead_codes, self.dead_code_steps = restart_dead_codes, dead_code_steps
         search_dim = lookup_dim or code_dim
@@ -119,19 +135,35 @@ class VectorQuantizer(nn.Module):
         # The search and the losses run in fp32 (fp64 stays fp64): bf16 distances pick wrong codes.
         return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
+    @staticmethod
+    def _distances(flat: Tensor, codebook: Tensor) -> Tensor:
+        """Squared distances (N, K) of the rows of flat (N, D) to the codes: ||z||^2 - 2 z.e + ||e||^2, by matmul."""
+        codebook = codebook.to(flat.dtype)
+        return flat.square().sum(1, keepdim=True) - 2.0 * flat @ codebook.t() + codebook.square().sum(1)[None, :]
+
     def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:
-        """Index of the nearest code of each row of flat (N, D): argmin ||z||^2 - 2 z.e + ||e||^2, by matmul."""
+        """Index of the nearest code of each row of flat (N, D)."""
         with torch.no_grad():
-            codebook = codebook.to(flat.dtype)
-            distances = (flat.square().sum(1, keepdim=True) - 2.0 * flat @ codebook.t()
-                         + codebook.square().sum(1)[None, :])
-            return distances.argmin(dim=1)
+            return self._distances(flat, codebook).argmin(dim=1)
+
+    def _entropy_loss(self, flat: Tensor, codebook: Tensor) -> Tensor:
+        """mean per-token entropy - entropy of the batch-mean assignment, both of softmax(-d^2 / T) over codes."""
+        logits = -self._distances(flat, codebook) / self.entropy_temperature
+        probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
+        per_token_entropy = -(probs * log_probs).sum(1).mean()
+        mean_probs = probs.mean(0)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+        return per_token_entropy - batch_entropy
+
+    def _codebook_frozen(self) -> bool:
+        return not self.embedding.weight.requires_grad
 
     # ------------------------------------------------------------------ public API
     def forward(self, z: Tensor) -> QuantizerOutput:
         self._check_input(z)
         with torch.autocast(z.device.type, enabled=False):
-            if self.training and self.restart_dead_codes:
+            restarting = self.training and self.restart_dead_codes and not self._codebook_frozen()
+            if restarting:
                 # Before the lookup: the codebook must not change after autograd has used it.
                 self._restart_dead_codes()
             z_search = self._to_search_space(self._float(z))
@@ -144,6 +176,11 @@ class VectorQuantizer(nn.Module):
 
             codebook_loss = F.mse_loss(codes, flat.detach())
             commitment_loss = F.mse_loss(flat, codes.detach())
+            loss = codebook_loss + self.beta * commitment_loss
+            entropy_loss = None
+            if self.entropy_loss_weight > 0:
+                entropy_loss = self._entropy_loss(flat, codebook)
+                loss = loss + self.entropy_loss_weight * entropy_loss
             quantized = flat + (codes - flat).detach()  # straight-through: forward = codes, backward = identity
             quantized = quantized.view(z_search.shape)
             if self.out_proj is not None:
@@ -151,11 +188,11 @@ class VectorQuantizer(nn.Module):
 
         with torch.no_grad():
             self.code_counts += torch.bincount(indices, minlength=self.num_codes)
-            if self.training and self.restart_dead_codes:
+            if restarting:
                 self._track_dead_codes(indices, z_search.detach().reshape(-1, z_search.shape[-1]))
-        return QuantizerOutput(quantized=quantized, indices=indices.view(z.shape[:-1]),
-                               loss=codebook_loss + self.beta * commitment_loss,
-                               codebook_loss=codebook_loss, commitment_loss=commitment_loss)
+        return QuantizerOutput(quantized=quantized, indices=indices.view(z.shape[:-1]), loss=loss,
+                               codebook_loss=codebook_loss, commitment_loss=commitment_loss,
+                               entropy_loss=entropy_loss)
 
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
@@ -189,10 +226,7 @@ class VectorQuantizer(nn.Module):
         code histogram) (0.0 if nothing was counted), "codes_used": int}. Under torch.distributed the
         histograms are summed first, so this is a collective: call it on every process.
         """
-        counts = self.code_counts.clone()
-        if _distributed():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        counts = counts.double()
+        counts = distributed.all_reduce_sum(self.code_counts.clone()).double()
         total = counts.sum()
         codes_used = int((counts > 0).sum())
         if total == 0:
@@ -203,12 +237,10 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ dead-code restart
     def _track_dead_codes(self, indices: Tensor, z_search: Tensor) -> None:
-        """Advance the per-code clocks (synchronised across processes) and remember recent encoder outputs."""
-        hits = torch.bincount(indices, minlength=self.num_codes)
-        if _distributed():
-            dist.all_reduce(hits, op=dist.ReduceOp.SUM)  # a code used on any process is alive on all
+        """Advance the per-code clocks (on counts summed over processes) and remember recent encoder outputs."""
+        hits = distributed.all_reduce_sum(torch.bincount(indices, minlength=self.num_codes))
         self.steps_since_used += 1
-        self.steps_since_used[hits > 0] = 0
+        self.steps_since_used[hits > 0] = 0  # a code chosen on any process is alive on all
 
         capacity = self.recent_inputs.shape[0]
         take = min(z_search.shape[0], capacity)
@@ -220,18 +252,32 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
+        """Re-seed dead codes from the recent encoder outputs of all processes, identically on every process.
+
+        The candidates are the concatenation of every process's ring buffer. Rank 0 draws which rows to use and
+        broadcasts the row numbers; each process fills in the rows it holds and a sum assembles the new codes,
+        so only the chosen rows travel (not every buffer) and every process writes the same values.
+        """
         dead = (self.steps_since_used >= self.dead_code_steps).nonzero().squeeze(1)
-        # The clocks are identical on every process, so all of them take this branch together (a clock
-        # only advances in a training forward, which also fills the buffer).
-        if dead.numel() == 0 or int(self.recent_filled) == 0:
+        # The clocks come from globally summed counts, so every process takes this branch together.
+        if dead.numel() == 0:
             return
-        pool = self.recent_inputs[:int(self.recent_filled)]
-        if pool.shape[0] >= dead.numel():  # distinct candidates when there are enough
-            pick = torch.randperm(pool.shape[0], device=pool.device)[:dead.numel()]
+        filled = int(self.recent_filled)
+        sizes = distributed.all_gather_cat(self.recent_filled.view(1))  # rows held by each process
+        total = int(sizes.sum())
+        if total == 0:
+            return
+        device = self.embedding.weight.device
+        if total >= dead.numel():  # distinct candidates when there are enough
+            picks = torch.randperm(total, device=device)[:dead.numel()]
         else:
-            pick = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
-        new_codes = pool[pick].to(self.embedding.weight.dtype)
-        if _distributed():
-            dist.broadcast(new_codes, src=0)  # rank 0's candidates win: identical codebooks everywhere
+            picks = torch.randint(total, (dead.numel(),), device=device)
+        distributed.broadcast_(picks, src=0)  # rank 0's draw for everyone
+        offset = int(sizes[:distributed.rank()].sum())
+        mine = (picks >= offset) & (picks < offset + filled)
+        new_codes = torch.zeros(dead.numel(), self.embedding.weight.shape[1], dtype=self.embedding.weight.dtype,
+                                device=device)
+        new_codes[mine] = self.recent_inputs[picks[mine] - offset].to(new_codes.dtype)
+        distributed.all_reduce_sum(new_codes)  # one owner per row, zeros elsewhere: an exact assembly
         self.embedding.weight[dead] = new_codes
         self.steps_since_used[dead] = 0

@@ -75,6 +75,8 @@ class VQHiTConfig(ConfigMixin):
     lookup_dim: int | None = None      # low-dimensional lookup (e.g. 8 or 32)
     restart_dead_codes: bool = False   # re-seed unused codes from recent encoder outputs
     dead_code_steps: int = 500         # training forwards a code may go unused before it is re-seeded
+    entropy_loss_weight: float = 0.0   # codebook entropy loss (MAGVIT / LlamaGen) in vq_loss; 0 = off (the paper)
+    entropy_temperature: float = 0.01  # its soft-assignment temperature (suits l2_normalize / lookup_dim codes)
     # Decoder: HiT stages from the token grid.
     decoder_widths: list = field(default_factory=lambda: [512, 256, 128, 64, 64])
     decoder_heads: list = field(default_factory=lambda: [8, 4, 4, 4, 4])
@@ -127,7 +129,8 @@ class VQHiT(PretrainedMixin, nn.Module):
         self.quant_conv = nn.Conv2d(c.encoder_z_channels, c.code_dim, 1)
         self.quantize = VectorQuantizer(c.codebook_size, c.code_dim, beta=c.beta, l2_normalize=c.l2_normalize,
                                         lookup_dim=c.lookup_dim, restart_dead_codes=c.restart_dead_codes,
-                                        dead_code_steps=c.dead_code_steps)
+                                        dead_code_steps=c.dead_code_steps, entropy_loss_weight=c.entropy_loss_weight,
+                                        entropy_temperature=c.entropy_temperature)
         self.decoder = HiTDecoder(c.code_dim, c.grid, c.decoder_widths, c.decoder_heads, c.decoder_blocks,
                                   c.decoder_block_sizes, c.decoder_memory_dim,
                                   norm_layer=norm_factory(c.norm, c.bn_momentum),
@@ -205,6 +208,8 @@ class VQHiT(PretrainedMixin, nn.Module):
         reconstruction = self.decoder(q.quantized)
         aux = {"vq_loss": q.loss, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
                "indices": q.indices}
+        if q.entropy_loss is not None:  # unweighted; vq_loss holds entropy_loss_weight * entropy_loss
+            aux["entropy_loss"] = q.entropy_loss
         return reconstruction, aux
 
     def last_decoder_layer(self) -> torch.Tensor:

@@ -1,0 +1,177 @@
+"""The few collectives vqhit needs, in one place, each a no-op (or the identity) in a single process.
+
+Every helper works with or without `torch.distributed` initialised (one process: nothing to talk to), on
+NCCL (CUDA tensors) and on gloo (CPU tensors): a tensor on the wrong device for the backend is copied to
+the backend's device and the result copied back, so callers keep their tensors wherever is convenient.
+Collectives must be called by every process in the same order, as always with torch.distributed.
+
+Buffer policy under DDP
+-----------------------
+DDP does not broadcast buffers: `ddp_kwargs()` gives Accelerate `broadcast_buffers=False`. Accelerate's
+default (`broadcast_buffers=True`) copies rank 0's buffers over every other rank before each forward, which
+wiped the quantizer's per-rank usage histogram and restart ring buffer, so usage was rank 0's and restart
+candidates came from rank 0's images only (issue 10, point 1). With it off:
+
+- BatchNorm normalises with per-replica batch statistics, as the official release does (SyncBatchNorm is a
+  model option). Its running statistics are averaged across replicas after every optimiser step by
+  `average_batchnorm_stats_` (the training loop calls it): what TensorFlow's MirroredStrategy does with
+  BatchNorm moving averages (variables aggregated by MEAN). So every rank, the EMA and the exported model
+  hold the same statistics, and they summarise every replica's data, not rank 0's.
+- The quantizer keeps its own statistics consistent: usage histograms stay per rank and are summed when
+  read (`VectorQuantizer.usage_stats`), dead-code clocks advance on globally summed counts, and restart
+  candidates are drawn from every rank's recent encoder outputs, identically on all ranks.
+- Parameters are identical on every rank by construction (DDP broadcasts them once at wrap time and
+  all-reduces gradients); a restarted code is written identically on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
+           "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "average_batchnorm_stats_"]
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def is_distributed() -> bool:
+    """True when there is another process to talk to."""
+    return _initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device(tensor: Tensor) -> torch.device:
+    """Where the backend can reduce: NCCL only handles CUDA tensors, gloo is sure only of CPU ones."""
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return tensor.device if tensor.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return tensor.device
+
+
+def _in_place(tensor: Tensor, collective) -> Tensor:
+    """Run `collective(buffer)` on a copy of `tensor` on the backend's device, then write it back into `tensor`."""
+    buffer = tensor.to(_comm_device(tensor)).contiguous()
+    collective(buffer)
+    if buffer is not tensor:
+        tensor.copy_(buffer)
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` over processes, in place; returns it."""
+    if not is_distributed():
+        return tensor
+    return _in_place(tensor, lambda buffer: dist.all_reduce(buffer, op=dist.ReduceOp.SUM))
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """Average a floating-point `tensor` over processes, in place; returns it."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"all_reduce_mean needs a floating-point tensor, got {tensor.dtype}; use all_reduce_sum "
+                         "for counts, or cast with .float()")
+    if not is_distributed():
+        return tensor
+    return all_reduce_sum(tensor).div_(world_size())
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate every process's `tensor` along dim 0, in rank order (a new tensor on `tensor`'s device).
+
+    The first dimension may differ between processes (the other dimensions and the dtype may not): each
+    process's rows are padded to the longest for the collective and cut back afterwards.
+    """
+    if tensor.ndim == 0:
+        raise ValueError("all_gather_cat concatenates along dim 0; give it at least a 1-d tensor (t.view(1))")
+    if not is_distributed():
+        return tensor.clone()
+    device = _comm_device(tensor)
+    local = tensor.to(device).contiguous()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.long, device=device))
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(tensor.device)
+
+
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite `tensor` on every process with process `src`'s, in place; returns it."""
+    if not is_distributed():
+        return tensor
+    return _in_place(tensor, lambda buffer: dist.broadcast(buffer, src=src))
+
+
+def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:
+    """Mean over processes of every scalar of `values` (floats or one-element tensors), as Python floats.
+
+    One collective for the whole dict (float64), so logging a dozen losses costs one all-reduce. Every
+    process must pass the same keys in the same order.
+    """
+    if not values:
+        return {}
+    scalars = []
+    for key, value in values.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"reduce_scalars: {key!r} has {value.numel()} elements, expected a scalar; "
+                                 "reduce it to one number first (e.g. .mean())")
+            value = value.detach().reshape(())
+        scalars.append(value)
+    if not is_distributed():
+        return {key: float(v) for key, v in zip(values, scalars)}
+    device = _comm_device(torch.empty(0))
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in scalars])
+    all_reduce_mean(stacked)
+    return dict(zip(values, stacked.tolist()))
+
+
+def ddp_kwargs() -> list:
+    """Accelerate kwargs handlers for `Accelerator(kwargs_handlers=ddp_kwargs())`: DDP without buffer
+    broadcasting (the policy in this module's docstring)."""
+    from accelerate.utils import DistributedDataParallelKwargs  # deferred: models import this module, not Accelerate
+
+    return [DistributedDataParallelKwargs(broadcast_buffers=False)]
+
+
+@torch.no_grad()
+def average_batchnorm_stats_(module: nn.Module) -> None:
+    """Replace every BatchNorm running_mean / running_var in `module` by its mean over processes, in place.
+
+    One collective per dtype (one in practice). Call it on every process after the optimiser step; a no-op in
+    a single process and for BatchNorm layers without running statistics.
+    """
+    if not is_distributed():
+        return
+    groups: dict[tuple, list[Tensor]] = {}
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            for stat in (m.running_mean, m.running_var):
+                groups.setdefault((stat.dtype, stat.device), []).append(stat)
+    for stats in groups.values():
+        flat = all_reduce_mean(torch.cat([s.reshape(-1) for s in stats]))
+        for stat, value in zip(stats, flat.split([s.numel() for s in stats])):
+            stat.copy_(value.view_as(stat))
