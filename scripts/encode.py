@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable or too-small "
                    "images: skip them (their positions are listed in each shard's 'skipped') or stop (default: "
                    "%(default)s)")
+    p.add_argument("--min-size", type=int, default=0, help="Treat images whose short side is below N pixels as "
+                   "bad images (see --bad-images); 0 keeps every image, upsampling those smaller than the resolution "
+                   "(default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="Images per shard: the unit of resumption and "
                    "of work split across processes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="Images per forward pass per process "
@@ -55,7 +58,7 @@ def main(argv=None):
     label_column = None if args.label_column.lower() == "none" else args.label_column
     dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
                            image_column=args.image_column, label_column=label_column, max_images=args.max_images,
-                           bad_images=args.bad_images)
+                           bad_images=args.bad_images, min_size=args.min_size)
     summary = encode_dataset(model, dataset, args.output_dir, shard_size=args.shard_size, batch_size=args.batch_size,
                              num_workers=args.num_workers, model_id=args.model, precision=args.precision,
                              progress=not args.no_progress)

@@ -37,6 +37,9 @@ def parse_args(argv=None):
                    "'resize' for square datasets such as FFHQ)")
     p.add_argument("--num-ref-images", type=int, default=None, help="Use only the first N reference images "
                    "(default: all)")
+    p.add_argument("--min-size", type=int, default=0, help="Skip reference images whose short side is below N "
+                   "pixels; 0 keeps every image, upsampling those smaller than the resolution as ADM's protocol does "
+                   "(default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=50_000, help="Generated samples for FID and IS "
                    "(default: %(default)s; the paper uses 30000 for CelebA-HQ)")
     p.add_argument("--is-split-size", type=int, default=5000, help="Samples per Inception Score split "
@@ -71,7 +74,8 @@ def main(argv=None):
     dataset = None
     if args.data is not None:
         dataset = eval_dataset(args.data, generator.config.resolution, transform=args.transform, split=args.split,
-                               image_column=args.image_column, label_column=None, max_images=args.num_ref_images)
+                               image_column=args.image_column, label_column=None, max_images=args.num_ref_images,
+                               min_size=args.min_size)
     report = evaluate_generator(generator, num_samples=args.num_samples, dataset=dataset, ref_stats=args.ref_stats,
                                 model_id=args.model, inception_weights=args.inception_weights,
                                 batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,

@@ -8,13 +8,19 @@
 Every image goes through the tokens: x -> encode -> decode_indices -> uint8. rFID compares the Inception
 statistics of the originals and the reconstructions (torch-fidelity's TF-ported Inception, uint8 by rounding,
 float64 statistics summed over processes, no padding). The default crop is ADM's (box-downsample while the
-short side >= 2x the resolution, bicubic, center crop). A JSON report and a printed table state every setting.
-Offline: --inception-weights and --lpips-backbone take local files.
+short side >= 2x the resolution, bicubic resize of the short side to the resolution, center crop): images
+smaller than the resolution are upsampled, not dropped, as in ADM; --min-size N skips those whose short side is
+below N instead. A JSON report and a printed table state every setting; when --model is a local
+save_pretrained folder, its README.md model card gets the figures and the settings too.
+Offline: --inception-weights and --lpips-backbone take local files; --no-fid needs no Inception at all
+(PSNR, SSIM, codebook usage, and LPIPS when its backbone is available or --no-lpips).
 """
 import argparse
+from pathlib import Path
 
-from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, format_report,
-                              process_state, write_report)
+from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, flatten,
+                              format_report, process_state, write_report)
+from vqhit.models.pretrained import write_model_card
 from vqhit.models.vqhit import VQHiT
 
 
@@ -31,6 +37,11 @@ def parse_args(argv=None):
                    help="Crop protocol to the model's resolution (default: %(default)s, the ADM protocol)")
     p.add_argument("--num-images", type=int, default=None, help="Evaluate only the first N images (quick runs; "
                    "the paper protocol uses all 50k ImageNet validation images)")
+    p.add_argument("--min-size", type=int, default=0, help="Skip images whose short side is below N pixels "
+                   "(counted as skipped); 0 keeps every image, upsampling those smaller than the resolution as "
+                   "ADM's protocol does (default: %(default)s)")
+    p.add_argument("--no-fid", action="store_true", help="Skip rFID and Inception (no weights needed): report "
+                   "PSNR, SSIM, codebook usage and LPIPS only")
     p.add_argument("--ref-stats", default=None, help="Cache of the originals' Inception statistics (.npz): loaded "
                    "if the file exists (and must match this data/crop/#images/Inception), else computed and saved")
     p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
@@ -42,9 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Tokenizer precision: fp32 or bf16 "
                    "autocast; Inception always runs in float32 (default: %(default)s)")
-    p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable or too-small images: "
-                   "skip (counted in the report) or stop (default: %(default)s)")
+    p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable images (and those "
+                   "below --min-size): skip (counted in the report) or stop (default: %(default)s)")
     p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written (default: %(default)s)")
+    p.add_argument("--no-model-card", action="store_true", help="Leave the model folder's README.md alone (by "
+                   "default a local --model folder gets a model card with these figures and settings)")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
     return p.parse_args(argv)
 
@@ -54,15 +67,27 @@ def main(argv=None):
     model = VQHiT.from_pretrained(args.model)
     dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
                            image_column=args.image_column, label_column=None, max_images=args.num_images,
-                           bad_images=args.bad_images)
-    report = evaluate_tokenizer(model, dataset, model_id=args.model, ref_stats=args.ref_stats,
+                           bad_images=args.bad_images, min_size=args.min_size)
+    report = evaluate_tokenizer(model, dataset, model_id=args.model, fid=not args.no_fid, ref_stats=args.ref_stats,
                                 inception_weights=args.inception_weights, lpips=not args.no_lpips,
                                 lpips_backbone=args.lpips_backbone, batch_size=args.batch_size,
                                 num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress)
     if process_state().is_main_process:
         path = write_report(report, f"{args.output_dir}/eval_rfid.json")
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
+        if Path(args.model).is_dir() and not args.no_model_card:  # a local save_pretrained folder (not a Hub id): its card gets the figures
+            card = write_model_card(args.model, *model_card_tables(report))
+            print(f"model card: {card}")
     return report
+
+
+def model_card_tables(report: dict) -> tuple[dict, dict]:
+    """The report's measured figures and its settings as the flat tables of a model card (nested keys as a.b)."""
+    names = {"rfid": "rFID", "psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS (AlexNet)",
+             "codebook_usage": "codebook usage", "codebook_perplexity": "codebook perplexity",
+             "num_images": "images", "num_skipped": "images skipped", "num_upsampled": "images upsampled"}
+    metrics = {names.get(k, k): v for k, v in report["metrics"].items() if v is not None}
+    return metrics, flatten(report["settings"])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from vqhit import evaluation
+from vqhit.data import BadImageWarning
 from vqhit.evaluation import (ReferenceStatistics, eval_dataset, evaluate_generator, interpolate_latents,
                               process_shares)
 from vqhit.metrics import frechet_distance, psnr, ssim, to_uint8
@@ -100,8 +101,8 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     report = main(argv)
     metrics, settings = report["metrics"], report["settings"]
     assert set(metrics) == {"rfid", "psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity",
-                            "num_images", "num_skipped"}
-    assert metrics["num_images"] == 2 and metrics["num_skipped"] == 0
+                            "num_images", "num_skipped", "num_upsampled"}
+    assert metrics["num_images"] == 2 and metrics["num_skipped"] == 0 and metrics["num_upsampled"] == 0
     assert metrics["rfid"] > 0 and np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1
     assert metrics["lpips"] > 0 and 0 < metrics["codebook_usage"] <= 1
     assert 1 <= metrics["codebook_perplexity"] <= 2 * 64  # at most 2 images x 64 tokens distinct codes
@@ -116,6 +117,11 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     table = capsys.readouterr().out
     for row in ("rfid", "psnr", "codebook_usage", "crop", "inception_weights", "precision", "dataset_size"):
         assert row in table
+    # The evaluated folder's model card holds the figures and the protocol they were measured with.
+    card = (model_dir / "README.md").read_text()
+    assert f"| rFID | {metrics['rfid']:.4g} |" in card and f"| PSNR (dB) | {metrics['psnr']:.4g} |" in card
+    assert "| crop | adm_center_crop |" in card and "| min_size | 0 |" in card
+    assert "| reference_statistics.status | computed |" in card
 
     # PSNR, SSIM and usage are those of the uint8-rounded reconstructions of the ADM-cropped images.
     model = VQHiT.from_pretrained(model_dir).eval()
@@ -145,6 +151,40 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
 
     with pytest.raises(ValueError, match="another protocol"):  # 1 image is not the set the file describes
         main(argv + ["--num-images", "1", "--no-lpips"])
+
+
+def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tmp_path, make_images, monkeypatch):
+    def no_inception(*args, **kwargs):
+        raise AssertionError("--no-fid must not build Inception")
+
+    monkeypatch.setattr(evaluation, "InceptionFeatures", no_inception)
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")  # 64 x 64 images
+    make_images(tmp_path / "images", {"": 2}, size=(80, 70))
+    make_images(tmp_path / "small", {"": 1}, size=(40, 32))
+    (tmp_path / "small" / "img0.png").rename(tmp_path / "images" / "small.png")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    argv = ["--model", str(model_dir), "--data", str(tmp_path / "images"), "--no-fid", "--no-lpips",
+            "--batch-size", "2", "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress",
+            "--no-model-card"]
+
+    with pytest.warns(BadImageWarning, match=r"small\.png is 40x32.*upsampled"):
+        report = main(argv)  # the protocol's default: the 40 x 32 image is upsampled (ADM), not dropped
+    metrics, settings = report["metrics"], report["settings"]
+    assert (metrics["num_images"], metrics["num_skipped"], metrics["num_upsampled"]) == (3, 0, 1)
+    assert metrics["rfid"] is None and metrics["lpips"] is None
+    assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1 and 0 < metrics["codebook_usage"] <= 1
+    assert settings["min_size"] == 0 and "upsampled" in settings["small_images"]
+    assert settings["inception_weights"] == "not used (no rFID)"
+    card = model_dir / "README.md"  # save_pretrained may write a card without figures
+    assert not card.exists() or "PSNR" not in card.read_text()  # --no-model-card
+
+    with pytest.warns(BadImageWarning, match=r"small\.png: .*below min_size=48"):
+        report = main(argv + ["--min-size", "48"])  # the user's choice: short side below 48 skipped, and recorded
+    assert (report["metrics"]["num_images"], report["metrics"]["num_skipped"]) == (2, 1)
+    assert report["settings"]["min_size"] == 48 and "< 48 skipped" in report["settings"]["small_images"]
+    with pytest.raises(ValueError, match="--no-fid"):
+        main(argv + ["--ref-stats", str(tmp_path / "ref.npz")])
 
 
 class ReplayGenerator(torch.nn.Module):

@@ -42,10 +42,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.distributed as dist
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Sampler, get_worker_info
+
+from . import distributed
 
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
 IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
@@ -163,13 +164,13 @@ def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: Dat
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0.")
     columns = table.column_names
+    if cfg.label_column == "auto":  # a column named "label" when there is one (an image folder with sub-folders)
+        has_label = columns is not None and "label" in columns and cfg.image_column != "label"
+        cfg = replace(cfg, label_column="label" if has_label else None)
     if columns is not None:  # None for some streamed sets whose features are unknown until read
         for what, name in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
             if name is not None and name not in columns:
                 raise ValueError(f"DataConfig.{what}={name!r} is not a column of the dataset; it has {columns}.")
-    if cfg.label_column == "auto":  # a column named "label" when there is one (an image folder with sub-folders)
-        has_label = columns is not None and "label" in columns and cfg.image_column != "label"
-        cfg = replace(cfg, label_column="label" if has_label else None)
     features = table.features or {}
     if isinstance(features.get(cfg.image_column), datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
@@ -320,6 +321,10 @@ class ImageDataset(_ImageRows, torch.utils.data.Dataset):
         self._upsample_warned[0] = True
         return first
 
+    def upsampled_positions(self) -> set[int]:
+        """Dataset positions of the images met so far that were smaller than the resolution (and upsampled)."""
+        return set((self._status == _UPSAMPLED).nonzero().flatten().tolist())
+
     def _outcomes(self):
         for index in self._status.nonzero().flatten().tolist():
             name = _file_name(self.table[index][self.cfg.image_column]) or f"{self.cfg.source}[{index}]"
@@ -366,7 +371,7 @@ class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
         if self.shuffle and self.cfg.shuffle_buffer > 1:
             table = table.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
             table.set_epoch(self.epoch)
-        rank, world_size = _rank_and_world_size()
+        rank, world_size = distributed.rank(), distributed.world_size()
         if world_size > 1:
             table = split_dataset_by_node(table, rank=rank, world_size=world_size)
         worker = get_worker_info()
@@ -478,7 +483,7 @@ def _load_folder(folder: str, cfg: DataConfig) -> tuple[datasets.Dataset | datas
         if cfg.bad_images == "raise":
             raise ValueError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
                              f"in {folder!r}). Restore the targets, or set DataConfig(bad_images='skip') to skip them.")
-        if _rank_and_world_size()[0] == 0:  # every process lists the folder; one is enough to tell
+        if distributed.rank() == 0:  # every process lists the folder; one is enough to tell
             for link, target in dangling.items():
                 warnings.warn(f"skipping {link}: dangling symlink to {target}, which does not exist",
                               BadImageWarning, stacklevel=3)
@@ -555,9 +560,8 @@ class EpochSampler(Sampler):
     def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
                  rank: int | None = None, world_size: int | None = None):
         self.dataset, self.shuffle, self.seed, self.drop_last = dataset, shuffle, seed, drop_last
-        default_rank, default_world = _rank_and_world_size()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
 
     def _total(self) -> int:
         n = len(self.dataset)
@@ -575,12 +579,6 @@ class EpochSampler(Sampler):
         else:
             order = torch.arange(n)
         return iter(order[: self._total()][self.rank:: self.world_size].tolist())
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _is_string(feature) -> bool:

@@ -23,21 +23,21 @@ import json
 import os
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .data import DataConfig, ImageDataset, build_dataloader, build_dataset, from_hf_dataset
-from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, _all_reduce_sum, codebook_usage,
-                      frechet_distance, inception_score, psnr, ssim, to_uint8)
+from . import distributed
+from .data import DataConfig, ImageDataset, build_dataloader, build_dataset
+from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
+                      inception_score, psnr, ssim, to_uint8)
 
 # Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
 DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
@@ -52,23 +52,21 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 
 def eval_dataset(source: str, resolution: int, *, transform: str = "center_crop", split: str = "train",
                  image_column: str = "image", label_column: str | None = "auto", max_images: int | None = None,
-                 bad_images: str = "skip", cache_dir: str | None = None) -> ImageDataset:
+                 bad_images: str = "skip", min_size: int = 0, cache_dir: str | None = None) -> ImageDataset:
     """A map-style dataset with a deterministic transform and no flip, for evaluation and encoding.
 
     source: a local image folder, a Hub dataset id, or "builtin:photos". label_column="auto" keeps a
     column named "label" when there is one (an image folder with sub-folders has it), None drops labels.
+    min_size=0 keeps every image, upsampling those smaller than `resolution` as ADM's protocol does;
+    min_size=N treats images whose short side is below N as bad images (skipped, or raised on).
     """
     if transform not in DETERMINISTIC_TRANSFORMS:
         raise ValueError(f"transform={transform!r} is random or unknown; evaluation and encoding need a deterministic "
                          f"one of {DETERMINISTIC_TRANSFORMS} (center_crop, or adm_center_crop for the rFID protocol).")
-    cfg = DataConfig(source=source, split=split, image_column=image_column,
-                     label_column=None if label_column == "auto" else label_column, streaming=False,
-                     resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
-                     max_images=max_images, cache_dir=cache_dir)
-    dataset = build_dataset(cfg)
-    if label_column == "auto" and "label" in dataset.table.column_names and image_column != "label":
-        dataset = from_hf_dataset(dataset.table, replace(cfg, label_column="label"))
-    return dataset
+    cfg = DataConfig(source=source, split=split, image_column=image_column, label_column=label_column,
+                     streaming=False, resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
+                     min_size=min_size, max_images=max_images, cache_dir=cache_dir)
+    return build_dataset(cfg)
 
 
 def check_eval_dataset(dataset, resolution: int) -> None:
@@ -92,8 +90,11 @@ def data_settings(dataset: ImageDataset) -> dict:
     source = cfg.source
     if os.path.isdir(os.path.expanduser(source)):
         source = os.path.abspath(os.path.expanduser(source))  # the same folder however it was spelled
+    small = ("upsampled (bicubic), as ADM's protocol" if cfg.min_size == 0 else
+             f"short side < {cfg.min_size} skipped, the rest below the resolution upsampled (bicubic)")
     return {"data": source, "split": cfg.split, "image_column": cfg.image_column, "crop": cfg.transform,
-            "resolution": cfg.resolution, "max_images": cfg.max_images, "dataset_size": len(dataset)}
+            "resolution": cfg.resolution, "min_size": cfg.min_size, "small_images": small,
+            "max_images": cfg.max_images, "dataset_size": len(dataset)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,29 +203,34 @@ def _save_on_main(reference: ReferenceStatistics, path) -> None:
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = None, ref_stats=None,
-                       inception_weights=None, lpips: bool = True, lpips_backbone=None, batch_size: int = 32,
-                       num_workers: int = 0, precision: str = "fp32", device=None, progress: bool = True) -> dict:
+def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = None, fid: bool = True,
+                       ref_stats=None, inception_weights=None, lpips: bool = True, lpips_backbone=None,
+                       batch_size: int = 32, num_workers: int = 0, precision: str = "fp32", device=None,
+                       progress: bool = True) -> dict:
     """Reconstruct every image of `dataset` through the tokens (decode_indices(encode(x))) and measure.
 
     Returns {"metrics": {rfid, psnr, ssim, lpips, codebook_usage, codebook_perplexity, num_images,
-    num_skipped}, "settings": {...every setting that decides the numbers...}}. ref_stats: an .npz of the
-    originals' statistics, loaded if it exists (and checked against this protocol), else computed in the
-    same pass and saved there. lpips_backbone: a local torchvision AlexNet state dict (offline use);
-    None loads torchvision's ImageNet weights (downloaded once).
+    num_skipped, num_upsampled}, "settings": {...every setting that decides the numbers...}}. ref_stats: an
+    .npz of the originals' statistics, loaded if it exists (and checked against this protocol), else computed
+    in the same pass and saved there. fid=False skips Inception altogether (rfid is None): PSNR, SSIM, usage
+    and LPIPS need no Inception weights, for offline users. lpips_backbone: a local torchvision AlexNet state
+    dict (offline use); None loads torchvision's ImageNet weights (downloaded once).
     """
     check_eval_dataset(dataset, model.config.resolution)
     _check_precision(precision)
+    if not fid and (ref_stats is not None or inception_weights is not None):
+        raise ValueError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
+                         "off; drop them, or drop --no-fid.")
     state, device = _runtime(device)
     protocol = reference_protocol(dataset, inception_weights)
     reference = _load_reference(ref_stats, protocol)  # first: a mismatching file fails before any work
     model = model.to(device).eval()
-    inception = InceptionFeatures(inception_weights, device=device)
+    inception = InceptionFeatures(inception_weights, device=device) if fid else None
     lpips_metric = LPIPSMetric(net="alex", backbone_path=lpips_backbone).to(device) if lpips else None
-    real = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if reference is None else None
-    fake = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images
-    codes = [torch.zeros(0, dtype=torch.int32)]
+    real = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if fid and reference is None else None
+    fake = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if fid else None
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, upsampled images
+    codes, positions = [torch.zeros(0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.int64)]
     loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
     for batch in _bar(loader, "rFID", progress):
         if batch is None:  # every image of the batch was unreadable (counted as skipped below)
@@ -237,39 +243,46 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
         rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
         if real is not None:
             real.update(inception(x8)[0])
-        fake.update(inception(rec8)[0])
-        sums += torch.stack([psnr(x, rec).double().sum(), ssim(x, rec).double().sum(),
-                             lpips_metric(x, rec).double().sum() if lpips_metric is not None else sums.new_zeros(()),
-                             sums.new_tensor(len(x))])
+        if fake is not None:
+            fake.update(inception(rec8)[0])
+        sums[:4] += torch.stack([psnr(x, rec).double().sum(), ssim(x, rec).double().sum(),
+                                 lpips_metric(x, rec).double().sum() if lpips_metric is not None
+                                 else sums.new_zeros(()), sums.new_tensor(len(x))])
         codes.append(indices.to("cpu", torch.int32))
-    sums = _all_reduce_sum(sums).cpu()
-    fake.all_reduce()
-    status = "loaded"
-    if reference is None:
-        reference, status = ReferenceStatistics.from_statistics(real.all_reduce(), protocol), "computed"
-        _save_on_main(reference, ref_stats)
+        positions.append(batch["index"].cpu())
+    # This process's images that were smaller than the resolution (upsampled by the crop), counted once each.
+    sums[4] = len(dataset.upsampled_positions() & set(torch.cat(positions).tolist()))
+    sums = distributed.all_reduce_sum(sums).cpu()
     n = int(sums[3])
     if n < 2:
-        raise ValueError(f"rFID needs at least 2 readable images; got {n}. Use more images (--num-images).")
+        raise ValueError(f"the evaluation needs at least 2 readable images; got {n}. Use more images "
+                         f"(--num-images).")
+    rfid, status = None, "not used (no rFID)"
+    if fid:
+        fake.all_reduce()
+        status = "loaded"
+        if reference is None:
+            reference, status = ReferenceStatistics.from_statistics(real.all_reduce(), protocol), "computed"
+            _save_on_main(reference, ref_stats)
+        rfid = frechet_distance(reference.mu, reference.sigma, *fake.mean_cov())
     usage = codebook_usage(torch.cat(codes), model.config.codebook_size)
     metrics = {
-        "rfid": frechet_distance(reference.mu, reference.sigma, *fake.mean_cov()),
-        "psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
+        "rfid": rfid, "psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
         "lpips": float(sums[2] / n) if lpips_metric is not None else None,
         "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
-        "num_images": n, "num_skipped": len(dataset) - n,
+        "num_images": n, "num_skipped": len(dataset) - n + len(dataset.dangling), "num_upsampled": int(sums[4]),
     }
     config = model.config
     settings = {
         "model": model_id or config.preset, "preset": config.preset, "resolution": config.resolution,
         "grid": config.grid, "codebook_size": config.codebook_size, **data_settings(dataset),
         "reference_statistics": {"path": None if ref_stats is None else str(ref_stats), "status": status,
-                                 "n": reference.n},
-        "inception_weights": _inception_source(inception_weights),
+                                 "n": None if reference is None else reference.n},
+        "inception_weights": _inception_source(inception_weights) if fid else "not used (no rFID)",
         "lpips": ("off" if not lpips else f"alex, backbone {lpips_backbone}" if lpips_backbone
                   else "alex, torchvision ImageNet backbone"),
         "metrics_on": "uint8-rounded reconstructions; PSNR/SSIM on [0, 1], SSIM Gaussian 11/1.5",
-        "fid_statistics": "float64 sums over all processes, covariance ddof=1",
+        "fid_statistics": "float64 sums over all processes, covariance ddof=1" if fid else "not used (no rFID)",
         **_run_settings(state, device, precision, batch_size),
     }
     return {"metrics": metrics, "settings": settings}
@@ -327,7 +340,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
         stats.update(pool)
         logits.append(batch_logits.float().cpu())
     stats.all_reduce()
-    all_logits = _gather_rows(torch.cat(logits), shares)
+    all_logits = distributed.all_gather_cat(torch.cat(logits)).cpu()  # rank order, no padding kept
     is_mean, is_std = inception_score(all_logits, split_size=is_split_size)
     metrics = {"fid": frechet_distance(reference.mu, reference.sigma, *stats.mean_cov()),
                "inception_score": is_mean, "inception_score_std": is_std, "num_samples": stats.n}
@@ -399,20 +412,21 @@ def _save_png(images: torch.Tensor, nrow: int, path) -> Path:
 def format_report(report: dict, title: str) -> str:
     """A two-column text table of a report: metrics first, then every setting (nested keys as a.b)."""
     rows = []
-
-    def add(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                add(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            rows.append((prefix, f"{value:.4f}" if isinstance(value, float) else str(value)))
-
     for section in report:
         rows.append((f"[{section}]", ""))
-        add("", report[section])
+        rows += [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in flatten(report[section]).items()]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([title, line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts as one flat dict with keys a.b.c (for tables: printed reports, model cards)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(flatten(value, name) if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def write_report(report: dict, path) -> Path:
@@ -430,8 +444,8 @@ def process_state() -> PartialState:
     """Accelerate's process state (rank, world size, device, barrier), as the training loop's Accelerator sees it:
     ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != state.num_processes:
-        raise ValueError(f"torch.distributed runs {dist.get_world_size()} processes but Accelerate sees "
+    if distributed.world_size() != state.num_processes:
+        raise ValueError(f"torch.distributed runs {distributed.world_size()} processes but Accelerate sees "
                          f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
                          f"`accelerate launch --cpu`).")
     return state
@@ -470,14 +484,55 @@ def _run_settings(state: PartialState, device: torch.device, precision: str, bat
             "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
 
 
-def _gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Concatenate every process's rows in rank order (process r holds counts[r] rows); no padding is kept."""
-    if len(counts) == 1:
-        return rows
-    # all_gather needs equal shapes: pad to the largest share, gather, and cut each back to its count.
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    padded = rows.new_zeros(max(counts), *rows.shape[1:]).to(comm_device)
-    padded[: len(rows)] = rows.to(comm_device)
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)]).cpu()
+# --------------------------------------------------------------------------------------------------
+# Held-out reconstruction report (the end of a tokenizer training run)
+
+
+@torch.no_grad()
+def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device=None, grid_path=None,
+                   grid_images: int = 16) -> dict:
+    """Reconstruct every image of a held-out `dataset` through the tokens and measure it; save a grid.
+
+    Returns {"psnr", "ssim" (means over images), "codebook_usage", "codebook_perplexity" (over all the tokens
+    of the set), "num_images", "grid" (the PNG's path, or None)}. The numbers use the same conventions as
+    `evaluate_tokenizer` (uint8-rounded reconstructions; PSNR/SSIM from vqhit.metrics) but need no Inception
+    or LPIPS weights, so a training run can end with them offline. Pass the EMA model: it is put in eval mode
+    (its BatchNorm uses running statistics) and left as it was found.
+
+    Runs on the calling process alone over the whole set (call it on the main process only): held-out sets
+    are small, and no process waits on another. The grid has `grid_images` images spread evenly over the
+    set (every source photograph appears when the set is ordered by photo), each original beside its
+    reconstruction, four pairs per row.
+    """
+    check_eval_dataset(dataset, model.config.resolution)
+    if len(dataset) == 0:
+        raise ValueError("heldout_report got an empty dataset; build it with eval_dataset('builtin:photos-heldout', "
+                         "resolution) or point it at a folder of images.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    shown = set(np.linspace(0, len(dataset) - 1, min(grid_images, len(dataset))).round().astype(int).tolist())
+    psnrs, ssims, codes, pairs = [], [], [], []
+    for start in range(0, len(dataset), batch_size):  # by index, unsharded: this process sees every image
+        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+        items = [(i, item) for i, item in items if item is not None]  # unreadable files are skipped (and counted)
+        if not items:
+            continue
+        x = torch.stack([item["image"] for _, item in items]).to(device)
+        indices = model.encode(x)
+        reconstruction = to_uint8(model.decode_indices(indices).float()).float() / 127.5 - 1  # as saved
+        psnrs.append(psnr(x, reconstruction).cpu())
+        ssims.append(ssim(x, reconstruction).cpu())
+        codes.append(indices.cpu())
+        pairs += [torch.stack([x[k], reconstruction[k]]).cpu() for k, (i, _) in enumerate(items) if i in shown]
+    model.train(was_training)
+    if not codes:
+        raise ValueError("heldout_report: every image of the held-out set was unreadable.")
+    usage = codebook_usage(torch.cat(codes), model.config.codebook_size, all_reduce=False)
+    grid = None
+    if grid_path is not None:
+        grid = _save_png(to_uint8(torch.cat(pairs)), 8, grid_path)  # 8 columns: four (original, reconstruction)
+    psnrs = torch.cat(psnrs)
+    return {"psnr": float(psnrs.mean()), "ssim": float(torch.cat(ssims).mean()),
+            "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
+            "num_images": len(psnrs), "grid": None if grid is None else str(grid)}
