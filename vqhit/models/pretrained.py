@@ -170,17 +170,28 @@ DEFAULT_CARD = """---
 
 # {{ model_type }}{% if preset %} ({{ preset }}){% endif %}
 
-A vqhit model ([HiT, Zhao et al. 2021]({{ paper_url }})), saved with `save_pretrained`.
+A vqhit model ([HiT, Zhao et al. 2021](""" + PAPER_URL + """)), saved with `save_pretrained`.
 
 ```python
 from vqhit import {{ class_name }}
 model = {{ class_name }}.from_pretrained("<this folder or Hub repository>")
 ```
 """
+EVALUATION_SECTION = """
+## Evaluation
+
+{{ metrics }}
+
+## Measured with
+
+{{ settings }}
+"""
+TAGS = ["vqhit", "image-generation"]
 
 
-class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, paper_url=PAPER_URL,
-                      model_card_template=DEFAULT_CARD, tags=["vqhit", "image-generation"]):
+# (The paper link is in the template, not the mixin's `paper_url`: that needs huggingface_hub >= 0.30.)
+class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_template=DEFAULT_CARD,
+                      tags=TAGS):
     """Mixed into an nn.Module that has a `config` dataclass built on ConfigMixin.
 
     Subclasses set `model_type` (written into config.json, checked on load) and `config_class`, and may set
@@ -319,14 +330,13 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -
     """Write `folder/README.md`: a Hub model card holding evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...})
     and the settings they were measured with (e.g. {"data": ..., "images": 50000}). Atomic; replaces the card."""
     folder = Path(folder)
-    meta = {}
-    if (folder / CONFIG_NAME).exists():
-        try:
-            meta = json.loads((folder / CONFIG_NAME).read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    model_type, preset = meta.get("model_type", "model"), meta.get("preset")
-    data = ModelCardData(library_name=LIBRARY, tags=["vqhit", "model_hub_mixin", "pytorch_model_hub_mixin"])
+    try:  # the card names the model when the folder's config says what it is; it is written either way
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    model_type = meta.get("model_type", "model")
+    data = ModelCardData(library_name=LIBRARY, tags=sorted({*TAGS, "model_hub_mixin", "pytorch_model_hub_mixin"}))
 
     def table(rows: dict) -> str:
         lines = ["| | |", "|---|---|"]
@@ -334,13 +344,8 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
         return "\n".join(lines)
 
-    title = f"{model_type} ({preset})" if preset else model_type
-    class_name = {"vqhit": "VQHiT", "hit-generator": "HiTGenerator"}.get(model_type, "VQHiT")
-    text = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n"
-            f"A vqhit model ([HiT, Zhao et al. 2021]({PAPER_URL})).\n\n"
-            f"```python\nfrom vqhit import {class_name}\n"
-            f"model = {class_name}.from_pretrained(\"<this folder or Hub repository>\")\n```\n\n"
-            f"## Evaluation\n\n{table(metrics)}\n\n## Measured with\n\n{table(settings)}\n")
-    card = ModelCard(text)
+    card = ModelCard.from_template(data, template_str=DEFAULT_CARD + EVALUATION_SECTION, model_type=model_type,
+                                   preset=meta.get("preset"), metrics=table(metrics), settings=table(settings),
+                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"))
     atomic_write(folder / CARD_NAME, lambda p: card.save(p))
     return folder / CARD_NAME
