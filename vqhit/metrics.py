@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from . import distributed
 from .downloads import explain_download_failure
 
 __all__ = [
@@ -52,25 +52,6 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all processes (a no-op without torch.distributed); returns the summed tensor."""
-    if not _distributed():
-        return tensor
-    # NCCL only reduces CUDA tensors; gloo reduces CPU ones. Move there and back so callers may keep
-    # their accumulators wherever is convenient.
-    if dist.get_backend() == "nccl":
-        comm_device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        comm_device = torch.device("cpu")
-    buffer = tensor.to(comm_device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.to(tensor.device)
 
 
 def _check_image_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
@@ -206,15 +187,15 @@ class FeatureStatistics:
 
         Call once, after the last update, on every process; afterwards every process holds the totals.
         """
-        if not _distributed():
+        if not distributed.is_distributed():
             return self
         if self._reduced:
             raise RuntimeError("FeatureStatistics.all_reduce() was already called; a second call would "
                                "count every other process's samples again.")
-        n = _all_reduce_sum(torch.tensor([self.n], dtype=torch.int64, device=self.sum.device))
+        n = distributed.all_reduce_sum(torch.tensor([self.n], dtype=torch.int64, device=self.sum.device))
         self.n = int(n.item())
-        self.sum = _all_reduce_sum(self.sum)
-        self.sum_outer = _all_reduce_sum(self.sum_outer)
+        distributed.all_reduce_sum(self.sum)
+        distributed.all_reduce_sum(self.sum_outer)
         self._reduced = True
         return self
 
@@ -405,7 +386,7 @@ def codebook_usage(indices: torch.Tensor, num_codes: int, all_reduce: bool = Tru
                          f"[{flat.min().item()}, {flat.max().item()}]. Is num_codes right?")
     counts = torch.bincount(flat, minlength=num_codes)
     if all_reduce:
-        counts = _all_reduce_sum(counts)
+        distributed.all_reduce_sum(counts)
     total = counts.sum()
     if total == 0:
         raise ValueError("codebook_usage got no indices.")
