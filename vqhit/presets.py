@@ -58,6 +58,22 @@ TOKENIZER_PRESETS = {
 TOKENIZER_DECODER_PARAMS = {"vqhit-b-f16-1024": 17_512_710}
 ENCODER_PARAMS = {"vqhit-b-f16-1024": 29_298_176}  # taming's Encoder alone, without quant_conv
 
+# Decoder baselines (vqhit.models.decoders): the same encoder and codebook as a VQ-HiT preset, another decoder.
+# Decoder counts include the conv decoder's post_quant_conv; FLOPs are per image (FlopCounterMode, 2 per MAC).
+TOKENIZER_PRESETS.update({
+    # The paper's baseline (Table 2, rFID 8.00): taming's VQGAN f16, i.e. its Decoder mirroring the encoder's
+    # settings, behind post_quant_conv. 252.7 GFLOPs against the HiT decoder's 31.8.
+    "vqgan-f16-1024": dict(TOKENIZER_PRESETS["vqhit-b-f16-1024"], decoder="conv"),      # decoder 42,515,587
+    # The tiny pair beside vqhit-tiny (decoder 687,270 params, 0.333 GFLOPs), scaled like the paper's pair:
+    # conv at 2.47x the HiT decoder's parameters (paper 2.43x), attention at the lowest level as taming's f16;
+    # vit at 0.322 GFLOPs, 3% under the HiT decoder, as the paper-scale vit default (31.0 vs 31.8 GFLOPs).
+    "vqgan-tiny": dict(TOKENIZER_PRESETS["vqhit-tiny"], decoder="conv", conv_decoder_channel_mult=[1, 2, 3, 4],
+                       conv_decoder_res_blocks=0, conv_decoder_attn_resolutions=[8]),   # decoder 1,699,459
+    "vqvit-tiny": dict(TOKENIZER_PRESETS["vqhit-tiny"], decoder="vit", vit_decoder_width=256,
+                       vit_decoder_depth=3, vit_decoder_heads=4),                       # decoder 2,443,968
+})
+TOKENIZER_DECODER_PARAMS.update({"vqgan-f16-1024": 42_515_587, "vqgan-tiny": 1_699_459, "vqvit-tiny": 2_443_968})
+
 
 def list_presets(kind: str | None = None) -> list[str]:
     """Names of the presets: `kind` None for all, "generator" or "tokenizer" for one family."""

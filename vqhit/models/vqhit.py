@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..presets import TOKENIZER_PRESETS
+from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
 from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
 from .pretrained import ConfigMixin, PretrainedMixin
 from .quantizer import VectorQuantizer
 
+DECODERS = ("hit", "conv", "vit")
 # Images are expected in [-1, 1]; a little overshoot (resampling) is fine, [0, 255] is not.
 INPUT_RANGE_LIMIT = 1.5
 
@@ -77,12 +79,23 @@ class VQHiTConfig(ConfigMixin):
     dead_code_steps: int = 500         # training forwards a code may go unused before it is re-seeded
     entropy_loss_weight: float = 0.0   # codebook entropy loss (MAGVIT / LlamaGen) in vq_loss; 0 = off (the paper)
     entropy_temperature: float = 0.01  # its soft-assignment temperature (suits l2_normalize / lookup_dim codes)
-    # Decoder: HiT stages from the token grid.
+    # Decoder: "hit" (the paper's HiT stages from the token grid), or a baseline of vqhit.models.decoders:
+    # "conv" (taming's VQGAN decoder) or "vit" (a plain transformer). Only the chosen kind's keys are used.
+    decoder: str = "hit"
     decoder_widths: list = field(default_factory=lambda: [512, 256, 128, 64, 64])
     decoder_heads: list = field(default_factory=lambda: [8, 4, 4, 4, 4])
     decoder_blocks: list = field(default_factory=lambda: [2, 2, 2, 1, 1])
     decoder_block_sizes: list = field(default_factory=lambda: [4, 8, 8, None, None])
     decoder_memory_dim: int = 512
+    # decoder="conv": None = the encoder's value, as in taming's configs (one ddconfig for both halves).
+    conv_decoder_channels: int | None = None
+    conv_decoder_channel_mult: list | None = None
+    conv_decoder_res_blocks: int | None = None      # taming's decoder runs this + 1 ResnetBlocks per level
+    conv_decoder_attn_resolutions: list | None = None
+    # decoder="vit": defaults sized to the paper HiT decoder's 31.8 GFLOPs at 16x16 -> 256x256 (31.0 GFLOPs).
+    vit_decoder_width: int = 768
+    vit_decoder_depth: int = 8
+    vit_decoder_heads: int = 12
     multi_query: bool = True
     norm: str = "batch"
     bn_momentum: float = BN_MOMENTUM
@@ -101,8 +114,15 @@ class VQHiTConfig(ConfigMixin):
             raise ValueError(f"resolution {self.resolution} is not divisible by the encoder's downsampling "
                              f"factor {f}")
         grid = self.resolution // f
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
+        mult = self.conv_decoder_channel_mult
+        if self.decoder == "conv" and mult is not None and len(mult) != len(self.encoder_channel_mult):
+            raise ValueError(f"conv_decoder_channel_mult {mult} has {len(mult)} levels but the encoder has "
+                             f"{len(self.encoder_channel_mult)}: the decoder must upsample by the encoder's factor "
+                             f"{f}; give it {len(self.encoder_channel_mult)} entries")
         reach = grid * 2 ** (len(self.decoder_widths) - 1)
-        if reach != self.resolution:
+        if self.decoder == "hit" and reach != self.resolution:
             raise ValueError(f"the decoder's {len(self.decoder_widths)} stages take the {grid}x{grid} grid to "
                              f"{reach}x{reach}, not {self.resolution}x{self.resolution}; use "
                              f"{(self.resolution // grid).bit_length()} decoder stages")
@@ -131,13 +151,28 @@ class VQHiT(PretrainedMixin, nn.Module):
                                         lookup_dim=c.lookup_dim, restart_dead_codes=c.restart_dead_codes,
                                         dead_code_steps=c.dead_code_steps, entropy_loss_weight=c.entropy_loss_weight,
                                         entropy_temperature=c.entropy_temperature)
-        self.decoder = HiTDecoder(c.code_dim, c.grid, c.decoder_widths, c.decoder_heads, c.decoder_blocks,
-                                  c.decoder_block_sizes, c.decoder_memory_dim,
-                                  norm_layer=norm_factory(c.norm, c.bn_momentum),
-                                  multi_query=c.multi_query, attention_mode=c.attention_mode,
-                                  cross_attention=c.cross_attention, mlp_ratio=c.mlp_ratio,
-                                  checkpoint_mlp=c.checkpoint_mlp)
+        self.decoder = self._build_decoder(c)
         self.set_frozen(encoder=c.freeze_encoder, codebook=c.freeze_codebook)
+
+    @staticmethod
+    def _build_decoder(c: VQHiTConfig) -> nn.Module:
+        """The decoder kind `c.decoder` names; all take codes (B, h, w, D) and return images (B, 3, R, R)."""
+        if c.decoder == "conv":
+            def enc(value, default):  # unset conv keys mirror the encoder, as taming's shared ddconfig does
+                return default if value is None else value
+            return ConvDecoder(c.code_dim, c.resolution, enc(c.conv_decoder_channels, c.encoder_channels),
+                               enc(c.conv_decoder_channel_mult, c.encoder_channel_mult),
+                               enc(c.conv_decoder_res_blocks, c.encoder_res_blocks),
+                               enc(c.conv_decoder_attn_resolutions, c.encoder_attn_resolutions), c.encoder_z_channels)
+        if c.decoder == "vit":
+            return ViTDecoder(c.code_dim, c.grid, c.resolution, c.vit_decoder_width, c.vit_decoder_depth,
+                              c.vit_decoder_heads, c.mlp_ratio)
+        return HiTDecoder(c.code_dim, c.grid, c.decoder_widths, c.decoder_heads, c.decoder_blocks,
+                          c.decoder_block_sizes, c.decoder_memory_dim,
+                          norm_layer=norm_factory(c.norm, c.bn_momentum),
+                          multi_query=c.multi_query, attention_mode=c.attention_mode,
+                          cross_attention=c.cross_attention, mlp_ratio=c.mlp_ratio,
+                          checkpoint_mlp=c.checkpoint_mlp)
 
     def set_frozen(self, encoder: bool, codebook: bool) -> None:
         """Freeze the encoder (+ quant_conv) and/or the codebook, e.g. to train the decoder on fixed codes."""
@@ -213,15 +248,19 @@ class VQHiT(PretrainedMixin, nn.Module):
         return reconstruction, aux
 
     def last_decoder_layer(self) -> torch.Tensor:
-        """Weight of the last to-RGB Linear: where the adaptive adversarial weight measures gradients."""
-        return self.decoder.stages.stages[-1].to_rgb[-1].weight
+        """Weight of the decoder's last layer (HiT: the last to-RGB Linear; conv: conv_out; vit: the patch head):
+        where the adaptive adversarial weight measures gradients."""
+        if isinstance(self.decoder, HiTDecoder):
+            return self.decoder.stages.stages[-1].to_rgb[-1].weight
+        return self.decoder.last_layer
 
     def num_parameters(self, module: nn.Module | None = None) -> int:
         return sum(p.numel() for p in (module or self).parameters())
 
     def load_taming_checkpoint(self, path, weights_only: bool = True) -> None:
         """Import encoder, quant_conv and codebook from a taming VQGAN checkpoint (Lightning `.ckpt` with a
-        "state_dict", or a plain state dict); the decoder is left as it is.
+        "state_dict", or a plain state dict); with decoder="conv" also taming's decoder and post_quant_conv, so a
+        released VQGAN is evaluated in vqhit's harness as it is. Any other decoder is left as it is.
 
         Lightning checkpoints may pickle objects beyond tensors; `weights_only=False` allows them, only for files
         you trust.
@@ -239,12 +278,18 @@ class VQHiT(PretrainedMixin, nn.Module):
             raise ValueError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
                              f"taming VQGAN checkpoint")
         prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
-        wanted = {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
-        missing = sorted(set(wanted) - set(state))
+        if self.config.decoder == "conv":
+            prefixes += ("decoder.",)
+        # our key -> taming's key: taming keeps post_quant_conv beside its decoder, ConvDecoder inside.
+        wanted = {k: k.replace("decoder.post_quant_conv.", "post_quant_conv.")
+                  for k in self.state_dict() if k.startswith(prefixes)}
+        ours = self.state_dict()
+        missing = sorted(t for t in wanted.values() if t not in state)
         if missing:
-            raise ValueError(f"{path} is not a taming VQGAN checkpoint for this encoder: missing keys {missing[:5]}")
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in wanted.items()
-                 if state[k].shape != v.shape]
+            raise ValueError(f"{path} is not a taming VQGAN checkpoint for this model "
+                             f"(decoder={self.config.decoder!r}): missing keys {missing[:5]}")
+        wrong = [f"{t}: {tuple(state[t].shape)} vs {tuple(ours[k].shape)}" for k, t in wanted.items()
+                 if state[t].shape != ours[k].shape]
         if wrong:
             raise ValueError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
-        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        self.load_state_dict({k: state[t] for k, t in wanted.items()}, strict=False)
