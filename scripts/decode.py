@@ -6,7 +6,8 @@
         --output-dir decoded/val --name-by id
 
 Process r decodes the shards k = r (mod #processes). Images are the decoder's output clamped to [-1, 1]
-and rounded to uint8.
+and rounded to uint8. The tokenizer must be the one whose encoder and codebook made the tokens (checked by
+fingerprint; a decoder fine-tuned later on the same codes passes); --allow-other-tokenizer overrides that.
 """
 import argparse
 
@@ -26,6 +27,9 @@ def parse_args(argv=None):
                    "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "
                    ".png suffix (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="Token grids per forward pass (default: %(default)s)")
+    p.add_argument("--allow-other-tokenizer", action="store_true", help="Decode even though --model's encoder or "
+                   "codebook differs from the one that made the tokens (only for a decoder trained on these codes; "
+                   "otherwise the images are meaningless)")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
     return p.parse_args(argv)
 
@@ -34,7 +38,7 @@ def main(argv=None):
     args = parse_args(argv)
     model = VQHiT.from_pretrained(args.model)
     written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,
-                            progress=not args.no_progress)
+                            allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.no_progress)
     state = process_state()
     if state.is_main_process:
         print(f"{args.output_dir}: {written} images from the main process ({state.num_processes} processes)")

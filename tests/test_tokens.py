@@ -111,6 +111,65 @@ def test_resume_encodes_only_the_missing_shard(setup, encoded, tmp_path):
         encode_dataset(VQHiT.from_preset("vqhit-tiny"), dataset, out, shard_size=2, device="cpu", progress=False)
 
 
+def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_encode_rerun(setup, tmp_path):
+    model, dataset = setup["model"], setup["dataset"]
+    out = tmp_path / "tokens"
+    encode = dict(shard_size=2, batch_size=2, device="cpu", progress=False)
+    encode_dataset(model, dataset, out, **encode)
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    decode_argv = ["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(tmp_path / "png"),
+                   "--no-progress"]
+    shard = out / shard_name(1)
+    good_shard, good_manifest = shard.read_bytes(), (out / "tokens.json").read_text()
+    damages = {"truncated": good_shard[: len(good_shard) // 2], "garbage": b"\x00garbage" * 50, "empty": b""}
+    for kind, data in damages.items():
+        shard.write_bytes(data)
+        for run in (lambda: decode(decode_argv), lambda: encode_dataset(model, dataset, out, **encode)):
+            with pytest.raises(ValueError, match=r"shard-00001\.safetensors is damaged.*delete it and run "
+                                                 r"scripts/encode\.py again"):
+                run()
+    shard.unlink()  # the fix: delete it and encode again
+    assert encode_dataset(model, dataset, out, **encode).encoded == [1]
+    assert torch.equal(read_shard(shard)["indices"], load_tokens(out).indices[2:4])
+
+    manifest = out / "tokens.json"
+    for kind, text in {"truncated": good_manifest[:40], "not an object": "[1, 2]",
+                       "missing keys": json.dumps({"format": "vqhit-tokens"})}.items():
+        manifest.write_text(text)
+        for run in (lambda: decode(decode_argv), lambda: encode_dataset(model, dataset, out, **encode)):
+            with pytest.raises(ValueError, match=r"tokens\.json is (damaged|not a vqhit token manifest).*delete it "
+                                                 r"and run scripts/encode\.py again"):
+                run()
+    manifest.unlink()  # the fix: the shards' own metadata let the same encode run resume and rewrite it
+    summary = encode_dataset(model, dataset, out, **encode)
+    assert summary.encoded == [] and summary.reused == [0, 1, 2]
+    assert json.loads(manifest.read_text()) == json.loads(good_manifest)
+    manifest.unlink()
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size"):
+        encode_dataset(model, dataset, out, **{**encode, "shard_size": 3})  # other settings: refused, not mixed in
+    encode_dataset(model, dataset, out, **encode)
+
+    # A shard of another folder (other shard size) copied in is refused by name, not decoded as if it were ours.
+    other = tmp_path / "other"
+    encode_dataset(model, dataset, other, **{**encode, "shard_size": 3})
+    (other / shard_name(1)).replace(shard)
+    with pytest.raises(ValueError, match=r"shard-00001\.safetensors does not belong.*shard_size"):
+        load_tokens(out)
+
+
+def test_decoding_with_another_tokenizer_is_refused_unless_allowed(setup, encoded, tmp_path):
+    out, _ = encoded
+    torch.manual_seed(1)
+    other_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "other-model")  # same preset, other codes
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    argv = ["--model", str(other_dir), "--tokens", str(out), "--output-dir", str(tmp_path / "png"), "--no-progress"]
+    with pytest.raises(ValueError, match="another encoder/codebook.*--allow-other-tokenizer"):
+        decode(argv)
+    assert not (tmp_path / "png").exists()
+    with pytest.warns(UserWarning, match="decoding anyway"):
+        assert decode(argv + ["--allow-other-tokenizer"]) == 5
+
+
 def test_random_transforms_are_refused(setup):
     from vqhit.data import DataConfig, build_dataset
 

@@ -17,6 +17,13 @@ Shard k holds a fixed range of dataset positions, and process r of W encodes the
 every image is encoded exactly once with no padding, whatever the number of processes. A shard is
 written to a temporary name and renamed, so a shard file that exists is complete; a restarted run
 skips those and encodes only the rest.
+
+Files damaged later (a truncated copy, a full disk, garbage) are caught when read: every shard's header is
+checked (safetensors refuses a file its header does not cover exactly) and its metadata compared with
+`tokens.json`, on decode and on an encode re-run alike, and the error names the file and the fix. Each shard
+carries the manifest's fields, so a lost or damaged `tokens.json` can be rewritten by re-running the encode.
+Tokens decode only with the tokenizer whose encoder and codebook made them (same fingerprint), unless
+the caller says otherwise (`allow_other_tokenizer`, `--allow-other-tokenizer`).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,6 +50,10 @@ from .models.pretrained import atomic_write
 FORMAT, VERSION = "vqhit-tokens", 1
 MANIFEST_NAME = "tokens.json"
 NAME_BY = ("index", "id")
+MANIFEST_KEYS = ("format", "version", "model", "preset", "tokenizer_fingerprint", "codebook_size", "grid",
+                 "resolution", "dtype", "preprocessing", "data", "label_column", "precision", "num_items",
+                 "shard_size", "num_shards")
+REENCODE = "delete it and run scripts/encode.py again with the same arguments: only missing shards are encoded"
 
 
 def shard_name(k: int) -> str:
@@ -129,6 +140,8 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
     n, dtype = manifest["num_items"], index_dtype(model.config.codebook_size)
     mine = range(state.process_index, manifest["num_shards"], state.num_processes)
     reused = [k for k in mine if (output_dir / shard_name(k)).exists()]
+    for k in reused:  # a shard that exists was complete when written; check it is still whole and ours
+        check_shard(output_dir / shard_name(k), manifest, k)
     todo = [k for k in mine if k not in reused]
     # One loader over all of this process's batches; a batch never crosses a shard boundary.
     plan = [(k, list(range(start, min(start + batch_size, (k + 1) * shard_size, n))))
@@ -163,15 +176,24 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
 def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
     path = output_dir / MANIFEST_NAME
     if not path.exists():
-        if output_dir.is_dir() and any(output_dir.glob("shard-*.safetensors")):
-            raise ValueError(f"{output_dir} holds shards but no {MANIFEST_NAME}; use an empty output folder.")
+        # No manifest (never written, or deleted because it was damaged): the shards' own metadata say how they
+        # were made, so those of this run's settings are kept and anything else is refused.
+        for shard in sorted(output_dir.glob("shard-*.safetensors")) if output_dir.is_dir() else []:
+            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]))
         return
-    existing = json.loads(path.read_text())
-    # The model's name may change (a copied folder); its fingerprint may not.
-    diff = {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
+    _check_same_run(_manifest_differences(read_manifest(output_dir), manifest), output_dir)
+
+
+def _manifest_differences(existing: dict, manifest: dict) -> dict:
+    """Manifest fields that differ, as (existing, this run); the model's name may change (a copied folder), its
+    fingerprint may not."""
+    return {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
             if k != "model" and existing.get(k) != manifest.get(k)}
+
+
+def _check_same_run(diff: dict, where) -> None:
     if diff:
-        raise ValueError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
+        raise ValueError(f"{where} holds tokens made with other settings (folder, this run): {diff}. "
                          f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
 
 
@@ -212,17 +234,44 @@ def _relative_id(name: str, source: str) -> str:
 
 
 def read_shard_metadata(path) -> dict:
-    """A shard's metadata (values decoded from JSON) plus num_images, without reading the tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = {k: json.loads(v) for k, v in f.metadata().items()}
-        metadata["num_images"] = f.get_slice("indices").get_shape()[0]
+    """A shard's metadata (values decoded from JSON) plus num_images and the indices' shape, without reading the
+    tensors. A damaged file raises a ValueError that names it and the fix."""
+    try:
+        with safe_open(str(path), framework="pt") as f:  # refuses a file its header does not cover exactly
+            metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = set(f.keys())
+            shape = f.get_slice("indices").get_shape() if "indices" in tensors else None
+    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
+    missing = sorted({"indices", "dataset_index"} - tensors) + sorted({*MANIFEST_KEYS, "shard", "ids", "skipped"}
+                                                                      - metadata.keys())
+    if missing:
+        raise ValueError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
+    metadata["num_images"], metadata["shape"] = shape[0], list(shape)
+    return metadata
+
+
+def check_shard(path, manifest: dict, k: int) -> dict:
+    """Read shard k's header and check it belongs to the folder `manifest` describes; returns its metadata."""
+    metadata = read_shard_metadata(path)
+    diff = _manifest_differences({key: metadata[key] for key in MANIFEST_KEYS}, manifest)
+    expected = [metadata["num_images"], manifest["grid"], manifest["grid"]]
+    if metadata["shard"] != k:
+        diff["shard"] = (metadata["shard"], k)
+    if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
+        diff["indices shape, ids"] = (metadata["shape"], len(metadata["ids"]))
+    if diff:
+        raise ValueError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
     return metadata
 
 
 def read_shard(path) -> dict:
     """{"indices", "dataset_index", "labels" (or None), "ids", "skipped", "metadata"} of one shard."""
-    tensors = load_file(str(path))
     metadata = read_shard_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
     return {"indices": tensors["indices"], "dataset_index": tensors["dataset_index"],
             "labels": tensors.get("labels"), "ids": metadata["ids"], "skipped": metadata["skipped"],
             "metadata": metadata}
@@ -231,10 +280,21 @@ def read_shard(path) -> dict:
 def read_manifest(token_dir) -> dict:
     path = Path(token_dir) / MANIFEST_NAME
     if not path.exists():
-        raise ValueError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vqhit token manifest (format {manifest.get('format')!r}).")
+        raise ValueError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
+                         f"{MANIFEST_NAME} was lost, run scripts/encode.py again with the same arguments to rewrite "
+                         f"it (the shards are kept).")
+    rewrite = (f"delete it and run scripts/encode.py again with the same arguments: it is rewritten, and the shards "
+               f"already there are kept when their own metadata match that run")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} is not a vqhit token manifest (format {found!r}); {rewrite}.")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} is damaged (missing {missing}); {rewrite}.")
     return manifest
 
 
@@ -247,6 +307,8 @@ def shard_paths(token_dir) -> list[Path]:
     if missing:
         raise ValueError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
                          f"({missing[:3]}...); re-run scripts/encode.py with the same arguments to finish it.")
+    for k, path in enumerate(paths):  # headers only: a damaged or foreign shard fails here, before any work
+        check_shard(path, manifest, k)
     return paths
 
 
@@ -297,11 +359,14 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by: str = "index", device=None,
-                  progress: bool = True) -> int:
+                  allow_other_tokenizer: bool = False, progress: bool = True) -> int:
     """Decode every shard to PNGs in `output_dir`; returns the number of images this process wrote.
 
     name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
-    with a .png suffix. Process r decodes the shards k = r (mod world size).
+    with a .png suffix. Process r decodes the shards k = r (mod world size). The model's encoder and codebook
+    must be those that made the tokens (same fingerprint; a decoder trained later on those codes is fine):
+    another tokenizer of the same preset reads the same index range but means other images by it. Pass
+    allow_other_tokenizer=True only for a decoder you know was trained on these codes.
     """
     if name_by not in NAME_BY:
         raise ValueError(f"name_by={name_by!r}; use one of {NAME_BY}.")
@@ -311,9 +376,15 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
         raise ValueError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
                          f"codes but the model decodes {config.grid}x{config.grid} grids of {config.codebook_size}; "
                          f"use the tokenizer that made them ({manifest['model']}).")
-    if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(model):
-        warnings.warn(f"the tokens were made by another encoder/codebook ({manifest['model']}); the images are "
-                      f"meaningful only if this decoder was trained on those codes.")
+    fingerprint = tokenizer_fingerprint(model)
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        problem = (f"the tokens in {token_dir} were made by another encoder/codebook ({manifest['model']}, fingerprint "
+                   f"{manifest['tokenizer_fingerprint'][:12]}) than this model's ({fingerprint[:12]})")
+        if not allow_other_tokenizer:
+            raise ValueError(f"{problem}: its decoder would turn them into meaningless images. Decode with the "
+                             f"tokenizer that made them, or pass allow_other_tokenizer=True (--allow-other-tokenizer) "
+                             f"if this decoder was trained on those codes.")
+        warnings.warn(f"{problem}; decoding anyway (allow_other_tokenizer=True).")
     state = process_state()
     device = torch.device(device) if device is not None else state.device
     model = model.to(device).eval()
