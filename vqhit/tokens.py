@@ -91,7 +91,7 @@ def token_manifest(model, dataset: ImageDataset, *, shard_size: int, model_id: s
         "codebook_size": config.codebook_size, "grid": config.grid, "resolution": config.resolution,
         "dtype": str(index_dtype(config.codebook_size)).removeprefix("torch."),
         "preprocessing": {"transform": settings["crop"], "resolution": settings["resolution"], "flip": False,
-                          "bad_images": dataset.cfg.bad_images},
+                          "bad_images": dataset.cfg.bad_images, "min_size": settings["min_size"]},
         "data": {k: settings[k] for k in ("data", "split", "image_column", "max_images")},
         "label_column": dataset.cfg.label_column, "precision": precision,
         "num_items": n, "shard_size": shard_size, "num_shards": -(-n // shard_size),
