@@ -141,9 +141,10 @@ def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:
                                  "reduce it to one number first (e.g. .mean())")
             value = value.detach().reshape(())
         scalars.append(value)
-    if not is_distributed():
-        return {key: float(v) for key, v in zip(values, scalars)}
-    device = _comm_device(torch.empty(0))
+    if is_distributed():
+        device = _comm_device(torch.empty(0))
+    else:  # where the tensors already are: one device-to-host copy at the end, not one per value
+        device = next((v.device for v in scalars if isinstance(v, Tensor)), torch.device("cpu"))
     stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in scalars])
     all_reduce_mean(stacked)
     return dict(zip(values, stacked.tolist()))

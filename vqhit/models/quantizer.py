@@ -28,8 +28,10 @@ Options (all off by default):
 
 Under torch.distributed (DDP with `broadcast_buffers=False`, see vqhit.distributed) every process sees
 its own images and the statistics are made global where they matter: the usage histogram stays per
-process and `usage_stats()` sums it; the dead-code clocks advance on counts summed over processes; restart
-candidates are drawn from every process's ring buffer, and every process writes the same new codes.
+process and `usage_stats()` sums it; the dead-code clocks advance on counts summed over processes; the
+restart ring buffer gathers every process's share of recent encoder outputs (so it is the same everywhere,
+and a checkpoint written by rank 0 holds all of it); rank 0 draws the candidates and every process writes
+the same new codes.
 
 Usage statistics (a code histogram) are accumulated by every forward, training and eval alike, until
 `reset_usage()`. Codebook collapse is the first thing tokenizer users look for, so these numbers are
@@ -69,7 +71,8 @@ class VectorQuantizer(nn.Module):
             chosen code back with Linear(lookup_dim -> code_dim). The losses live in the lookup space.
         restart_dead_codes: re-initialise codes unused for `dead_code_steps` training forwards.
         dead_code_steps: how many training forwards a code may go unchosen before it is restarted.
-        restart_buffer_size: how many recent encoder outputs (per process) to keep as restart candidates.
+        restart_buffer_size: how many recent encoder outputs (of all processes together) to keep as restart
+            candidates; each training forward contributes restart_buffer_size / world_size rows per process.
         entropy_loss_weight: weight of the codebook entropy loss in `loss` (0: off, not even computed).
         entropy_temperature: temperature of the soft assignment of that loss (0.01, as LlamaGen; it divides
             squared distances, so it suits l2-normalised or low-dimensional codes, whose distances are O(1)).
@@ -237,47 +240,38 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ dead-code restart
     def _track_dead_codes(self, indices: Tensor, z_search: Tensor) -> None:
-        """Advance the per-code clocks (on counts summed over processes) and remember recent encoder outputs."""
+        """Advance the per-code clocks (on counts summed over processes) and remember recent encoder outputs.
+
+        Each process samples its share of the ring buffer from its own tokens and the shares are gathered, so the
+        buffer holds every process's recent outputs and is the same on every process: the checkpoint (which
+        Accelerate writes from rank 0) then resumes every process exactly.
+        """
         hits = distributed.all_reduce_sum(torch.bincount(indices, minlength=self.num_codes))
         self.steps_since_used += 1
         self.steps_since_used[hits > 0] = 0  # a code chosen on any process is alive on all
 
         capacity = self.recent_inputs.shape[0]
-        take = min(z_search.shape[0], capacity)
-        sample = z_search[torch.randperm(z_search.shape[0], device=z_search.device)[:take]]
+        share = min(z_search.shape[0], max(1, capacity // distributed.world_size()))
+        sample = z_search[torch.randperm(z_search.shape[0], device=z_search.device)[:share]]
+        sample = distributed.all_gather_cat(sample.to(self.recent_inputs.dtype))[-capacity:]
+        take = sample.shape[0]
         rows = (int(self.recent_next) + torch.arange(take, device=sample.device)) % capacity
-        self.recent_inputs[rows] = sample.to(self.recent_inputs.dtype)
+        self.recent_inputs[rows] = sample
         self.recent_next.fill_((int(self.recent_next) + take) % capacity)
         self.recent_filled.fill_(min(int(self.recent_filled) + take, capacity))
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> None:
-        """Re-seed dead codes from the recent encoder outputs of all processes, identically on every process.
-
-        The candidates are the concatenation of every process's ring buffer. Rank 0 draws which rows to use and
-        broadcasts the row numbers; each process fills in the rows it holds and a sum assembles the new codes,
-        so only the chosen rows travel (not every buffer) and every process writes the same values.
-        """
+        """Re-seed dead codes from the ring buffer (every process's recent outputs), identically on every process."""
         dead = (self.steps_since_used >= self.dead_code_steps).nonzero().squeeze(1)
-        # The clocks come from globally summed counts, so every process takes this branch together.
-        if dead.numel() == 0:
+        # Clocks and buffer are the same on every process, so every process takes these branches together.
+        if dead.numel() == 0 or int(self.recent_filled) == 0:
             return
-        filled = int(self.recent_filled)
-        sizes = distributed.all_gather_cat(self.recent_filled.view(1))  # rows held by each process
-        total = int(sizes.sum())
-        if total == 0:
-            return
-        device = self.embedding.weight.device
-        if total >= dead.numel():  # distinct candidates when there are enough
-            picks = torch.randperm(total, device=device)[:dead.numel()]
+        pool = self.recent_inputs[:int(self.recent_filled)]
+        if pool.shape[0] >= dead.numel():  # distinct candidates when there are enough
+            pick = torch.randperm(pool.shape[0], device=pool.device)[:dead.numel()]
         else:
-            picks = torch.randint(total, (dead.numel(),), device=device)
-        distributed.broadcast_(picks, src=0)  # rank 0's draw for everyone
-        offset = int(sizes[:distributed.rank()].sum())
-        mine = (picks >= offset) & (picks < offset + filled)
-        new_codes = torch.zeros(dead.numel(), self.embedding.weight.shape[1], dtype=self.embedding.weight.dtype,
-                                device=device)
-        new_codes[mine] = self.recent_inputs[picks[mine] - offset].to(new_codes.dtype)
-        distributed.all_reduce_sum(new_codes)  # one owner per row, zeros elsewhere: an exact assembly
-        self.embedding.weight[dead] = new_codes
+            pick = torch.randint(pool.shape[0], (dead.numel(),), device=pool.device)
+        distributed.broadcast_(pick, src=0)  # rank 0's draw for everyone (each process has its own RNG stream)
+        self.embedding.weight[dead] = pool[pick].to(self.embedding.weight.dtype)
         self.steps_since_used[dead] = 0
