@@ -152,7 +152,12 @@ def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:
 
 def ddp_kwargs() -> list:
     """Accelerate kwargs handlers for `Accelerator(kwargs_handlers=ddp_kwargs())`: DDP without buffer
-    broadcasting (the policy in this module's docstring)."""
+    broadcasting (the policy in this module's docstring).
+
+    Recent torch releases warn that `broadcast_buffers` is deprecated in favour of `forward_sync_buffers`, which
+    Accelerate's handler does not offer yet; `broadcast_buffers=False` keeps working and means the same here
+    (buffers are equal on every rank when the model is wrapped, so skipping the initial sync changes nothing).
+    """
     from accelerate.utils import DistributedDataParallelKwargs  # deferred: models import this module, not Accelerate
 
     return [DistributedDataParallelKwargs(broadcast_buffers=False)]
