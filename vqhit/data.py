@@ -67,8 +67,8 @@ class BadImageWarning(UserWarning):
     images smaller than the resolution are being upsampled."""
 
 
-# What became of a dataset position, as stored in a map-style dataset's shared status tensor.
-_FINE, _UNREADABLE, _TOO_SMALL, _UPSAMPLED = 0, 1, 2, 3
+# What became of an image, when it is worth recording (0 in a map-style dataset's status tensor: nothing to say).
+_UNREADABLE, _TOO_SMALL, _UPSAMPLED = 1, 2, 3
 _REASONS = {_UNREADABLE: "unreadable", _TOO_SMALL: "short side below min_size"}
 
 
@@ -141,11 +141,13 @@ def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     Without this, a source whose every image is bad fails far away (an empty batch in torch.stack). The bad
     images met on the way are warned about as usual (and, being recorded, never again in this run).
     """
-    rows = iter(dataset) if isinstance(dataset, StreamingImageDataset) else map(dataset.__getitem__,
-                                                                                 range(len(dataset)))
+    if isinstance(dataset, StreamingImageDataset):
+        items = iter(dataset)
+    else:
+        items = (dataset[i] for i in range(len(dataset)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadImageWarning)  # once per file is ours to enforce, not the filter's
-        usable = any(item is not None for item in rows)
+        usable = any(item is not None for item in items)
     if usable:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -243,11 +245,6 @@ class _ImageRows:
         return len(self.skipped)
 
     @property
-    def num_upsampled(self) -> int:
-        """Images met so far whose short side is below the resolution, upsampled by the transform."""
-        return sum(code == _UPSAMPLED for _, code in self._outcomes())
-
-    @property
     def conversions(self) -> Counter:
         """How many files of each original mode ("L", "P", "RGBA", "CMYK", "I;16", ...) became RGB."""
         return Counter(self.converted.values())
@@ -285,11 +282,13 @@ class _ImageRows:
             warnings.warn(f"skipping {name}: {problem}", BadImageWarning, stacklevel=2)
         return None
 
-    # Subclasses keep the record: `_record` returns True the first time in the run an item gets its outcome.
+    # Subclasses keep the record, and count `num_upsampled` from it.
     def _record(self, index: int, name: str, code: int) -> bool:
+        """Note what became of an item; True the first time in this run that the item has this outcome."""
         raise NotImplementedError
 
     def _first_upsample(self) -> bool:
+        """True for the first upsampled image of the run (the one that is warned about)."""
         raise NotImplementedError
 
     def _outcomes(self):
@@ -320,6 +319,11 @@ class ImageDataset(_ImageRows, torch.utils.data.Dataset):
         first = not bool(self._upsample_warned[0])
         self._upsample_warned[0] = True
         return first
+
+    @property
+    def num_upsampled(self) -> int:
+        """Images met so far (by any worker) whose short side is below the resolution, upsampled by the transform."""
+        return int((self._status == _UPSAMPLED).sum())
 
     def upsampled_positions(self) -> set[int]:
         """Dataset positions of the images met so far that were smaller than the resolution (and upsampled)."""
@@ -352,6 +356,7 @@ class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
         self.table = table
         self.shuffle = False  # set by build_dataloader
         self._seen: dict[str, int] = {}  # file name -> outcome code, in this process
+        self._upsample_warned = False
 
     # A stream has no fixed positions to keep shared flags for. Every epoch reads every file of this process's
     # share once (by one worker), so warning only in epoch 0 warns about each bad file once per run.
@@ -361,7 +366,13 @@ class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
         return first
 
     def _first_upsample(self) -> bool:
-        return sum(code == _UPSAMPLED for code in self._seen.values()) == 1
+        first, self._upsample_warned = not self._upsample_warned, True
+        return first
+
+    @property
+    def num_upsampled(self) -> int:
+        """Images this process met whose short side is below the resolution, upsampled by the transform."""
+        return sum(code == _UPSAMPLED for code in self._seen.values())
 
     def _outcomes(self):
         return self._seen.items()
