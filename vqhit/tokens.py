@@ -181,7 +181,10 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
         for shard in sorted(output_dir.glob("shard-*.safetensors")) if output_dir.is_dir() else []:
             check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]))
         return
-    _check_same_run(_manifest_differences(read_manifest(output_dir), manifest), output_dir)
+    diff = _manifest_differences(read_manifest(output_dir), manifest)
+    if diff:
+        raise ValueError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
+                         f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
 
 
 def _manifest_differences(existing: dict, manifest: dict) -> dict:
@@ -189,12 +192,6 @@ def _manifest_differences(existing: dict, manifest: dict) -> dict:
     fingerprint may not."""
     return {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
             if k != "model" and existing.get(k) != manifest.get(k)}
-
-
-def _check_same_run(diff: dict, where) -> None:
-    if diff:
-        raise ValueError(f"{where} holds tokens made with other settings (folder, this run): {diff}. "
-                         f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
 
 
 def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:
@@ -259,7 +256,7 @@ def check_shard(path, manifest: dict, k: int) -> dict:
     if metadata["shard"] != k:
         diff["shard"] = (metadata["shard"], k)
     if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
-        diff["indices shape, ids"] = (metadata["shape"], len(metadata["ids"]))
+        diff["indices shape (ids)"] = (f"{metadata['shape']} ({len(metadata['ids'])})", expected)
     if diff:
         raise ValueError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
     return metadata
