@@ -53,7 +53,7 @@ from .. import distributed
 class QuantizerOutput:
     quantized: Tensor        # (B, h, w, code_dim), straight-through: the gradient flows to the input z
     indices: Tensor          # (B, h, w) int64
-    loss: Tensor             # codebook_loss + beta * commitment_loss
+    loss: Tensor             # codebook_loss + beta * commitment_loss (+ entropy_loss_weight * entropy_loss)
     codebook_loss: Tensor    # mean ||sg[z] - e||^2: moves the codes
     commitment_loss: Tensor  # mean ||z - sg[e]||^2: moves the encoder
     entropy_loss: Tensor | None = None  # unweighted entropy loss (None when entropy_loss_weight is 0)
