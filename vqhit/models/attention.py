@@ -125,7 +125,13 @@ class MultiAxisAttention(QKVProjection):
         if x.dim() != 4 or x.shape[-1] != dim:
             raise ValueError(f"MultiAxisAttention expects a channels-last map (B, H, W, {dim}), "
                              f"got shape {tuple(x.shape)}")
-        _, h, w, _ = x.shape
+        return self.out(self.mix(self.q(x), self.k(x), self.v(x)))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention itself, between the projections: q (B, H, W, C), k, v (B, H, W, kv width) -> (B, H, W, C)
+        with the heads concatenated, regional first. The eval-mode fast path (`vqhit.models.hit`) calls it with
+        q, k, v from one fused projection, so both paths share this definition."""
+        _, h, w, _ = q.shape
         p = self.block_size
         if self.mode in ("multi_axis", "regional", "dilated") and (h % p or w % p):
             raise ValueError(f"block size {p} does not divide the {h}x{w} map; choose a block size that "
@@ -134,11 +140,10 @@ class MultiAxisAttention(QKVProjection):
         heads = self.num_heads // len(axes)
         # Query heads are split among the axes (regional first); multi-query K/V are shared by all of
         # them, multi-head K/V are split the same way as the queries.
-        qs = self.q(x).chunk(len(axes), dim=-1)
-        k, v = self.k(x), self.v(x)
+        qs = q.chunk(len(axes), dim=-1)
         shared = k.shape[-1] == self.head_dim
         ks = [k] * len(axes) if shared else k.chunk(len(axes), dim=-1)
         vs = [v] * len(axes) if shared else v.chunk(len(axes), dim=-1)
         y = [ungroup(attend(group(q_), group(k_), group(v_), heads))
              for (group, ungroup), q_, k_, v_ in zip(axes, qs, ks, vs)]
-        return self.out(torch.cat(y, dim=-1))
+        return torch.cat(y, dim=-1)

@@ -212,6 +212,11 @@ class VQHiT(PretrainedMixin, nn.Module):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous encoder output before quantization, channels-last (B, h, w, code_dim)."""
         self._check_images(images)
+        if not torch.is_grad_enabled() and not self.encoder.training:
+            # Inference: channels-last images make every convolution of the encoder run in oneDNN's NHWC layout,
+            # without a layout conversion per layer (~15% faster on CPU, benchmarks/README.md). The function is the
+            # same up to float rounding; training keeps the default layout.
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
 
     @torch.no_grad()
