@@ -80,6 +80,8 @@ class TrainConfig:
     flip: bool = opt(True, "Random horizontal flips")
     bad_images: str = opt("skip", "Unreadable images: skip them (counted, warned with the file name) or raise",
                           ["skip", "raise"])
+    min_size: int = opt(0, "Images whose short side is below N are bad images (skipped or raised); 0 = keep every "
+                        "image, upsampling small ones as ADM's crop does (one warning, then counted)")
     max_images: int | None = opt(None, "Use only the first N images (quick runs)")
     num_workers: int = opt(4, "DataLoader worker processes per training process")
     heldout_data: str | None = opt(None, "Tokenizer only: images never trained on, reconstructed at the end of "

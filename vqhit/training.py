@@ -228,7 +228,8 @@ class Trainer:
         c = self.config
         return DataConfig(source=source, split=c.data_split, image_column=c.image_column,
                           label_column=c.label_column, streaming=c.streaming, resolution=resolution,
-                          transform=c.transform, flip=c.flip, bad_images=c.bad_images, max_images=c.max_images)
+                          transform=c.transform, flip=c.flip, bad_images=c.bad_images, min_size=c.min_size,
+                          max_images=c.max_images)
 
     def _on_main(self, fn) -> None:
         """Run `fn` on the main process only; if it fails there, every process stops (none waits forever)."""
