@@ -4,8 +4,9 @@ record, a plain-text table and the JSON file.
 Timing protocol (`time_calls`): every function runs once as a warm-up (which also measures its peak
 memory and how many calls a timed repeat needs to last `--min-repeat-s`), then `--repeats` rounds time each
 function once in turn. Interleaving spreads the load of other processes over all the functions alike, so
-ratios between them are steadier than the times; the reported time is the minimum over repeats, since
-other processes only ever add time.
+ratios between them are steadier than the times. Each result keeps every repeat, the 1-minute load average
+at the start of each round, the minimum (`seconds`: other processes only ever add time) and the median
+(`median_seconds`: what a user sees on a machine like this one).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -116,15 +118,23 @@ def time_calls(calls: dict, device: torch.device, repeats: int, min_repeat_s: fl
             torch.cuda.empty_cache()
             continue
         results[name] = {"warmup_seconds": warmup, "peak_gb": peak_memory_gb(device), "all_seconds": [],
-                         "calls_per_repeat": max(1, math.ceil(min_repeat_s / max(warmup, 1e-6)))}
+                         "load_1m": [], "calls_per_repeat": max(1, math.ceil(min_repeat_s / max(warmup, 1e-6)))}
         timed[name] = fn
         print(f"  warm-up {name}: {warmup:.3g} s", flush=True)
     for _ in range(repeats):
+        load = load_average()
         for name, fn in timed.items():
             results[name]["all_seconds"].append(_seconds(fn, device, results[name]["calls_per_repeat"]))
+            results[name]["load_1m"].append(load)
     for name in timed:
         results[name]["seconds"] = min(results[name]["all_seconds"])
+        results[name]["median_seconds"] = statistics.median(results[name]["all_seconds"])
     return results
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: how many processes wanted a CPU, to read beside a CPU timing."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def count_flops(fn) -> tuple[int, list[str]]:
@@ -162,7 +172,7 @@ def machine(device: torch.device, args) -> dict:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1m": load_average(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "precision": args.precision,

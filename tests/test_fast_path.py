@@ -226,7 +226,7 @@ def assert_within_1e5(fast, plain):
                                        dict(cross_attention=False)])
 def test_fast_generator_equals_plain(monkeypatch, overrides, chunk_rows):
     if chunk_rows is not None:
-        monkeypatch.setattr(hit, "cache_rows", lambda hidden, device: chunk_rows)
+        monkeypatch.setattr(hit, "cache_rows", lambda width, hidden, device: chunk_rows)
     torch.manual_seed(0)
     G = nontrivial(HiTGenerator.from_preset("hit-tiny", **overrides)).eval()
     z = torch.randn(3, G.config.latent_dim)
@@ -238,7 +238,7 @@ def test_fast_generator_equals_plain(monkeypatch, overrides, chunk_rows):
 @pytest.mark.parametrize("chunk_rows", [None, 100])
 def test_fast_decoder_equals_plain(monkeypatch, chunk_rows):
     if chunk_rows is not None:
-        monkeypatch.setattr(hit, "cache_rows", lambda hidden, device: chunk_rows)
+        monkeypatch.setattr(hit, "cache_rows", lambda width, hidden, device: chunk_rows)
     torch.manual_seed(0)
     model = VQHiT.from_preset("vqhit-tiny")
     nontrivial(model.decoder).eval()

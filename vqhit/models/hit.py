@@ -37,9 +37,10 @@ from .pretrained import ConfigMixin, PretrainedMixin
 NORMS = ("batch", "syncbatch", "layer")
 # The release's Keras BatchNorm: momentum 0.99 (PyTorch counts the other way) and eps 1e-3.
 BN_MOMENTUM, BN_EPS = 0.01, 1e-3
-# Inference path on CPU: the largest MLP hidden layer (rows x 4C floats) one chunk of pixels may hold. 1 MiB
-# fits the per-core L2 cache of current x86 server CPUs; measured in benchmarks/README.md.
-CHUNK_FLOATS = 2**18
+# Inference path on CPU: floats of MLP hidden layer (rows x 4C) one chunk of pixels holds per thread. 4 MiB stays
+# in the last-level cache and under glibc's 32 MiB mmap threshold (larger buffers are page-faulted in afresh on
+# every call); 0.5 to 4 MiB measured the same on one thread, and fewer chunks mean fewer OpenMP barriers.
+CHUNK_FLOATS = 2**20
 
 
 class ChannelBatchNorm(nn.BatchNorm1d):
@@ -95,10 +96,15 @@ def fold_linear(linears, norm: nn.Module | None = None) -> tuple[torch.Tensor, t
     return weight * scale, torch.addmv(bias, weight, shift)
 
 
-def cache_rows(hidden: int, device: torch.device) -> int | None:
-    """Rows per chunk so that each thread's share of a (rows, hidden) activation stays in its core's cache; None =
-    no chunking (GPU, where one large kernel beats many small ones)."""
-    return max(1, CHUNK_FLOATS * torch.get_num_threads() // hidden) if device.type == "cpu" else None
+def cache_rows(width: int, hidden: int, device: torch.device) -> int | None:
+    """Rows per chunk for an MLP of `width` -> `hidden` -> `width` on CPU: each thread's share of the (rows, hidden)
+    activation stays in its core's cache, but a chunk has at least 4 * width rows, because the weights (width x
+    hidden) are read again for every chunk and must stay small beside it: at 16x16 (width 512) nothing is
+    chunked, at 256x256 (width 64) chunks of 1024 pixels run. None = no chunking (GPU, where one large kernel
+    beats many small ones)."""
+    if device.type != "cpu":
+        return None
+    return max(CHUNK_FLOATS * torch.get_num_threads() // hidden, 4 * width)
 
 
 class MLPBlock(nn.Module):
@@ -132,7 +138,8 @@ class MLPBlock(nn.Module):
         def mlp(rows):
             return rows + F.linear(F.gelu(F.linear(rows, *f["fc1"])), *f["fc2"])
 
-        rows, chunk = x.reshape(-1, x.shape[-1]), cache_rows(self.fc1.out_features, x.device)
+        rows = x.reshape(-1, x.shape[-1])
+        chunk = cache_rows(self.fc1.in_features, self.fc1.out_features, x.device)
         if chunk is None or rows.shape[0] <= chunk:
             return mlp(x)
         return torch.cat([mlp(part) for part in rows.split(chunk)]).view(x.shape)
@@ -296,44 +303,54 @@ class HiTStage(nn.Module):
     def fold(self) -> dict:
         return {"cross": self.cross.fold() if self.cross is not None else None,
                 "blocks": [block.fold() for block in self.blocks],
-                "to_rgb": fold_linear([self.to_rgb[1]], self.to_rgb[0]) if self.to_rgb is not None else None}
+                "to_rgb": fold_linear([self.to_rgb[1]], self.to_rgb[0]) if self.to_rgb is not None else None,
+                "upsample": fold_linear([self.upsample]) if isinstance(self.upsample, nn.Linear) else None}
 
-    def forward_folded(self, x: torch.Tensor, memory: torch.Tensor | None, img: torch.Tensor | None, f: dict):
-        """The eval-mode forward with folded weights `f` (from `fold`); the same function as `forward`."""
-        b, h, w, c = x.shape
+    def forward_folded(self, x: torch.Tensor, memory: torch.Tensor | None, img: torch.Tensor | None, f: dict,
+                       x_proj: tuple | None = None):
+        """The eval-mode forward with folded weights `f` (from `fold`): the same function as `forward`.
+
+        The Linear after the pixel shuffle acts on each pixel alone, so it is deferred to the next stage, which
+        applies it chunk by chunk: `x_proj` is the previous stage's (weight, bias) still to apply to x (None: x is
+        ready), and this stage returns (pixel-shuffled features, its own deferred Linear, image)."""
+        b, h, w, _ = x.shape
         k = v = None
         if self.cross is not None:
             k, v = self.cross.memory_kv(memory, f["cross"])
         if self.to_rgb is None:  # attention stage: self-attention mixes pixels, so the map is processed whole
-            x = x + self.pos_embed
+            x = (F.linear(x, *x_proj) if x_proj is not None else x) + self.pos_embed
+            c = x.shape[-1]
             if self.cross is not None:
                 x = self.cross.forward_folded(x.reshape(b, h * w, c), k, v, f["cross"]).view(b, h, w, c)
             for block, fb in zip(self.blocks, f["blocks"]):
                 x = block.forward_folded(x, fb)
         else:
-            x, rgb = self.pixelwise(x.reshape(b, h * w, c), k, v, f)
-            x, rgb = x.view(b, h, w, c) if x is not None else None, rgb.view(b, h, w, 3)
+            x, rgb = self.pixelwise(x.reshape(b, h * w, -1), k, v, f, x_proj)
+            x, rgb = x.view(b, h, w, -1) if x is not None else None, rgb.view(b, h, w, 3)
             img = rgb if img is None else upsample2x(img) + rgb
-        if self.upsample is not None:
-            x = self.upsample(pixel_shuffle(x))
-        return x, img
+        if self.upsample is None:
+            return x, None, img
+        x = pixel_shuffle(x)
+        if f["upsample"] is None:  # nn.Identity: the shuffled map is the next stage's input
+            return x, None, img
+        return x, f["upsample"], img
 
-    def pixelwise(self, x: torch.Tensor, k, v, f: dict):
-        """An MLP stage on tokens x (B, N, C): (features, or None for the last stage; rgb (B, N, 3)).
+    def pixelwise(self, x: torch.Tensor, k, v, f: dict, x_proj: tuple | None):
+        """An MLP stage on tokens x (B, N, C_in): (features (B, N, C), or None for the last stage; rgb (B, N, 3)).
 
         Every operation here acts on each pixel alone (BatchNorm is folded; the memory's K, V are fixed), so on
         CPU the pixels run in chunks whose 4C-wide hidden layer stays in cache, written out once at the end."""
-        pos = self.pos_embed.reshape(-1, x.shape[-1])
+        pos = self.pos_embed.reshape(-1, self.pos_embed.shape[-1])
 
         def run(xs, pos, k=None, v=None):
-            xs = xs + pos
+            xs = (F.linear(xs, *x_proj) if x_proj is not None else xs) + pos
             if self.cross is not None:
                 xs = self.cross.forward_folded(xs, k, v, f["cross"])
             for block, fb in zip(self.blocks, f["blocks"]):
                 xs = block.forward_folded(xs, fb)
             return xs, F.linear(xs, *f["to_rgb"])
 
-        chunk = cache_rows(self.hidden_width, x.device)
+        chunk = cache_rows(pos.shape[-1], self.hidden_width, x.device)
         if chunk is None or x.shape[1] <= chunk:
             x, rgb = run(x, pos, k, v)
             return (x if self.upsample is not None else None), rgb
@@ -345,7 +362,7 @@ class HiTStage(nn.Module):
                 xs, rgbs = run(x[image, rows], pos[rows], *([] if k is None else [k[image], v[image]]))
                 if rgb is None:
                     rgb = rgbs.new_empty(x.shape[0], x.shape[1], 3)
-                    out = xs.new_empty(x.shape) if self.upsample is not None else None
+                    out = xs.new_empty(x.shape[0], x.shape[1], xs.shape[-1]) if self.upsample is not None else None
                 rgb[image, rows] = rgbs
                 if out is not None:
                     out[image, rows] = xs
@@ -388,9 +405,12 @@ class HiTStages(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         folded = self.folded() if self.use_fast_path() else None
-        img = None
+        img = x_proj = None
         for i, stage in enumerate(self.stages):
-            x, img = stage(x, memory, img) if folded is None else stage.forward_folded(x, memory, img, folded[i])
+            if folded is None:
+                x, img = stage(x, memory, img)
+            else:
+                x, x_proj, img = stage.forward_folded(x, memory, img, folded[i], x_proj)
         return img.permute(0, 3, 1, 2)
 
     def use_fast_path(self) -> bool:
