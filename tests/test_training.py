@@ -1,4 +1,5 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,16 @@ def test_recipe_configs_agree_with_the_recipe_defaults(path):
         if key == "steps" or ("modern" in path.name and key == "perceptual"):
             continue  # CelebA-HQ trains 250k-500k steps (SPEC §5); the modern recipe departs on purpose
         assert values[key] == expected, f"{path.name}: {key} = {values[key]!r}, the recipe says {expected!r}"
+
+
+def test_tokenizer_run_ends_with_a_heldout_report(tmp_path):
+    from vqhit.evaluation import eval_dataset, heldout_report
+    trainer = make_trainer(tmp_path, "vqhit", steps=1, adv_start=10, heldout_data="builtin:photos-heldout")
+    ema = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "heldout/psnr" in r]
+    assert len(logged) == 1 and logged[0]["step"] == 1
+    direct = heldout_report(ema, eval_dataset("builtin:photos-heldout", 64))
+    assert logged[0]["heldout/psnr"] == pytest.approx(direct["psnr"])
+    assert logged[0]["heldout/codebook_usage"] == pytest.approx(direct["codebook_usage"])
+    assert (tmp_path / "run" / "samples" / "heldout-step-0000001.png").is_file()

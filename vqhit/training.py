@@ -32,6 +32,7 @@ from . import distributed
 from .checkpointing import (CHECKPOINT_PREFIX, STATE_FILE, OutputFolder, list_checkpoints, read_state,
                             replace_folder, resolve_resume)
 from .data import DataConfig, build_dataloader, build_dataset
+from .evaluation import eval_dataset, heldout_report
 from .ema import EMA
 from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -496,9 +497,9 @@ class Trainer:
         if acc.is_main_process:
             self.export()  # also when a resume found the run already finished
         acc.wait_for_everyone()
-        acc.end_training()
         if self.task == "vqhit" and cfg.heldout_data:
             self.heldout_report()
+        acc.end_training()
         return self.ema.model
 
     def _log_line(self, step: int, logs: dict) -> None:
@@ -517,8 +518,24 @@ class Trainer:
         return path
 
     def heldout_report(self) -> dict | None:
-        """Reconstruct the held-out images with the EMA model: PSNR, SSIM and codebook usage printed, grid saved."""
-        raise NotImplementedError  # filled in with the DEMO helper's evaluation function
+        """Reconstruct the held-out images (`heldout_data`) with the EMA model on the main process: PSNR, SSIM and
+        codebook usage are printed, logged and written to logs.jsonl; the grid goes beside the training grids."""
+        acc, step = self.accelerator, self.state.step
+        report = None
+        if acc.is_main_process:
+            dataset = eval_dataset(self.config.heldout_data, self.ema.model.config.resolution,
+                                   min_size=self.config.min_size)
+            grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png"
+            report = heldout_report(self.ema.model, dataset, device=acc.device, grid_path=grid)
+            figures = {f"heldout/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
+            acc.log(figures, step=step)
+            self._log_line(step, figures)
+            print(f"held-out reconstruction ({report['num_images']} images of {self.config.heldout_data}, never "
+                  f"trained on): PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.3f}, codebook usage "
+                  f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f}); "
+                  f"grid: {grid}", flush=True)
+        acc.wait_for_everyone()
+        return report
 
 
 def _grad_norm(model: nn.Module) -> float:
