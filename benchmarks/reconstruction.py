@@ -7,8 +7,9 @@ then scored on held-out photographs that are not in its training set (different 
     python benchmarks/reconstruction.py                          # CPU: the tiny trio at 64², <= 30 min on 2 cores
     python benchmarks/reconstruction.py --device cuda --scale paper --resolution 128 --steps 3000 --batch-size 32
 
-Training runs in `--segments` equal parts (each part resumes the previous one's checkpoint), and the EMA model
-is scored on the held-out images after each part. That gives two comparisons from one run per variant:
+Training runs in `--segments` equal parts (each part resumes the previous one's checkpoint; part k of every
+variant runs before part k + 1 of any, so a changing machine load falls on all alike), and the EMA model is
+scored on the held-out images after each part. That gives two comparisons from one run per variant:
 - equal steps: every variant after all `--steps`;
 - equal training wall-clock: every variant at its last part that ended within the time the *fastest* variant
   took for all its steps (so a slower decoder is scored after fewer steps). Wall-clock is that of
@@ -111,11 +112,11 @@ def build_inception(args, device):
 
 # -- scoring -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score(model, loader, device, lpips_metric=None, inception=None, real_stats=None, keep: int = 0):
+def score(model, loader, device, lpips_metric=None, inception=None, real_stats=None, show=()):
     """Held-out metrics of `model` (tokens round trip, as vqhit.evaluation.evaluate_tokenizer measures them).
 
-    `real_stats` caches the originals' Inception statistics between calls; `keep` returns that many
-    reconstructions (for the PNG)."""
+    `real_stats` caches the originals' Inception statistics between calls; `show` (dataset indices) also
+    returns those reconstructions (for the PNG)."""
     model = model.to(device).eval()
     sums = torch.zeros(3, dtype=torch.float64)
     codes, kept, n = [], [], 0
@@ -135,15 +136,14 @@ def score(model, loader, device, lpips_metric=None, inception=None, real_stats=N
             fake.update(inception(rec8)[0])
             if fill_real:
                 real_stats.update(inception(to_uint8(x))[0])
-        if len(kept) * loader.batch_size < keep:
-            kept.append(rec.cpu())
+        kept += [rec[i - n + len(x)].cpu() for i in show if n - len(x) <= i < n]
     usage = codebook_usage(torch.cat(codes), model.config.codebook_size, all_reduce=False)
     out = {"psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
            "lpips": float(sums[2] / n) if lpips_metric is not None else None,
            "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
            "rfid": frechet_distance(*real_stats.mean_cov(), *fake.mean_cov()) if inception is not None else None,
            "num_images": n}
-    return (out, torch.cat(kept)[:keep]) if keep else out
+    return (out, torch.stack(kept)) if len(show) else out
 
 
 def decoder_cost(preset: str, overrides: dict) -> dict:
@@ -157,31 +157,20 @@ def decoder_cost(preset: str, overrides: dict) -> dict:
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def train_variant(name, preset, overrides, args, device, out_root: Path, loader, lpips_metric, inception, real):
-    """Train in segments; after each, score the EMA model on the held-out images. Returns (curve, snapshots)."""
-    out_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_root))  # fresh every run
-    curve, snapshots, wall = [], [], 0.0
-    for k in range(1, args.segments + 1):
-        steps = round(args.steps * k / args.segments)
-        config = TrainConfig(
-            model=preset, model_options=dict(overrides), data=args.data, transform="random_crop", flip=True,
-            batch_size=args.batch_size, steps=steps, lr=args.lr, adam_betas=list(args.adam_betas),
-            ema_decay=args.ema_decay, ema_start=args.ema_start, perceptual=args.perceptual,
-            perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights,
-            adv_weight=args.adv_weight, adv_start=args.adv_start, r1_interval=4, disc_max_channels=64
-            if args.scale == "tiny" else 512, precision="bf16" if args.precision == "bf16" else "no",
-            seed=args.seed, num_workers=args.num_workers, output_dir=str(out_dir), log_every=10,
-            sample_every=steps, checkpoint_every=steps, keep_checkpoints=1,
-            resume="latest" if k > 1 else None)
-        start = time.perf_counter()
-        ema = train(config, task="vqhit")
-        wall += time.perf_counter() - start
-        metrics = score(copy.deepcopy(ema), loader, device, None, None, real)  # the curve: quick metrics
-        curve.append({"step": steps, "wall_s": wall, **metrics})
-        snapshots.append({k: v.detach().cpu().clone() for k, v in ema.state_dict().items()})
-        print(f"  {name} step {steps}: {wall:.0f} s, held-out PSNR {metrics['psnr']:.2f} dB, SSIM "
-              f"{metrics['ssim']:.3f}, usage {metrics['codebook_usage']:.1%}", flush=True)
-    return curve, snapshots, out_dir
+def train_segment(preset, overrides, args, steps: int, out_dir: Path, resume: bool):
+    """Train `preset` up to `steps` (resuming the folder's latest checkpoint); (EMA model, seconds)."""
+    config = TrainConfig(
+        model=preset, model_options=dict(overrides), data=args.data, transform="random_crop", flip=True,
+        batch_size=args.batch_size, steps=steps, lr=args.lr, adam_betas=list(args.adam_betas),
+        ema_decay=args.ema_decay, ema_start=args.ema_start, perceptual=args.perceptual,
+        perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights,
+        adv_weight=args.adv_weight, adv_start=args.adv_start, r1_interval=4,
+        disc_max_channels=64 if args.scale == "tiny" else 512, precision="bf16" if args.precision == "bf16" else "no",
+        seed=args.seed, num_workers=args.num_workers, output_dir=str(out_dir), log_every=10,
+        sample_every=steps, checkpoint_every=steps, keep_checkpoints=1, resume="latest" if resume else None)
+    start = time.perf_counter()
+    ema = train(config, task="vqhit")
+    return ema, time.perf_counter() - start
 
 
 def load_snapshot(preset, overrides, state) -> VQHiT:
@@ -231,22 +220,33 @@ def main():
           f"rFID: {inception_source}", flush=True)
 
     load_start = os.getloadavg()[0]
-    curves, snapshots, dirs = {}, {}, {}
-    for name, (preset, overrides) in variants.items():
-        print(f"training {name} ({preset} {overrides or ''}): {args.steps} steps in {args.segments} parts", flush=True)
-        curves[name], snapshots[name], dirs[name] = train_variant(name, preset, overrides, args, device, out_root,
-                                                                  loader, lpips_metric, inception, real)
+    # Segment k of every variant, then segment k + 1 of every variant: the machine's load (shared, changing)
+    # then falls on all variants alike, as in common.time_calls' interleaved rounds.
+    dirs = {name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_root)) for name in variants}  # fresh folders
+    curves, snapshots = {name: [] for name in variants}, {name: [] for name in variants}
+    for k in range(1, args.segments + 1):
+        steps = round(args.steps * k / args.segments)
+        for name, (preset, overrides) in variants.items():
+            print(f"training {name} ({preset} {overrides or ''}) to step {steps} of {args.steps}", flush=True)
+            ema, seconds = train_segment(preset, overrides, args, steps, dirs[name], resume=k > 1)
+            wall = (curves[name][-1]["wall_s"] if curves[name] else 0.0) + seconds
+            metrics = score(copy.deepcopy(ema), loader, device)  # the curve: quick metrics
+            curves[name].append({"step": steps, "wall_s": wall, "load_1m": os.getloadavg()[0], **metrics})
+            snapshots[name].append({key: v.detach().cpu().clone() for key, v in ema.state_dict().items()})
+            print(f"  {name} step {steps}: {wall:.0f} s, held-out PSNR {metrics['psnr']:.2f} dB, SSIM "
+                  f"{metrics['ssim']:.3f}, usage {metrics['codebook_usage']:.1%}", flush=True)
 
     # Equal training wall-clock: the fastest variant's total time; each variant at its last part within it.
     budget = min(curve[-1]["wall_s"] for curve in curves.values())
     at_budget = {name: max((i for i, point in enumerate(curve) if point["wall_s"] <= budget * 1.02), default=0)
                  for name, curve in curves.items()}
 
-    originals = torch.cat([b["image"] for b in loader])[:8]
+    show = torch.linspace(0, len(heldout) - 1, 8).round().long().tolist()  # spread over the held-out photos
+    originals = torch.stack([heldout[i]["image"] for i in show])
     rows, recs, models = [], {}, {}
     for name, (preset, overrides) in variants.items():
         final = load_snapshot(preset, overrides, snapshots[name][-1])
-        metrics, recs[name] = score(final, loader, device, lpips_metric, inception, real, keep=len(originals))
+        metrics, recs[name] = score(final, loader, device, lpips_metric, inception, real, show=show)
         i = at_budget[name]
         same_time = metrics if i == len(curves[name]) - 1 else score(
             load_snapshot(preset, overrides, snapshots[name][i]), loader, device, lpips_metric, inception, real)
