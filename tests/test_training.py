@@ -248,3 +248,22 @@ def test_tokenizer_run_ends_with_a_heldout_report(tmp_path):
     assert logged[0]["heldout/psnr"] == pytest.approx(direct["psnr"])
     assert logged[0]["heldout/codebook_usage"] == pytest.approx(direct["codebook_usage"])
     assert (tmp_path / "run" / "samples" / "heldout-step-0000001.png").is_file()
+
+
+def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
+    from vqhit.models.vqhit import VQHiT
+    make_trainer(tmp_path / "base", "vqhit", steps=2, adv_start=10).fit()
+    base = VQHiT.from_pretrained(tmp_path / "base" / "run" / "model")
+    tuned_trainer = make_trainer(tmp_path / "tuned", "vqhit", steps=3, adv_start=10, lr=1e-2, ema_start=0,
+                                 init_from=str(tmp_path / "base" / "run" / "model"),
+                                 model_options={"freeze_encoder": True, "freeze_codebook": True,
+                                                "dead_code_steps": 1})  # restarts would be due every step
+    tuned = tuned_trainer.fit()
+    x = next(tuned_trainer._batches(0))["image"]
+    with torch.no_grad():
+        assert torch.equal(base.encode(x), tuned.encode(x))  # token shards made with the base stay valid
+        assert not torch.equal(base.decode_indices(base.encode(x)), tuned.decode_indices(tuned.encode(x)))
+    trained = tuned_trainer.accelerator.unwrap_model(tuned_trainer.model)
+    for name, value in base.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.", "quantize.embedding")):
+            assert torch.equal(value, trained.state_dict()[name]), name
