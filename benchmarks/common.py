@@ -173,6 +173,9 @@ def machine(device: torch.device, args) -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": load_average(),
+        # How idle OpenMP threads wait (libgomp reads it when torch loads): on a loaded CPU, PASSIVE stops spinning
+        # threads from taking the core their partner needs, which decides multi-threaded timings there.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "precision": args.precision,
