@@ -155,15 +155,18 @@ def build_model(config: TrainConfig, task: str) -> nn.Module:
     return model
 
 
-def check_same_architecture(model: nn.Module, checkpoint: Path, task: str) -> None:
-    """Refuse, in one sentence, to resume a checkpoint of another preset or architecture option."""
+def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) -> None:
+    """Refuse, in one sentence, to resume a checkpoint of another preset or architecture option (before anything in
+    the output folder is touched)."""
     saved = saved_config(checkpoint)
+    config_class = model_class(task).config_class
     try:
-        theirs = model_class(task).from_preset(saved["model"], **(saved.get("model_options") or {}))
+        theirs = config_class.from_preset(saved["model"], **(saved.get("model_options") or {}))
     except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
         raise ValueError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
-    ours_arch, theirs_arch = model.config.architecture_dict(), theirs.config.architecture_dict()
+    ours = config_class.from_preset(config.model, **config.model_options)
+    ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
     if ours_arch != theirs_arch:
         diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
                 if ours_arch.get(k) != theirs_arch.get(k)}
@@ -186,6 +189,8 @@ class Trainer:
                                        project_dir=str(self.output_dir), kwargs_handlers=distributed.ddp_kwargs())
         acc = self.accelerator
         self.resume_path = resolve_resume(config.resume, self.output_dir)
+        if self.resume_path is not None:
+            check_same_architecture(config, self.resume_path, task)
         self.folder = OutputFolder(self.output_dir)
         self._on_main(self._prepare_output_folder)
         try:
@@ -201,13 +206,11 @@ class Trainer:
             if config.precision == "bf16" else nullcontext
 
         model = build_model(config, task)
-        if self.resume_path is not None:
-            check_same_architecture(model, self.resume_path, task)
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
         self.ema = EMA(model, config.ema_decay, config.ema_start)
         self.ema.model.to(acc.device)
-        self.dataset = build_dataset(self._data_config(config.data, resolution), seed=config.seed)
+        self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
         self.loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                        seed=config.seed, drop_last=True)
         if not self.dataset_is_streaming and len(self.loader) == 0:
@@ -225,9 +228,9 @@ class Trainer:
         self.objective = objective_cls(config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = self._fixed_real_batch()
 
-    def _data_config(self, source: str, resolution: int) -> DataConfig:
+    def _data_config(self, resolution: int) -> DataConfig:
         c = self.config
-        return DataConfig(source=source, split=c.data_split, image_column=c.image_column,
+        return DataConfig(source=c.data, split=c.data_split, image_column=c.image_column,
                           label_column=c.label_column, streaming=c.streaming, resolution=resolution,
                           transform=c.transform, flip=c.flip, bad_images=c.bad_images, min_size=c.min_size,
                           max_images=c.max_images)
