@@ -4,6 +4,9 @@
 
 The attribute names `encoder`, `quant_conv` and `quantize.embedding` are taming's, so the encoder half of a
 taming VQGAN checkpoint loads key for key (`load_taming_checkpoint`) and its token ids stay valid.
+
+`VQHiTConfig.decoder` swaps HiTDecoder for a baseline of vqhit.models.decoders ("conv": taming's VQGAN decoder,
+whose checkpoint half then loads too; "vit": a plain transformer), for the comparison the paper's Table 2 makes.
 """
 from __future__ import annotations
 
