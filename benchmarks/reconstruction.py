@@ -15,7 +15,7 @@ scored on the held-out images after each part. That gives two comparisons from o
   took for all its steps (so a slower decoder is scored after fewer steps). Wall-clock is that of
   `train()`, start-up and checkpointing of each part included, the same machinery for every variant.
 
-Metrics (vqhit.metrics, on uint8-rounded reconstructions as vqhit.evaluation does): PSNR and SSIM on [0, 1],
+Metrics (`vqhit.evaluation.evaluate_tokenizer`, on uint8-rounded reconstructions): PSNR and SSIM on [0, 1],
 LPIPS-AlexNet (only when its ImageNet backbone is at hand: `--lpips-backbone` or the torch hub cache), codebook
 usage and perplexity over the held-out set, rFID against the held-out originals (only with Inception weights:
 `--inception-weights` or the torch hub cache; on ~100 images it is a coarse number), decode images/s
@@ -38,10 +38,8 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from vqhit import VQHiT
-from vqhit.data import build_dataloader
-from vqhit.evaluation import INCEPTION_FILE, eval_dataset
-from vqhit.metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance, psnr,
-                           ssim, to_uint8)
+from vqhit.evaluation import INCEPTION_FILE, eval_dataset, evaluate_tokenizer
+from vqhit.metrics import to_uint8
 from vqhit.train_config import TrainConfig
 from vqhit.training import train
 
@@ -96,54 +94,28 @@ def _cached(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def build_lpips(args, device):
-    backbone = args.lpips_backbone or _cached(LPIPS_BACKBONE_FILE)
-    if backbone is None:
-        return None, "n/a (no weights)"
-    return LPIPSMetric(net="alex", backbone_path=backbone).to(device), f"alex, backbone {backbone}"
-
-
-def build_inception(args, device):
-    weights = args.inception_weights or _cached(INCEPTION_FILE)
-    if weights is None:
-        return None, "n/a (no weights)"
-    return InceptionFeatures(weights, device=device), f"{weights}"
+def weights_at_hand(given, cached_name: str) -> str | None:
+    """The given weights file, else the torch hub cache's copy, else None (the metric is then n/a)."""
+    path = given or _cached(cached_name)
+    return None if path is None else str(path)
 
 
 # -- scoring -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def score(model, loader, device, lpips_metric=None, inception=None, real_stats=None, show=()):
-    """Held-out metrics of `model` (tokens round trip, as vqhit.evaluation.evaluate_tokenizer measures them).
+def score(model, heldout, device, lpips_backbone=None, inception_weights=None) -> dict:
+    """Held-out metrics through the package's protocol (vqhit.evaluation.evaluate_tokenizer); LPIPS and rFID
+    only when their weights were found (None = n/a)."""
+    report = evaluate_tokenizer(model, heldout, fid=inception_weights is not None,
+                                inception_weights=inception_weights, lpips=lpips_backbone is not None,
+                                lpips_backbone=lpips_backbone, batch_size=16, device=device, progress=False)
+    keys = ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "codebook_perplexity", "num_images")
+    return {k: report["metrics"][k] for k in keys}
 
-    `real_stats` caches the originals' Inception statistics between calls; `show` (dataset indices) also
-    returns those reconstructions (for the PNG)."""
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, device) -> torch.Tensor:
+    """Token round trip of a few images, uint8-rounded as saved (for the PNG)."""
     model = model.to(device).eval()
-    sums = torch.zeros(3, dtype=torch.float64)
-    codes, kept, n = [], [], 0
-    fake = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if inception is not None else None
-    fill_real = inception is not None and real_stats.n == 0
-    for batch in loader:
-        x = batch["image"].to(device)
-        indices = model.encode(x)
-        rec8 = to_uint8(model.decode_indices(indices).float())
-        rec = rec8.float() / 127.5 - 1  # the image one would save and look at
-        sums += torch.stack([psnr(x, rec).double().sum().cpu(), ssim(x, rec).double().sum().cpu(),
-                             lpips_metric(x, rec).double().sum().cpu() if lpips_metric is not None
-                             else torch.zeros((), dtype=torch.float64)])
-        codes.append(indices.cpu())
-        n += len(x)
-        if inception is not None:
-            fake.update(inception(rec8)[0])
-            if fill_real:
-                real_stats.update(inception(to_uint8(x))[0])
-        kept += [rec[i - n + len(x)].cpu() for i in show if n - len(x) <= i < n]
-    usage = codebook_usage(torch.cat(codes), model.config.codebook_size, all_reduce=False)
-    out = {"psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
-           "lpips": float(sums[2] / n) if lpips_metric is not None else None,
-           "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
-           "rfid": frechet_distance(*real_stats.mean_cov(), *fake.mean_cov()) if inception is not None else None,
-           "num_images": n}
-    return (out, torch.stack(kept)) if len(show) else out
+    return to_uint8(model.decode_indices(model.encode(images.to(device))).float()).float().cpu() / 127.5 - 1
 
 
 def decoder_cost(preset: str, overrides: dict) -> dict:
@@ -212,10 +184,11 @@ def main():
     resolution = next(iter(costs.values()))["resolution"]
     heldout = eval_dataset(args.heldout, resolution, transform="center_crop", label_column=None,
                            max_images=args.max_heldout)
-    loader = build_dataloader(heldout, 16, 0, shuffle=False, drop_last=False)
-    lpips_metric, lpips_source = build_lpips(args, device)
-    inception, inception_source = build_inception(args, device)
-    real = FeatureStatistics(InceptionFeatures.FEATURE_DIM, device) if inception is not None else None
+    lpips_backbone = weights_at_hand(args.lpips_backbone, LPIPS_BACKBONE_FILE)
+    inception_weights = weights_at_hand(args.inception_weights, INCEPTION_FILE)
+    na = "n/a (no weights)"
+    lpips_source = f"alex, backbone {lpips_backbone}" if lpips_backbone else na
+    inception_source = inception_weights or na
     print(f"held-out: {args.heldout}, {len(heldout)} images at {resolution}²; LPIPS: {lpips_source}; "
           f"rFID: {inception_source}", flush=True)
 
@@ -230,7 +203,7 @@ def main():
             print(f"training {name} ({preset} {overrides or ''}) to step {steps} of {args.steps}", flush=True)
             ema, seconds = train_segment(preset, overrides, args, steps, dirs[name], resume=k > 1)
             wall = (curves[name][-1]["wall_s"] if curves[name] else 0.0) + seconds
-            metrics = score(copy.deepcopy(ema), loader, device)  # the curve: quick metrics
+            metrics = score(copy.deepcopy(ema), heldout, device)  # the curve: no LPIPS / rFID
             curves[name].append({"step": steps, "wall_s": wall, "load_1m": os.getloadavg()[0], **metrics})
             snapshots[name].append({key: v.detach().cpu().clone() for key, v in ema.state_dict().items()})
             print(f"  {name} step {steps}: {wall:.0f} s, held-out PSNR {metrics['psnr']:.2f} dB, SSIM "
@@ -246,10 +219,11 @@ def main():
     rows, recs, models = [], {}, {}
     for name, (preset, overrides) in variants.items():
         final = load_snapshot(preset, overrides, snapshots[name][-1])
-        metrics, recs[name] = score(final, loader, device, lpips_metric, inception, real, show=show)
+        metrics = score(final, heldout, device, lpips_backbone, inception_weights)
+        recs[name] = reconstruct(final, originals, device)
         i = at_budget[name]
         same_time = metrics if i == len(curves[name]) - 1 else score(
-            load_snapshot(preset, overrides, snapshots[name][i]), loader, device, lpips_metric, inception, real)
+            load_snapshot(preset, overrides, snapshots[name][i]), heldout, device, lpips_backbone, inception_weights)
         models[name] = final.to(device).eval()
         last = curves[name][-1]
         rows.append({"variant": name, "preset": preset, **costs[name], **metrics,
@@ -276,12 +250,11 @@ def main():
     curve_rows = [{"variant": n, **p} for n, c in curves.items() for p in c]
     curve_columns = [("decoder", "variant"), ("step", "step"), ("train s", "wall_s"), ("PSNR dB", "psnr"),
                      ("SSIM", "ssim"), ("usage", "codebook_usage")]
-    na = "n/a (no weights)"
     text = "\n\n".join([
         f"Equal steps ({args.steps} steps, batch {args.batch_size}, {len(heldout)} held-out images at "
         f"{resolution}²; LPIPS: {lpips_source}; rFID: {inception_source})",
-        format_table(rows, columns) + ("\n\nLPIPS: " + na if lpips_metric is None else "")
-        + ("\nrFID: " + na if inception is None else ""),
+        format_table(rows, columns) + ("\n\nLPIPS: " + na if lpips_backbone is None else "")
+        + ("\nrFID: " + na if inception_weights is None else ""),
         f"Equal training wall-clock ({budget:.0f} s, the fastest variant's time for {args.steps} steps)",
         format_table(rows, time_columns), "Held-out curve", format_table(curve_rows, curve_columns)])
     print("\n" + text)
