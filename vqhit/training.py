@@ -145,7 +145,7 @@ def model_class(task: str):
 def build_model(config: TrainConfig, task: str) -> nn.Module:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if config.model not in presets:
-        raise ValueError(f"{SCRIPT[task]} trains {'hit-*' if task == 'gan' else 'vqhit-*'} presets, got "
+        raise ValueError(f"{SCRIPT[task]} trains {'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets, got "
                          f"{config.model!r}; choose one of {', '.join(presets)}")
     model = model_class(task).from_preset(config.model, **config.model_options)
     if config.init_from:
