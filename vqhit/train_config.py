@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from .models.pretrained import convert_value
+
 TASKS = ("gan", "vqhit")
 DEFAULT_MODEL = {"gan": "hit-b-256", "vqhit": "vqhit-b-f16-1024"}
 SCRIPT = {"gan": "train_gan.py", "vqhit": "train_vqhit.py"}
@@ -149,11 +151,14 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        betas = self.adam_betas
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                      for b in betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got {betas!r}")
-        self.adam_betas = [float(b) for b in betas]
+        try:
+            betas = [convert_value(b, float) for b in self.adam_betas]
+        except TypeError:
+            betas = []
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
+                             f"{self.adam_betas!r}")
+        self.adam_betas = betas
         if not 0 <= self.lecam_decay < 1:
             raise ValueError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
         if self.output_dir is None:
@@ -178,35 +183,15 @@ def _field_type(f: dataclasses.Field):
 
 
 def _coerce(name: str, value, f: dataclasses.Field):
-    """The value as the field's type; a number written as a string ('1e-4') is converted, anything else named."""
+    """The value as the field's type ('1e-4' for a float key is the number), or an error naming the key."""
     t = _field_type(f)
     if value is None and (f.default is None or t in (dict, list)):
         return value
-    if t in (int, float) and isinstance(value, str):
-        try:
-            value = t(value)
-        except ValueError:
-            pass
-    if t is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    ok = isinstance(value, bool) if t is bool else (isinstance(value, t) and not isinstance(value, bool))
-    if not ok:
+    try:
+        return convert_value(value, t)  # the one conversion the model configs use too
+    except TypeError:
         raise ValueError(f"config key {name!r} must be of type {t.__name__}, got {value!r} "
-                         f"({type(value).__name__})")
-    if t is list:
-        value = [_number(name, v) for v in value] if name == "adam_betas" else value
-    return value
-
-
-def _number(name: str, value):
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config key {name!r} holds numbers, got {value!r}")
-    return value
+                         f"({type(value).__name__})") from None
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:

@@ -63,7 +63,7 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
 _TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string", list: "a list"}
 
 
-def _convert(value, kind: type):
+def convert_value(value, kind: type):
     """`value` as `kind`, or raise TypeError. Numbers may arrive as strings: YAML reads `1e-2` (no dot) and
     every `--model-option` value it cannot type as a string, so a string that parses as the number is one."""
     if kind is bool:
@@ -124,7 +124,7 @@ class ConfigMixin:
                 continue
             base = next(m for m in members if m is not type(None))
             try:
-                setattr(self, f.name, _convert(value, base))
+                setattr(self, f.name, convert_value(value, base))
             except TypeError:
                 raise ValueError(f"{f.name} must be {_TYPE_NAMES.get(base, base.__name__)}"
                                  f"{' or None' if optional else ''}, got {value!r}") from None
