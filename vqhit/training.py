@@ -59,7 +59,8 @@ class SkipFirst(Sampler):
 
 
 class TrainState:
-    """What `save_state` does not know: the optimiser step reached and the data position.
+    """What `save_state` does not know: the optimiser step reached and the data position. Saved as the checkpoint's
+    train_state.json (written last, so it also marks the checkpoint complete) and read back from it on resume.
 
     `micro_batches` counts every batch drawn from the loader, including those whose images were all unreadable
     and skipped: the sampler's position, so that a resume continues with exactly the next batch.
@@ -223,7 +224,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.state = TrainState()
         self.lecam = LeCam(config.lecam_weight, config.lecam_decay)
-        acc.register_for_checkpointing(self.ema, self.state, self.lecam)
+        acc.register_for_checkpointing(self.ema, self.lecam)  # self.state goes to train_state.json
         objective_cls = GANObjective if task == "gan" else TokenizerObjective
         self.objective = objective_cls(config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = self._fixed_real_batch()
@@ -364,6 +365,7 @@ class Trainer:
             raise ValueError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
                              f"earlier checkpoint in {path.parent}") from None
+        self.state.load_state_dict(saved)
         if saved.get("batch_size", self.config.batch_size) != self.config.batch_size:
             self.state.micro_batches = self.state.micro_batches * saved["batch_size"] // self.config.batch_size
             acc.print(f"warning: batch size changed from {saved['batch_size']} to {self.config.batch_size}: the "
