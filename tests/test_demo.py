@@ -1,5 +1,4 @@
 """The tokenizer demo: held-out photographs, the held-out report, and the demo config."""
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,8 +9,6 @@ from vqhit.evaluation import eval_dataset, heldout_report
 from vqhit.metrics import codebook_usage, psnr, ssim, to_uint8
 from vqhit.models.vqhit import VQHiT
 from vqhit.train_config import parse_config
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_vqhit_cpu.yaml"
 
 
 def _photo(item: dict) -> str:
@@ -62,8 +59,8 @@ def test_heldout_report_equals_the_metrics_computed_directly(tmp_path):
     assert np.array_equal(grid[:64, 64:128], first[1].permute(1, 2, 0).numpy())  # ... beside its reconstruction
 
 
-def test_demo_config_trains_a_16x16_tokenizer_and_scores_it_on_the_heldout_photos():
-    config = parse_config([], "demo", "vqhit", DEMO_CONFIG)
+def test_the_default_tokenizer_run_is_a_16x16_tokenizer_judged_on_heldout_photos():
+    config = parse_config([], "demo", "vqhit")
     model = VQHiT.from_preset(config.model, **config.model_options)
     assert (config.data, config.heldout_data) == ("builtin:photos", "builtin:photos-heldout")
     assert (model.config.resolution, model.config.grid) == (64, 16)  # 16x16 tokens: what makes 20 dB reachable

@@ -81,7 +81,7 @@ def test_resume_is_exact_when_unreadable_images_empty_whole_batches(tmp_path):
     resumed = trainer(tmp_path / "b", steps=8, resume="latest", **common)
     resumed.fit()
     assert_same(weights(straight), weights(resumed))
-    assert resumed.state.micro_batches == straight.state.micro_batches > 8  # skipped batches were drawn too
+    assert resumed.batches.micro_batches == straight.batches.micro_batches > 8  # skipped batches were drawn too
 
 
 def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from vqhit import list_presets
 from vqhit.losses import r1_penalty
-from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
+from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_ema_copies_before_start_then_averages_parameters_and_buffers():
 
 def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
     trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=3)
-    real = next(trainer._batches(0))["image"]
+    real = next(trainer.batches)["image"]
     seen = {}
     for step in range(4):
         trainer.state.step = step
@@ -82,7 +82,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, task):
 
 def test_tokenizer_reconstruction_loss_falls(tmp_path):
     trainer = make_trainer(tmp_path, "vqhit", adv_start=10_000, lr=1e-3)
-    batches = trainer._batches(0)
+    batches = trainer.batches
     losses = []
     for step in range(30):
         trainer.state.step = step
@@ -112,7 +112,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         return (fake * float("nan") if step >= 2 else fake), terms
 
     trainer.objective.generate = poisoned
-    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 2.*checkpoint-2"):
+    # checkpoint-2 holds the weights that gave the non-finite loss: resuming it would fail again at once
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 2.*good checkpoint, .*checkpoint-1"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
     state = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
@@ -164,30 +165,40 @@ def test_numbers_parse_as_numbers_in_yaml_and_on_the_command_line(tmp_path):
         build_model(parse_config(["--model", "hit-tiny", "--model-option", "mlp_ratio=abc"], "test", "gan"), "gan")
 
 
-def test_defaults_are_the_demo_only_without_arguments(tmp_path):
-    demo = tmp_path / "demo.yaml"
-    demo.write_text("model: vqhit-tiny\nsteps: 7\ndisc_max_channels: 64\nr1_interval: 4\n")
-    assert parse_config([], "test", "vqhit", demo).steps == 7  # no arguments: the demo
-    config = parse_config(["--data", "/somewhere"], "test", "vqhit", demo)  # anything else: the paper recipe
+@pytest.mark.parametrize("argv", [[], ["--steps", "30"], ["--output-dir", "elsewhere"], ["--overwrite"],
+                                  ["--resume", "auto"], ["--data", "/somewhere"]], ids=" ".join)
+def test_a_flag_changes_one_setting_of_the_demo_recipe(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --resume auto looks at runs/vqhit-demo: nothing there, so a fresh start
+    demo = {**task_defaults("vqhit"), **RECIPES["vqhit-demo"]}
+    config = parse_config(argv, "test", "vqhit").to_dict()
+    changed = {k for k in config if config[k] != demo[k] and k not in ("output_dir", "perceptual_weight")}
+    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    assert config["model"] == "vqhit-demo" and changed <= given, changed - given
+    gan = parse_config(["--steps", "30"], "test", "gan")
+    assert (gan.model, gan.steps, gan.batch_size, gan.r1_interval, gan.disc_max_channels) == ("hit-tiny", 30, 16, 4, 64)
+
+
+def test_a_paper_model_gets_the_paper_recipe():
+    config = parse_config(["--model", "vqhit-b-f16-1024", "--data", "/somewhere"], "test", "vqhit")
     assert (config.model, config.steps, config.disc_max_channels, config.r1_interval, config.lr,
             config.perceptual, config.perceptual_weight) == ("vqhit-b-f16-1024", 500_000, 512, 1, 1e-4, "vgg_l2", 5e-5)
-    face = parse_config(["--model", "hit-b-256"], "test", "gan", demo)
-    assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # SPEC §5, FFHQ 256
+    face = parse_config(["--model", "hit-b-256"], "test", "gan")
+    assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # the FFHQ 256 recipe
     assert parse_config(["--model", "hit-l-128"], "test", "gan").transform == "imagenet_gan"
     help_text = build_parser("test", "vqhit").format_help()
-    assert "default: 'vqhit-b-f16-1024'" in help_text and "default: 'hit-tiny'" not in help_text
+    assert "default: 'vqhit-demo'" in help_text and "default: 'vqhit-b-f16-1024'" not in help_text
+    assert summary(config, "vqhit") == ("train_vqhit.py: vqhit-b-f16-1024 with the paper recipe, changed: data "
+                                        "/somewhere; writing to runs/vqhit-b-f16-1024/")
 
 
 def test_command_line_overrides_yaml_and_model_options(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-b-256\nlr: 5.0e-5\nmodel_options: {norm: layer}\n")
-    demo = tmp_path / "demo.yaml"
-    demo.write_text("steps: 7\ndisc_max_channels: 64\n")
     config = parse_config(["--config", str(yaml_file), "--lr", "1e-3", "--model-option", "multi_query=false",
-                           "--no-flip"], "test", "gan", demo)
+                           "--no-flip"], "test", "gan")
     assert config.lr == 1e-3 and config.flip is False and config.model == "hit-b-256"
     assert config.model_options == {"norm": "layer", "multi_query": False}
-    # the built-in demo config applies only when no argument is given: a recipe never inherits its keys
+    # the file's model chooses the recipe: hit-b-256's, not the default model's demo recipe
     assert config.steps == RECIPES["hit-b-256"]["steps"] and config.disc_max_channels == 512
     assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
     with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
@@ -215,7 +226,7 @@ def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path):
 
     first = next(m for m in D.modules() if isinstance(m, torch.nn.Conv2d))
     handle = first.register_forward_hook(record)
-    logs = trainer.train_step(next(trainer._batches(0))["image"])
+    logs = trainer.train_step(next(trainer.batches)["image"])
     handle.remove()
     r1_calls = [c for c in calls if c[0]]
     other_calls = [c for c in calls if not c[0]]
@@ -225,15 +236,14 @@ def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path):
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
 
 
-@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "demo" not in p.name],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipe_configs_agree_with_the_recipe_defaults(path):
-    """A recipe file and a bare `--model X` run must train the same recipe (SPEC §5)."""
+    """A recipe file and a bare `--model X` run must train the same recipe."""
     values = parse_config(["--config", str(path)], "test", "gan" if "gan" in path.name else "vqhit").to_dict()
     recipe = RECIPES[values["model"]]
     for key, expected in recipe.items():
         if key == "steps" or ("modern" in path.name and key == "perceptual"):
-            continue  # CelebA-HQ trains 250k-500k steps (SPEC §5); the modern recipe departs on purpose
+            continue  # CelebA-HQ trains 250k-500k steps; the modern recipe departs on purpose
         assert values[key] == expected, f"{path.name}: {key} = {values[key]!r}, the recipe says {expected!r}"
 
 
@@ -259,7 +269,7 @@ def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
                                  model_options={"freeze_encoder": True, "freeze_codebook": True,
                                                 "dead_code_steps": 1})  # restarts would be due every step
     tuned = tuned_trainer.fit()
-    x = next(tuned_trainer._batches(0))["image"]
+    x = next(tuned_trainer.batches)["image"]
     with torch.no_grad():
         assert torch.equal(base.encode(x), tuned.encode(x))  # token shards made with the base stay valid
         assert not torch.equal(base.decode_indices(base.encode(x)), tuned.decode_indices(tuned.encode(x)))

@@ -40,10 +40,22 @@ LIBRARY = "vqhit"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX)."""
+    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX), durably: the file is flushed to disk
+    before the rename and its folder after it, so the new file survives a crash of the machine, not only a kill."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (the renames inside it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
