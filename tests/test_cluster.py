@@ -148,6 +148,23 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     assert_same_run(straight, stopped, 6)
 
 
+def test_resuming_with_another_number_of_processes_continues_at_the_same_image_count(tmp_path):
+    out = tmp_path / "run"
+
+    def images(step: int) -> int:
+        state = json.loads((out / f"checkpoint-{step}" / "data_state_0.json").read_text())
+        return state["micro_batches"] * state["batch_size"] * state["num_processes"]
+
+    assert [status for status, _ in run(out, 4, world=2)] == [0, 0]
+    assert images(4) == 4 * 2 * 2
+    (status, output), = run(out, 6, world=1)  # 2 -> 1
+    assert status == 0 and "continues at the same image count (16" in output
+    assert images(6) == 16 + 2 * 2
+    results = run(out, 8, world=2)  # 1 -> 2
+    assert [status for status, _ in results] == [0, 0] and "same image count (20" in results[0][1]
+    assert images(8) == 20 + 2 * 4
+
+
 # -- elastic restarts and a hung process ----------------------------------------------------------------------------
 DRIVER = r"""
 import os, signal, sys
@@ -228,3 +245,24 @@ def test_a_streamed_resume_yields_the_same_batches_without_decoding_the_seen_one
         if num_workers == 0:
             # only what it yields (and the epoch's last, incomplete batch, dropped): nothing seen is decoded again
             assert 4 * (total - stop) <= len(decoded) < 4 * (total - stop + 1)
+
+
+def test_a_streamed_run_resumes_bit_identical_from_its_checkpoint(tmp_path):
+    from vqhit.train_config import config_from_dict
+    from vqhit.training import Trainer
+
+    def trainer(out, steps, **extra):
+        values = dict(model="hit-tiny", streaming=True, num_workers=0, max_images=12, batch_size=2, steps=steps,
+                      disc_max_channels=32, sample_every=1000, checkpoint_every=3, num_samples=2, seed=4,
+                      output_dir=str(out), **extra)
+        return Trainer(config_from_dict(values), "gan")
+
+    straight = trainer(tmp_path / "a", 8)  # 12 images, batch 2: the resume at step 3 is inside the first epoch
+    straight.fit()
+    trainer(tmp_path / "b", 3).fit()
+    state = json.loads((tmp_path / "b" / "checkpoint-3" / "data_state_0.json").read_text())
+    assert state["streams"] and state["epoch"] == 0
+    resumed = trainer(tmp_path / "b", 8, resume="auto")
+    resumed.fit()
+    assert resumed.batches.epoch == straight.batches.epoch == 1
+    assert_same_files(tmp_path / "a" / "model" / "model.safetensors", tmp_path / "b" / "model" / "model.safetensors")

@@ -178,6 +178,17 @@ def test_a_flag_changes_one_setting_of_the_demo_recipe(argv, tmp_path, monkeypat
     assert (gan.model, gan.steps, gan.batch_size, gan.r1_interval, gan.disc_max_channels) == ("hit-tiny", 30, 16, 4, 64)
 
 
+def test_a_start_that_fails_leaves_no_folder_behind(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for overrides, error in ((dict(model="vqhit-dmeo"), "tokenizer presets"), (dict(data=str(empty)), "no image files"),
+                             (dict(resume="latest"), "does not exist")):
+        out = tmp_path / "run"
+        with pytest.raises(ValueError, match=error):
+            make_trainer(tmp_path, "vqhit", **overrides)
+        assert not out.exists(), f"{overrides} left {list(out.rglob('*'))}"
+
+
 def test_a_paper_model_gets_the_paper_recipe():
     config = parse_config(["--model", "vqhit-b-f16-1024", "--data", "/somewhere"], "test", "vqhit")
     assert (config.model, config.steps, config.disc_max_channels, config.r1_interval, config.lr,

@@ -253,8 +253,8 @@ class TrainingBatches:
       stream's turn it is; a resume restores them, re-reading at most one shuffle window of raw rows per stream.
 
     `state_dict()` is per process. `load_state_dict` continues exactly when the process count, batch size and
-    DataLoader worker count are those of the run that saved it; otherwise it continues at the same image count
-    (map-style) or at the start of the stream's current epoch (streams), and says so.
+    DataLoader worker count are those of the run that saved it; otherwise it continues at the same image count,
+    rounded up to whole batches (map-style), or at the start of the stream's current epoch (streams), and says so.
     """
 
     def __init__(self, dataset, loader: DataLoader):
@@ -295,9 +295,9 @@ class TrainingBatches:
             return [f"{changed}: the stream's positions do not carry over, so its epoch {self.epoch} starts again "
                     "from its beginning (images of this epoch already trained on are seen again)"]
         images = state["micro_batches"] * state["batch_size"] * state["num_processes"]
-        self.micro_batches = images // (self.loader.batch_size * distributed.world_size())
-        return [f"{changed}: the data continues at the same image count ({images}), not the same batches, and "
-                "random streams differ from an uninterrupted run"]
+        self.micro_batches = -(-images // (self.loader.batch_size * distributed.world_size()))  # whole batches, up
+        return [f"{changed}: the data continues at the same image count ({images}, rounded up to whole batches), "
+                "not with the same batches"]
 
     def __iter__(self):
         return self

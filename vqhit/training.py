@@ -125,11 +125,15 @@ def model_class(task: str):
     return HiTGenerator if task == "gan" else VQHiT
 
 
-def build_model(config: TrainConfig, task: str) -> nn.Module:
+def check_preset(config: TrainConfig, task: str) -> None:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if config.model not in presets:
         raise ValueError(f"{SCRIPT[task]} trains {'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets, got "
                          f"{config.model!r}; choose one of {', '.join(presets)}")
+
+
+def build_model(config: TrainConfig, task: str) -> nn.Module:
+    check_preset(config, task)
     model = model_class(task).from_preset(config.model, **config.model_options)
     if config.init_from:
         model.load_weights(config.init_from)
@@ -172,6 +176,7 @@ class Trainer:
             raise ValueError(f"task must be 'gan' or 'vqhit', got {task!r}")
         self.config, self.task = config, task
         self.output_dir = Path(config.output_dir)
+        check_preset(config, task)
         self.resume_path = resolve_resume(config.resume, self.output_dir)
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
