@@ -121,6 +121,18 @@ def test_resume_auto_starts_fresh_then_continues_and_refuses_another_runs_folder
         Trainer(config(other, 1), "gan")
 
 
+def test_checkpoints_by_wall_clock_time(tmp_path):
+    from vqhit.train_config import config_from_dict
+    from vqhit.training import Trainer
+
+    values = dict(model="hit-tiny", num_workers=0, max_images=8, batch_size=2, disc_max_channels=32,
+                  sample_every=1000, num_samples=2, steps=3, checkpoint_every=1000, output_dir=str(tmp_path / "run"))
+    Trainer(config_from_dict({**values, "checkpoint_every_minutes": 1e-6}), "gan").fit()  # due after every step
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    Trainer(config_from_dict({**values, "output_dir": str(tmp_path / "other")}), "gan").fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "other")] == ["checkpoint-3"]  # the last step only
+
+
 # -- stop signals ---------------------------------------------------------------------------------------------------
 def test_sigterm_stops_with_a_checkpoint_and_the_same_command_continues_exactly(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"

@@ -196,7 +196,7 @@ def test_a_paper_model_gets_the_paper_recipe():
     face = parse_config(["--model", "hit-b-256"], "test", "gan")
     assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # the FFHQ 256 recipe
     assert parse_config(["--model", "hit-l-128"], "test", "gan").transform == "imagenet_gan"
-    help_text = build_parser("test", "vqhit").format_help()
+    help_text = " ".join(build_parser("test", "vqhit").format_help().split())
     assert "default: 'vqhit-demo'" in help_text and "default: 'vqhit-b-f16-1024'" not in help_text
     assert summary(config, "vqhit") == ("train_vqhit.py: vqhit-b-f16-1024 with the paper recipe, changed: data "
                                         "/somewhere; writing to runs/vqhit-b-f16-1024/")
