@@ -224,19 +224,22 @@ class VQHiT(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, R, R) in [-1, 1] -> token indices (B, h, w) int64."""
+        """Images (B, 3, R, R) in [-1, 1] -> token indices (B, h, w) int64. Inference: runs without autograd."""
         return self.quantize.encode(self.encode_latents(images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R)."""
+        """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R). Differentiable
+        (autograd as the caller has it): `decode(get_codebook_entry(indices))` is decode_indices with gradients."""
         d, g = self.config.code_dim, self.config.grid
         if latents.dim() != 4 or tuple(latents.shape[1:]) != (d, g, g):
             raise ValueError(f"expected code vectors of shape (B, {d}, {g}, {g}) (taming's layout, as "
                              f"get_codebook_entry returns them), got {tuple(latents.shape)}")
         return self.decoder(latents.permute(0, 2, 3, 1))
 
+    @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Token indices (B, h, w) -> images (B, 3, R, R), unbounded (clamp to [-1, 1] to show)."""
+        """Token indices (B, h, w) -> images (B, 3, R, R), unbounded (clamp to [-1, 1] to show). Inference: runs
+        without autograd (for gradients into the decoder, use `decode(get_codebook_entry(indices))`)."""
         self._check_indices(indices)
         return self.decoder(self.quantize.lookup(indices.long()))
 
