@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import DataConfig, ImageDataset, build_dataloader, build_dataset
+from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
                       inception_score, psnr, ssim, to_uint8)
 
@@ -119,11 +120,12 @@ class ReferenceStatistics:
         """Write an .npz (written to a temporary name and renamed: a killed run never leaves half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                     protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                         protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":

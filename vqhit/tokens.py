@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, collate_images
 from .evaluation import PRECISIONS, check_eval_dataset, data_settings, process_state
+from .files import atomic_write
 from .metrics import to_uint8
-from .models.pretrained import atomic_write
 
 FORMAT, VERSION = "vqhit-tokens", 1
 MANIFEST_NAME = "tokens.json"

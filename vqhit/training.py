@@ -33,6 +33,7 @@ from .checkpointing import (CHECKPOINT_PREFIX, STATE_FILE, OutputFolder, list_ch
                             replace_folder, resolve_resume)
 from .data import DataConfig, build_dataloader, build_dataset
 from .evaluation import eval_dataset, heldout_report
+from .files import give_default_mode
 from .ema import EMA
 from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -326,6 +327,7 @@ class Trainer:
             save_config(self.config, tmp / "train_config.yaml")
             state = {**self.state.state_dict(), "num_processes": acc.num_processes,
                      "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+            give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
             replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
             self.folder.prune(self.config.keep_checkpoints)

@@ -6,7 +6,8 @@ huggingface_hub `PyTorchModelHubMixin`s, so `push_to_hub` uploads that folder as
 loading are written here rather than taken from the mixin, because the mixin would lose guarantees we keep:
 
 - every file is written under a temporary name and renamed, so a kill never leaves a half-written file
-  (the mixin deletes config.json first and writes in place);
+  (the mixin deletes config.json first and writes in place), with the mode the user's umask gives new files
+  (`vqhit.files.atomic_write`);
 - loading is strict, and a config that describes another architecture is refused with the differing keys
   (the mixin loads non-strictly and builds whatever the config says);
 - a local path that does not exist is an error, never a Hub request (`vqhit.downloads.local_or_hub`);
@@ -33,17 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..downloads import local_or_hub
+from ..files import atomic_write
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 PAPER_URL = "https://arxiv.org/abs/2106.07631"
 LIBRARY = "vqhit"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
