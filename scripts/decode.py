@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", required=True, help="Folder for the PNG files")
     p.add_argument("--name-by", default="index", choices=NAME_BY, help="File names: 'index' = the image's "
                    "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "
-                   ".png suffix (default: %(default)s)")
+                   ".png suffix (a.jpg beside a.png becomes a.jpg.png: no image overwrites another) "
+                   "(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="Token grids per forward pass (default: %(default)s)")
     p.add_argument("--allow-other-tokenizer", action="store_true", help="Decode even though --model's encoder or "
                    "codebook differs from the one that made the tokens (only for a decoder trained on these codes; "

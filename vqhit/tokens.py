@@ -28,10 +28,12 @@ the caller says otherwise (`allow_other_tokenizer`, `--allow-other-tokenizer`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
 from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import ImageDataset, collate_images
+from .errors import UsageError
 from .evaluation import PRECISIONS, check_eval_dataset, data_settings, process_state
 from .files import atomic_write
 from .metrics import to_uint8
@@ -360,7 +363,8 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     """Decode every shard to PNGs in `output_dir`; returns the number of images this process wrote.
 
     name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
-    with a .png suffix. Process r decodes the shards k = r (mod world size). The model's encoder and codebook
+    with a .png suffix, keeping the source extension where two files differ only in it (a.jpg beside a.png is
+    written as a.jpg.png, with a warning): no image overwrites another. Process r decodes the shards k = r (mod world size). The model's encoder and codebook
     must be those that made the tokens (same fingerprint; a decoder trained later on those codes is fine):
     another tokenizer of the same preset reads the same index range but means other images by it. Pass
     allow_other_tokenizer=True only for a decoder you know was trained on these codes.
@@ -385,14 +389,15 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     state = process_state()
     device = torch.device(device) if device is not None else state.device
     model = model.to(device).eval()
-    paths = shard_paths(token_dir)[state.process_index::state.num_processes]
+    paths = shard_paths(token_dir)
+    if name_by == "id":  # names are checked across all shards: two processes must not write the same file either
+        id_names = _names_by_id([read_shard_metadata(p) for p in paths], warn=state.is_main_process)
+    mine = range(state.process_index, len(paths), state.num_processes)
     output_dir = Path(output_dir)
     written = 0
-    bar = tqdm(paths, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    for path in bar:
-        shard = read_shard(path)
-        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else \
-            [str(Path(os.path.basename(i) if os.path.isabs(i) else i).with_suffix(".png")) for i in shard["ids"]]
+    for k in tqdm(mine, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True):
+        shard = read_shard(paths[k])
+        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else id_names[k]
         for chunk, chunk_names in zip(shard["indices"].split(batch_size), _chunks(names, batch_size)):
             images = to_uint8(model.decode_indices(chunk.to(device).long()).float()).permute(0, 2, 3, 1).cpu()
             for image, name in zip(images.numpy(), chunk_names):
@@ -402,6 +407,37 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
             written += len(chunk)
     state.wait_for_everyone()
     return written
+
+
+def _names_by_id(headers: list[dict], warn: bool) -> list[list[str]]:
+    """The PNG name of every image under --name-by id, shard by shard (headers: `read_shard_metadata` of every
+    shard, in order): the source file's relative path with a .png suffix. Files that differ only in their
+    extension (a.jpg and a.png) would both become a.png, so those of them not already named .png keep their
+    extension (a.jpg.png), and `warn` says so. Names that still clash are refused: no decoded image ever
+    overwrites another."""
+    ids = [i for header in headers for i in header["ids"]]
+    if any(i is None for i in ids):
+        raise UsageError("--name-by id: these images have no file names (a Hub dataset of raw image bytes); "
+                         "use --name-by index")
+    paths = [Path(os.path.basename(i) if os.path.isabs(i) else i) for i in ids]
+    plain = Counter(p.with_suffix(".png") for p in paths)
+    names, renamed = [], []
+    for path in paths:
+        if plain[path.with_suffix(".png")] > 1 and path.suffix.lower() != ".png":
+            names.append(f"{path}.png")
+            renamed.append(str(path))
+        else:
+            names.append(str(path.with_suffix(".png")))
+    clashes = sorted(name for name, count in Counter(names).items() if count > 1)
+    if clashes:
+        raise UsageError(f"--name-by id: {len(clashes)} file names occur more than once among the source images "
+                         f"(e.g. {clashes[0]}), so one decoded image would overwrite another; use --name-by index")
+    if renamed and warn:
+        warnings.warn(f"--name-by id: {len(renamed)} source files share their name with another up to the "
+                      f"extension; they keep their extension so that none overwrites another (e.g. {renamed[0]} -> "
+                      f"{renamed[0]}.png)", stacklevel=3)
+    ends = list(itertools.accumulate(len(header["ids"]) for header in headers))
+    return [names[end - len(header["ids"]):end] for header, end in zip(headers, ends)]
 
 
 def _chunks(items: list, size: int) -> list[list]:
