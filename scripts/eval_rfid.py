@@ -12,8 +12,10 @@ short side >= 2x the resolution, bicubic resize of the short side to the resolut
 smaller than the resolution are upsampled, not dropped, as in ADM; --min-size N skips those whose short side is
 below N instead. A JSON report and a printed table state every setting; when --model is a local
 save_pretrained folder, its README.md model card gets the figures and the settings too.
-Offline: --inception-weights and --lpips-backbone take local files; --no-fid needs no Inception at all
-(PSNR, SSIM, codebook usage, and LPIPS when its backbone is available or --no-lpips).
+Offline: --inception-weights and --lpips-backbone take local files. The figures that need no weights at all
+(PSNR, SSIM, codebook usage and perplexity) come from
+
+    python scripts/eval_rfid.py --model runs/vqhit-demo/model --data builtin:photos-heldout --no-fid --no-lpips
 """
 import argparse
 from pathlib import Path
@@ -40,15 +42,16 @@ def parse_args(argv=None):
     p.add_argument("--min-size", type=int, default=0, help="Skip images whose short side is below N pixels "
                    "(counted as skipped); 0 keeps every image, upsampling those smaller than the resolution as "
                    "ADM's protocol does (default: %(default)s)")
-    p.add_argument("--no-fid", action="store_true", help="Skip rFID and Inception (no weights needed): report "
-                   "PSNR, SSIM, codebook usage and LPIPS only")
+    p.add_argument("--no-fid", action="store_true", help="Skip rFID: no Inception network or weights. LPIPS "
+                   "still needs its AlexNet backbone (downloaded, or --lpips-backbone); with --no-lpips too nothing "
+                   "is downloaded: PSNR, SSIM, codebook usage and perplexity need no weights")
     p.add_argument("--ref-stats", default=None, help="Cache of the originals' Inception statistics (.npz): loaded "
                    "if the file exists (and must match this data/crop/#images/Inception), else computed and saved")
     p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
                    "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
     p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
                    "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
-    p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS")
+    p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS: no AlexNet backbone needed")
     p.add_argument("--batch-size", type=int, default=32, help="Images per process per batch (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Tokenizer precision: fp32 or bf16 "

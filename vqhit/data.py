@@ -498,8 +498,14 @@ def _load_folder(folder: str, cfg: DataConfig) -> tuple[datasets.Dataset | datas
             for link, target in dangling.items():
                 warnings.warn(f"skipping {link}: dangling symlink to {target}, which does not exist",
                               BadImageWarning, stacklevel=3)
-    table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
-                                  streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    # A local folder needs no network: without this, datasets pings its download counter (a request to S3 that
+    # waits up to 3 s for an answer) for the imagefolder builder on every load.
+    counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+    try:
+        table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
+                                      streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     return table, dangling
 
 

@@ -214,9 +214,10 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     Returns {"metrics": {rfid, psnr, ssim, lpips, codebook_usage, codebook_perplexity, num_images,
     num_skipped, num_upsampled}, "settings": {...every setting that decides the numbers...}}. ref_stats: an
     .npz of the originals' statistics, loaded if it exists (and checked against this protocol), else computed
-    in the same pass and saved there. fid=False skips Inception altogether (rfid is None): PSNR, SSIM, usage
-    and LPIPS need no Inception weights, for offline users. lpips_backbone: a local torchvision AlexNet state
-    dict (offline use); None loads torchvision's ImageNet weights (downloaded once).
+    in the same pass and saved there. fid=False skips Inception altogether (rfid is None); lpips=False skips
+    LPIPS (lpips is None). With both off nothing is downloaded: PSNR, SSIM, codebook usage and perplexity need
+    no weights. lpips_backbone: a local torchvision AlexNet state dict (offline use); None loads torchvision's
+    ImageNet weights (downloaded once).
     """
     check_eval_dataset(dataset, model.config.resolution)
     _check_precision(precision)
@@ -234,7 +235,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, upsampled images
     codes, positions = [torch.zeros(0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.int64)]
     loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
-    for batch in _bar(loader, "rFID", progress):
+    for batch in _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress):
         if batch is None:  # every image of the batch was unreadable (counted as skipped below)
             continue
         x = batch["image"].to(device)

@@ -104,7 +104,8 @@ class InceptionFeatures(nn.Module):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                                      "weights_path=..., or --inception-weights PATH in the scripts"), \
+                                      "weights_path=..., or --inception-weights PATH in the scripts (or "
+                                      "--no-fid in eval_rfid.py, to skip rFID)"), \
                 _weights_only_loads(weights_path):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat",
@@ -338,7 +339,8 @@ class LPIPSMetric(nn.Module):
             raise ValueError(f"LPIPS net must be 'alex', 'vgg' or 'squeeze'; got {net!r}.")
         with warnings.catch_warnings(), explain_download_failure(
                 f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH "
-                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth)"):
+                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth); or skip LPIPS with "
+                "--no-lpips"):
             # lpips builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
             # is about lpips' code, not the caller's, and would otherwise appear on every construction.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
