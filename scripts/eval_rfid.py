@@ -11,7 +11,9 @@ float64 statistics summed over processes, no padding). The default crop is ADM's
 short side >= 2x the resolution, bicubic resize of the short side to the resolution, center crop): images
 smaller than the resolution are upsampled, not dropped, as in ADM; --min-size N skips those whose short side is
 below N instead. A JSON report and a printed table state every setting; when --model is a local
-save_pretrained folder, its README.md model card gets the figures and the settings too.
+save_pretrained folder, its README.md model card gets the figures and the settings too, naming the weights they
+belong to (sha256 of model.safetensors, and the training step of a training run's export): a later export of
+other weights into the folder removes them.
 Offline: --inception-weights and --lpips-backbone take local files. The figures that need no weights at all
 (PSNR, SSIM, codebook usage and perplexity) come from
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, flatten,
                               format_report, process_state, write_report)
-from vqhit.models.pretrained import write_model_card
+from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
 from vqhit.models.vqhit import VQHiT
 
 
@@ -67,6 +69,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
+    weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
+        if local else {}
     model = VQHiT.from_pretrained(args.model)
     dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
                            image_column=args.image_column, label_column=None, max_images=args.num_images,
@@ -75,12 +80,16 @@ def main(argv=None):
                                 inception_weights=args.inception_weights, lpips=not args.no_lpips,
                                 lpips_backbone=args.lpips_backbone, batch_size=args.batch_size,
                                 num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress)
+    report["settings"].update(weights)
     if process_state().is_main_process:
         path = write_report(report, f"{args.output_dir}/eval_rfid.json")
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
-        if Path(args.model).is_dir() and not args.no_model_card:  # a local save_pretrained folder (not a Hub id): its card gets the figures
-            card = write_model_card(args.model, *model_card_tables(report))
-            print(f"model card: {card}")
+        if local and not args.no_model_card:
+            if weights_sha256(args.model) != weights["weights_sha256"]:  # e.g. a training run exported meanwhile
+                print(f"model card not written: {args.model}/model.safetensors changed during the evaluation; the "
+                      f"figures (of the weights it held before) are in {path}")
+            else:
+                print(f"model card: {write_model_card(args.model, *model_card_tables(report))}")
     return report
 
 

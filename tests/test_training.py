@@ -1,4 +1,5 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -267,3 +268,24 @@ def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
     for name, value in base.state_dict().items():
         if name.startswith(("encoder.", "quant_conv.", "quantize.embedding")):
             assert torch.equal(value, trained.state_dict()[name]), name
+
+
+def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, capsys):
+    """eval_rfid writes figures into the run's model card, naming the step and weights they measured; a resumed
+    run's new export removes them (they measured other weights) and keeps the rest of the card."""
+    import runpy
+    make_trainer(tmp_path, "vqhit", steps=1, checkpoint_every=1, adv_start=10).fit()
+    model_dir = tmp_path / "run" / "model"
+    evaluate = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    report = evaluate(["--model", str(model_dir), "--data", "builtin:photos-heldout", "--num-images", "4", "--no-fid",
+                       "--no-lpips", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--no-progress"])
+    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert report["settings"]["weights_sha256"] == sha and report["settings"]["training_step"] == 1
+    card = (model_dir / "README.md").read_text()
+    assert f"sha256 `{sha[:16]}` (after\n1 training steps)" in card and "| PSNR (dB) |" in card
+    assert "| data | builtin:photos-heldout |" in card and "| crop | adm_center_crop |" in card
+
+    make_trainer(tmp_path, "vqhit", steps=2, checkpoint_every=1, adv_start=10, resume="latest").fit()
+    card = (model_dir / "README.md").read_text()
+    assert "PSNR" not in card and "sha256" not in card  # the figures of step 1 left with step 1's weights
+    assert "VQHiT.from_pretrained" in card  # the rest of the card stays

@@ -323,7 +323,7 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every part is written before the folder is renamed
         if acc.is_main_process:
-            self.ema.model.save_pretrained(tmp / "ema")
+            self.ema.model.save_pretrained(tmp / "ema", training_step=step)
             save_config(self.config, tmp / "train_config.yaml")
             state = {**self.state.state_dict(), "num_processes": acc.num_processes,
                      "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
@@ -338,12 +338,12 @@ class Trainer:
     def export(self) -> Path:
         """The EMA model as a save_pretrained folder that is loadable at every instant: the first export appears
         complete by one rename; later ones replace each file by a rename (their configs are the same run's)."""
-        directory = self.output_dir / "model"
-        if directory.is_dir():
-            self.ema.model.save_pretrained(directory)
+        directory, step = self.output_dir / "model", self.state.step
+        if directory.is_dir():  # an evaluated card's figures are dropped when these weights are new (save_pretrained)
+            self.ema.model.save_pretrained(directory, training_step=step)
         else:
             tmp = self.output_dir / ".model.tmp"
-            self.ema.model.save_pretrained(tmp)
+            self.ema.model.save_pretrained(tmp, training_step=step)
             replace_folder(tmp, directory)
         return directory
 

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..downloads import local_or_hub
@@ -164,15 +166,26 @@ from vqhit import {{ class_name }}
 model = {{ class_name }}.from_pretrained("<this folder or Hub repository>")
 ```
 """
+# The figures of one set of weights, between markers that record which: save_pretrained removes the section when
+# the weights it writes are others (a resumed run's new export), and keeps the rest of the card.
 EVALUATION_SECTION = """
+<!-- vqhit-evaluation weights-sha256: {{ sha256 }} -->
 ## Evaluation
+
+Measured on the weights `model.safetensors` with sha256 `{{ sha256[:16] }}`{% if step is not none %} (after
+{{ step }} training steps){% endif %}, on the data and with the protocol below. A later save of other weights into
+this folder removes these figures.
 
 {{ metrics }}
 
 ## Measured with
 
 {{ settings }}
+<!-- end vqhit-evaluation -->
 """
+_EVALUATION = re.compile(r"\n*<!-- vqhit-evaluation weights-sha256: (\w+) -->.*?<!-- end vqhit-evaluation -->\n?",
+                         re.DOTALL)
+TRAINING_STEP_KEY = "training_step"  # in model.safetensors' metadata, when a training run exported the weights
 TAGS = ["vqhit", "image-generation"]
 
 
@@ -202,28 +215,41 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         return cls(cls.config_class.from_preset(name, **overrides))
 
     # -- saving -------------------------------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
+    def _save_pretrained(self, save_directory: Path, training_step: int | None = None) -> None:
         """The mixin's hook: the weights, under a temporary name then renamed."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        metadata = {"format": "pt"}
+        if training_step is not None:
+            metadata[TRAINING_STEP_KEY] = str(training_step)
+        atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=metadata))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, config=None, push_to_hub: bool = False,
-                        repo_id: str | None = None, model_card_kwargs: dict | None = None, **push_to_hub_kwargs):
+                        repo_id: str | None = None, model_card_kwargs: dict | None = None,
+                        training_step: int | None = None, **push_to_hub_kwargs):
         """Write model.safetensors, config.json and (unless the folder has one) a README.md model card, each
-        atomically. Returns the folder; with `push_to_hub=True` also uploads it (to `repo_id`, default the
-        folder's name) and returns the commit URL, as the mixin does."""
+        atomically. An existing card is kept, except its evaluation figures when they belong to other weights
+        (`write_model_card` records which). `training_step`: the step of a training run these weights are from,
+        kept in model.safetensors' metadata and named on evaluated cards. Returns the folder; with
+        `push_to_hub=True` also uploads it (to `repo_id`, default the folder's name) and returns the commit URL,
+        as the mixin does."""
         if config is not None:
             raise ValueError("a vqhit model saves its own config (model.config); build the model from the config "
                              "you want instead of passing config=")
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._save_pretrained(directory)
+        self._save_pretrained(directory, training_step)
         meta = {"model_type": self.model_type, **self.config.to_dict()}
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        if not (directory / CARD_NAME).exists():  # an evaluated card (write_model_card) is kept, as the mixin does
+        card_path = directory / CARD_NAME
+        if not card_path.exists():
             card = self.generate_model_card(model_type=self.model_type, preset=self.config.preset,
                                             class_name=type(self).__name__, **(model_card_kwargs or {}))
-            atomic_write(directory / CARD_NAME, lambda p: card.save(p))
+            atomic_write(card_path, lambda p: card.save(p))
+        else:  # kept, as the mixin does; figures of other weights are not
+            text = card_path.read_text()
+            evaluated = _EVALUATION.search(text)
+            if evaluated and evaluated.group(1) != weights_sha256(directory):
+                atomic_write(card_path, lambda p: p.write_text(_EVALUATION.sub("\n", text, count=1)))
         if push_to_hub:
             return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
                                     **push_to_hub_kwargs)
@@ -313,9 +339,27 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         self.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of a saved model's model.safetensors: which weights a model card's figures belong to."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_step(folder: str | os.PathLike) -> int | None:
+    """The training step a saved model's weights come from (None when no training run exported them)."""
+    with safe_open(str(Path(folder) / WEIGHTS_NAME), framework="pt") as f:
+        step = (f.metadata() or {}).get(TRAINING_STEP_KEY)
+    return int(step) if step is not None and step.isdigit() else None
+
+
 def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -> Path:
     """Write `folder/README.md`: a Hub model card holding evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...})
-    and the settings they were measured with (e.g. {"data": ..., "images": 50000}). Atomic; replaces the card."""
+    and the settings they were measured with (e.g. {"data": ..., "images": 50000}), naming the weights they
+    belong to: the sha256 of the folder's model.safetensors and, for a training run's export, its step (the
+    caller checks that the file is still the one it evaluated). Atomic; replaces the card."""
     folder = Path(folder)
     try:  # the card names the model when the folder's config says what it is; it is written either way
         meta = json.loads((folder / CONFIG_NAME).read_text())
@@ -333,6 +377,7 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -
 
     card = ModelCard.from_template(data, template_str=DEFAULT_CARD + EVALUATION_SECTION, model_type=model_type,
                                    preset=meta.get("preset"), metrics=table(metrics), settings=table(settings),
-                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"))
+                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"),
+                                   sha256=weights_sha256(folder), step=training_step(folder))
     atomic_write(folder / CARD_NAME, lambda p: card.save(p))
     return folder / CARD_NAME
