@@ -22,6 +22,7 @@ Offline: --inception-weights and --lpips-backbone take local files. The figures 
 import argparse
 from pathlib import Path
 
+from vqhit import cli
 from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, flatten,
                               format_report, process_state, write_report)
 from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
@@ -29,7 +30,7 @@ from vqhit.models.vqhit import VQHiT
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The tokenizer: a save_pretrained folder (use the EMA export, "
                    "e.g. runs/vqhit-demo/model) or a Hugging Face Hub repository id; evaluated in eval mode")
     p.add_argument("--data", required=True, help="Evaluation images: a local image folder, a Hub dataset id, or "
@@ -39,11 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: %(default)s)")
     p.add_argument("--transform", default="adm_center_crop", choices=DETERMINISTIC_TRANSFORMS,
                    help="Crop protocol to the model's resolution (default: %(default)s, the ADM protocol)")
-    p.add_argument("--num-images", type=int, default=None, help="Evaluate only the first N images (quick runs; "
-                   "the paper protocol uses all 50k ImageNet validation images)")
-    p.add_argument("--min-size", type=int, default=0, help="Skip images whose short side is below N pixels "
-                   "(counted as skipped); 0 keeps every image, upsampling those smaller than the resolution as "
-                   "ADM's protocol does (default: %(default)s)")
+    p.add_argument("--num-images", type=cli.int_at_least(1), default=None, help="Evaluate only the first N images "
+                   "(quick runs; the paper protocol uses all 50k ImageNet validation images)")
+    p.add_argument("--min-size", type=cli.int_at_least(0), default=0, help="Skip images whose short side is below N "
+                   "pixels (counted as skipped); 0 keeps every image, upsampling those smaller than the resolution "
+                   "as ADM's protocol does (default: %(default)s)")
     p.add_argument("--no-fid", action="store_true", help="Skip rFID: no Inception network or weights. LPIPS "
                    "still needs its AlexNet backbone (downloaded, or --lpips-backbone); with --no-lpips too nothing "
                    "is downloaded: PSNR, SSIM, codebook usage and perplexity need no weights")
@@ -54,8 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
                    "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
     p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS: no AlexNet backbone needed")
-    p.add_argument("--batch-size", type=int, default=32, help="Images per process per batch (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process (default: %(default)s)")
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=32, help="Images per process per batch "
+                   "(default: %(default)s)")
+    p.add_argument("--num-workers", type=cli.int_at_least(0), default=cli.default_num_workers(), help="DataLoader "
+                   "workers per process (default: %(default)s here: up to 4, one fewer than the cores)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Tokenizer precision: fp32 or bf16 "
                    "autocast; Inception always runs in float32 (default: %(default)s)")
     p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable images (and those "
@@ -72,7 +75,8 @@ def main(argv=None):
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
         if local else {}
-    model = VQHiT.from_pretrained(args.model)
+    with cli.naming("--model", args.model):
+        model = VQHiT.from_pretrained(args.model)
     dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
                            image_column=args.image_column, label_column=None, max_images=args.num_images,
                            bad_images=args.bad_images, min_size=args.min_size)
@@ -103,4 +107,4 @@ def model_card_tables(report: dict) -> tuple[dict, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

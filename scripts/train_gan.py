@@ -11,10 +11,16 @@ paper recipe of the chosen --model (default hit-b-256), then the --config file, 
 import sys
 from pathlib import Path
 
+from vqhit import cli
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_gan_cpu.yaml"
 
+
+def main(argv=None):
+    return train(parse_config(sys.argv[1:] if argv is None else argv, __doc__, "gan", DEMO_CONFIG), task="gan")
+
+
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, "gan", DEMO_CONFIG), task="gan")
+    cli.run(main)

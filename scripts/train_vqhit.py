@@ -12,10 +12,16 @@ pretrained VGG downloaded when online or read from --vgg-weights), then the --co
 import sys
 from pathlib import Path
 
+from vqhit import cli
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_vqhit_cpu.yaml"
 
+
+def main(argv=None):
+    return train(parse_config(sys.argv[1:] if argv is None else argv, __doc__, "vqhit", DEMO_CONFIG), task="vqhit")
+
+
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, "vqhit", DEMO_CONFIG), task="vqhit")
+    cli.run(main)

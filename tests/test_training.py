@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
+from vqhit.errors import UsageError
 from vqhit.losses import r1_penalty
 from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
 from vqhit.training import EMA, Trainer, list_checkpoints
@@ -139,11 +140,11 @@ def test_folder_with_corrupt_and_grayscale_images(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown key.*'learning_rate'"):
         config_from_dict({"learning_rate": 1e-4})
-    with pytest.raises(ValueError, match="'steps' must be of type int"):
+    with pytest.raises(ValueError, match="--steps must be of type int"):
         config_from_dict({"steps": "many"})
     with pytest.raises(ValueError, match="fp16 is not supported"):
         config_from_dict({"precision": "fp16", "r1_weight": 0.0})  # refused, R1 or not: never a silent fp32 run
-    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+    with pytest.raises(ValueError, match="--adam-betas must be two numbers"):
         parse_config(["--adam-betas", "0.9"], "test", "gan")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nbatch_sise: 4\n")
@@ -191,7 +192,7 @@ def test_command_line_overrides_yaml_and_model_options(tmp_path):
     # the built-in demo config applies only when no argument is given: a recipe never inherits its keys
     assert config.steps == RECIPES["hit-b-256"]["steps"] and config.disc_max_channels == 512
     assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
-    with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
+    with pytest.raises(UsageError, match="argument --steps: invalid int value: 'ten'"):  # one line, not a usage block
         parse_config(["--steps", "ten"], "test", "gan")
 
 

@@ -26,6 +26,8 @@ import socket
 import time
 from pathlib import Path
 
+from .errors import UnavailableError, UsageError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"  # written last into a checkpoint: what a resume reads first
 LOCK_FILE = ".lock"
@@ -69,10 +71,10 @@ def read_state(checkpoint: Path) -> dict:
             raise ValueError("no integer 'step'")
         return state
     except FileNotFoundError:
-        raise ValueError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
+        raise UsageError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
                          f"{CHECKPOINT_PREFIX}N folder or --resume latest") from None
     except ValueError as e:
-        raise ValueError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
+        raise UsageError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -82,12 +84,12 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise ValueError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
+            raise UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
                              f"stopped before its first checkpoint); start it again without --resume")
         return found[-1]
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
+        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
     return path
 
@@ -107,8 +109,8 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
-                               f"or choose another --output-dir") from None
+            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to "
+                                   f"finish, or choose another --output-dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -133,7 +135,7 @@ class OutputFolder:
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
             if used and not overwrite:
-                raise ValueError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
+                raise UsageError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
                                  f"latest, choose another --output-dir, or pass --overwrite to delete it")
             if used:
                 for p in checkpoints + [self.path / name for name in RUN_OUTPUTS]:

@@ -38,8 +38,9 @@ def local_or_hub(text: str | os.PathLike, what: str, fetch=None):
     """Resolve a command-line "local folder or Hub id" argument without sending a mistyped path to the Hub.
 
     Returns the Path when it exists. Otherwise, when `text` looks like a path (or is a PathLike) or cannot be a
-    Hub id, raises NotFoundError (a FileNotFoundError) "no such folder". Otherwise it is a Hub id: returned as a str, or, when
-    `fetch` is given, `fetch(id)` is returned, and its failure becomes an error that names both readings.
+    Hub id, raises NotFoundError (a FileNotFoundError) "no such folder". Otherwise it is a Hub id: returned as a
+    str, or, when `fetch` is given, `fetch(id)` is returned, and its failure becomes an error that names both
+    readings.
     """
     path = Path(text).expanduser()
     if path.exists():

@@ -186,7 +186,7 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
         return
     diff = _manifest_differences(read_manifest(output_dir), manifest)
     if diff:
-        raise ValueError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
+        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
                          f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
 
 
@@ -242,11 +242,11 @@ def read_shard_metadata(path) -> dict:
             tensors = set(f.keys())
             shape = f.get_slice("indices").get_shape() if "indices" in tensors else None
     except (SafetensorError, json.JSONDecodeError, OSError) as err:
-        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
     missing = sorted({"indices", "dataset_index"} - tensors) + sorted({*MANIFEST_KEYS, "shard", "ids", "skipped"}
                                                                       - metadata.keys())
     if missing:
-        raise ValueError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
+        raise UsageError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
     metadata["num_images"], metadata["shape"] = shape[0], list(shape)
     return metadata
 
@@ -261,7 +261,7 @@ def check_shard(path, manifest: dict, k: int) -> dict:
     if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
         diff["indices shape (ids)"] = (f"{metadata['shape']} ({len(metadata['ids'])})", expected)
     if diff:
-        raise ValueError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
+        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
     return metadata
 
 
@@ -271,7 +271,7 @@ def read_shard(path) -> dict:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
     return {"indices": tensors["indices"], "dataset_index": tensors["dataset_index"],
             "labels": tensors.get("labels"), "ids": metadata["ids"], "skipped": metadata["skipped"],
             "metadata": metadata}
@@ -280,7 +280,7 @@ def read_shard(path) -> dict:
 def read_manifest(token_dir) -> dict:
     path = Path(token_dir) / MANIFEST_NAME
     if not path.exists():
-        raise ValueError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
+        raise UsageError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
                          f"{MANIFEST_NAME} was lost, run scripts/encode.py again with the same arguments to rewrite "
                          f"it (the shards are kept).")
     rewrite = (f"delete it and run scripts/encode.py again with the same arguments: it is rewritten, and the shards "
@@ -288,13 +288,13 @@ def read_manifest(token_dir) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
+        raise UsageError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path} is not a vqhit token manifest (format {found!r}); {rewrite}.")
+        raise UsageError(f"{path} is not a vqhit token manifest (format {found!r}); {rewrite}.")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise ValueError(f"{path} is damaged (missing {missing}); {rewrite}.")
+        raise UsageError(f"{path} is damaged (missing {missing}); {rewrite}.")
     return manifest
 
 
@@ -305,7 +305,7 @@ def shard_paths(token_dir) -> list[Path]:
     paths = [token_dir / shard_name(k) for k in range(manifest["num_shards"])]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise ValueError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
+        raise UsageError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
                          f"({missing[:3]}...); re-run scripts/encode.py with the same arguments to finish it.")
     for k, path in enumerate(paths):  # headers only: a damaged or foreign shard fails here, before any work
         check_shard(path, manifest, k)
@@ -364,8 +364,9 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
 
     name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
     with a .png suffix, keeping the source extension where two files differ only in it (a.jpg beside a.png is
-    written as a.jpg.png, with a warning): no image overwrites another. Process r decodes the shards k = r (mod world size). The model's encoder and codebook
-    must be those that made the tokens (same fingerprint; a decoder trained later on those codes is fine):
+    written as a.jpg.png, with a warning): no image overwrites another. Process r decodes the shards
+    k = r (mod world size). The model's encoder and codebook must be those that made the tokens (same
+    fingerprint; a decoder trained later on those codes is fine):
     another tokenizer of the same preset reads the same index range but means other images by it. Pass
     allow_other_tokenizer=True only for a decoder you know was trained on these codes.
     """
@@ -374,7 +375,7 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     manifest = read_manifest(token_dir)
     config = model.config
     if (manifest["codebook_size"], manifest["grid"]) != (config.codebook_size, config.grid):
-        raise ValueError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
+        raise UsageError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
                          f"codes but the model decodes {config.grid}x{config.grid} grids of {config.codebook_size}; "
                          f"use the tokenizer that made them ({manifest['model']}).")
     fingerprint = tokenizer_fingerprint(model)
@@ -382,7 +383,7 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
         problem = (f"the tokens in {token_dir} were made by another encoder/codebook ({manifest['model']}, fingerprint "
                    f"{manifest['tokenizer_fingerprint'][:12]}) than this model's ({fingerprint[:12]})")
         if not allow_other_tokenizer:
-            raise ValueError(f"{problem}: its decoder would turn them into meaningless images. Decode with the "
+            raise UsageError(f"{problem}: its decoder would turn them into meaningless images. Decode with the "
                              f"tokenizer that made them, or pass allow_other_tokenizer=True (--allow-other-tokenizer) "
                              f"if this decoder was trained on those codes.")
         warnings.warn(f"{problem}; decoding anyway (allow_other_tokenizer=True).")

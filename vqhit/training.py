@@ -13,6 +13,7 @@ position; `--resume` continues at the same step, data position and RNG, with the
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -31,10 +32,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpointing import (CHECKPOINT_PREFIX, STATE_FILE, OutputFolder, list_checkpoints, read_state,
                             replace_folder, resolve_resume)
+from .cli import naming
 from .data import DataConfig, build_dataloader, build_dataset
+from .ema import EMA
+from .errors import UsageError
 from .evaluation import eval_dataset, heldout_report
 from .files import give_default_mode
-from .ema import EMA
 from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
@@ -147,13 +150,24 @@ def model_class(task: str):
 def build_model(config: TrainConfig, task: str) -> nn.Module:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if config.model not in presets:
-        raise ValueError(f"{SCRIPT[task]} trains {'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets, got "
-                         f"{config.model!r}; choose one of {', '.join(presets)}")
-    model = model_class(task).from_preset(config.model, **config.model_options)
-    if config.init_from:
-        model.load_weights(config.init_from)
-    if task == "vqhit" and config.taming_checkpoint:
-        model.load_taming_checkpoint(config.taming_checkpoint)
+        close = difflib.get_close_matches(config.model, presets, n=1)
+        raise UsageError(f"--model {config.model}: {SCRIPT[task]} trains "
+                         f"{'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets"
+                         f"{f'; did you mean {close[0]}?' if close else ''} Choose one of {', '.join(presets)}")
+    cls = model_class(task)
+    try:  # the config's own checks of the options: an unknown key, a wrong type, an impossible architecture
+        model_config = cls.config_class.from_preset(config.model, **config.model_options)
+    except ValueError as err:
+        options = " ".join(f"{k}={v}" for k, v in config.model_options.items())
+        raise UsageError(f"--model {config.model} --model-option {options}: {err}") from None
+    model = cls(model_config)
+    loads = [("--init-from", config.init_from, model.load_weights)]
+    if task == "vqhit":
+        loads.append(("--taming-checkpoint", config.taming_checkpoint, model.load_taming_checkpoint))
+    for option, path, load in loads:
+        if path:
+            with naming(option, path):
+                load(path)
     return model
 
 
@@ -165,14 +179,14 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
     try:
         theirs = config_class.from_preset(saved["model"], **(saved.get("model_options") or {}))
     except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
-        raise ValueError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
+        raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
     ours = config_class.from_preset(config.model, **config.model_options)
     ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
     if ours_arch != theirs_arch:
         diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
                 if ours_arch.get(k) != theirs_arch.get(k)}
-        raise ValueError(
+        raise UsageError(
             f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
             f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
@@ -216,8 +230,8 @@ class Trainer:
         self.loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                        seed=config.seed, drop_last=True)
         if not self.dataset_is_streaming and len(self.loader) == 0:
-            raise ValueError(f"the dataset has fewer images ({len(self.dataset)}) than one batch per process "
-                             f"({config.batch_size} x {acc.num_processes}); lower --batch-size")
+            raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
+                             f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
         opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))
         opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=tuple(config.adam_betas))
@@ -245,10 +259,13 @@ class Trainer:
                 fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
                 error = e
-        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)]))
+        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None),
+                                                          float(isinstance(error, UsageError))]))
         if error is not None:
             raise error
-        if failed.item():
+        if failed[1]:  # the user's mistake, which the main process reports: these stop without a traceback
+            raise UsageError("the main process stopped on the user's error above; this process stops too")
+        if failed[0]:
             raise RuntimeError("the main process failed (its error is above); this process stops too")
 
     def _prepare_output_folder(self) -> None:
@@ -275,7 +292,7 @@ class Trainer:
             if len(images) == self.config.num_samples:
                 break
         if not images:
-            raise ValueError(f"no readable image in {self.config.data}")
+            raise UsageError(f"--data {self.config.data}: no readable image")
         return torch.stack(images).to(self.accelerator.device)
 
     # -- data position --------------------------------------------------------------------------------
@@ -355,7 +372,7 @@ class Trainer:
             try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
                 torch.load(rng_file, weights_only=False)
             except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
+                raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
                                  f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
                     from None
         else:
@@ -364,7 +381,7 @@ class Trainer:
         try:
             acc.load_state(str(path))
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
-            raise ValueError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
+            raise UsageError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
                              f"earlier checkpoint in {path.parent}") from None
         self.state.load_state_dict(saved)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..downloads import local_or_hub
+from ..errors import UsageError
 from ..files import atomic_write
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
@@ -52,7 +54,7 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
 
     folder = local_or_hub(path_or_id, "model folder", fetch=download)
     if folder.is_file():
-        raise ValueError(f"{folder} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise UsageError(f"{folder} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     return folder
 
 
@@ -136,7 +138,9 @@ class ConfigMixin:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+            close = [match for key in sorted(unknown) for match in difflib.get_close_matches(key, known, n=1)]
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}; known keys are {sorted(known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -262,23 +266,23 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         directory = resolve_pretrained(path_or_id, **hub_kwargs)
         file = directory / CONFIG_NAME
         if not file.exists():
-            raise ValueError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
+            raise UsageError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
         try:
             meta = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
+            raise UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
                              f"model again or download it again") from None
         if not isinstance(meta, dict):
-            raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
+            raise UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
                              f"not written by save_pretrained; save the model again")
         model_type = meta.pop("model_type", None)
         if model_type != cls.model_type:
-            raise ValueError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "
+            raise UsageError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "
                              f"load it with the matching class")
         try:
             config = cls.config_class.from_dict(meta)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
+            raise UsageError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
         return directory, config
 
     @classmethod
@@ -297,7 +301,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         config = cls.make_config(saved, **overrides)
         changed = _differences(config.architecture_dict(), saved.architecture_dict())
         if changed:
-            raise ValueError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
+            raise UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
                              f"weights in {directory} fit only their own architecture; overrides may set only "
                              f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
         model = cls(config)
@@ -310,7 +314,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         directory, config = self.read_config(path_or_id, **hub_kwargs)
         changed = _differences(self.config.architecture_dict(), config.architecture_dict())
         if changed:
-            raise ValueError(f"checkpoint {directory} was saved for another configuration (preset "
+            raise UsageError(f"checkpoint {directory} was saved for another configuration (preset "
                              f"{config.preset!r}, this model {self.config.preset!r}); differing architecture keys "
                              f"(checkpoint vs this model): {changed}. Build the model with the checkpoint's "
                              f"preset and options, or load it with {type(self).__name__}.from_pretrained")
@@ -319,12 +323,12 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
     def _load_weights_file(self, directory: Path, map_location) -> None:
         file = directory / WEIGHTS_NAME
         if not file.exists():
-            raise ValueError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
+            raise UsageError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
                              f"save_pretrained folder; save the model again")
         try:
             state = load_file(str(file), device=str(map_location))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
+            raise UsageError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
                              f"again") from None
         ours, buffers = self.state_dict(), dict(self.named_buffers())
         optional = self.optional_state_prefixes  # runtime-option buffers: absent on one side is fine
@@ -333,7 +337,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         wrong = [f"{k}: {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items()
                  if k in ours and v.shape != ours[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
+            raise UsageError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
                              f"was not written with its config.json: save the model again")
         self.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
