@@ -3,6 +3,7 @@ import os
 import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,19 +104,35 @@ def test_usage_errors_are_still_the_builtin_types_callers_catch():
     assert cli._message(wrapped) == "a.png: unreadable image"  # a worker's error keeps its own message
 
 
-def test_vqhit_warnings_print_as_one_line(capsys):
-    import warnings
+def test_warnings_print_once_and_vqhit_warnings_as_one_line(capsys):
+    def main(argv):
+        warnings.warn("--name-by id: 1 source file keeps its extension")
+        warnings.warn("This DataLoader will create 4 worker processes in total")  # torch's DataLoader warns at
+        warnings.warn("This DataLoader will create 4 worker processes in total")  # creation and at iteration
     shown = warnings.showwarning
-    try:
-        cli.run(lambda argv: warnings.warn("--name-by id: 1 source file keeps its extension"), [])
-    finally:
-        warnings.showwarning = shown
-    assert capsys.readouterr().err == "warning: --name-by id: 1 source file keeps its extension\n"
+    cli.run(main, [])
+    assert warnings.showwarning is shown  # the script's settings end with it
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --name-by id: 1 source file keeps its extension\n")
+    assert err.count("This DataLoader will create") == 1
+
+
+@pytest.mark.parametrize("script", ["encode", "eval_rfid", "eval_gan"])
+def test_default_dataloader_workers_leave_a_core_to_the_main_process(script, monkeypatch):
+    parse_args = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"), run_name="script")["parse_args"]
+    argv = ["--model", "m", "--data", "d", "--output-dir", "o"] if script == "encode" else ["--model", "m", "--data", "d"]
+    for cores, workers in [(2, 1), (1, 0), (16, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert parse_args(argv).num_workers == workers
+    assert parse_args(argv + ["--num-workers", "3"]).num_workers == 3
 
 
 def test_readme_launch_command_prints_only_the_error(tmp_path):
     """The README's command, `accelerate launch -q --config_file accelerate.yaml scripts/...`, through the real
     launcher: a mistake prints exactly its one line (no launcher warning, no CalledProcessError traceback)."""
+    readme = (ROOT / "README.md").read_text()
+    for script in ("train_vqhit", "train_gan"):
+        assert f".venv/bin/accelerate launch -q --config_file accelerate.yaml scripts/{script}.py" in readme
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf")}  # no user-wide config
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run([str(accelerate), "launch", "-q", "--config_file", "accelerate.yaml",

@@ -290,3 +290,20 @@ def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, cap
     card = (model_dir / "README.md").read_text()
     assert "PSNR" not in card and "sha256" not in card  # the figures of step 1 left with step 1's weights
     assert "VQHiT.from_pretrained" in card  # the rest of the card stays
+
+
+def test_progress_bar_shows_window_means_and_a_finished_run_says_where_its_model_is(tmp_path, capsys):
+    """The bar's losses are means over the log window, not one batch's; `usage` is said as codes used of the
+    codebook; the last line names the exported model."""
+    trainer = make_trainer(tmp_path, "vqhit", steps=4, log_every=2, adv_start=10)
+    l2 = []
+    step = trainer.train_step
+    trainer.train_step = lambda real: (logs := step(real), l2.append(float(logs["loss/l2"])))[0]
+    trainer.fit()
+    out, err = capsys.readouterr()
+    bar = err.replace("\r", "\n").splitlines()[-1]
+    last = json.loads((tmp_path / "run" / "logs.jsonl").read_text().splitlines()[-1])
+    assert f"mean of 2 steps: l2 {(l2[2] + l2[3]) / 2:.3g}" in bar and f"l2 {l2[3]:.3g}" not in bar
+    assert f"codes used {int(last['codebook/codes_used'])} of 256" in bar and "usage" not in bar
+    model = tmp_path / "run" / "model"
+    assert out.splitlines()[-1] == f'finished at step 4: the EMA model is in {model} (VQHiT.from_pretrained("{model}"))'

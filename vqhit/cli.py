@@ -15,7 +15,7 @@ Under `accelerate launch`, the launcher adds a traceback of its own (CalledProce
 non-zero; its `-q` (`--quiet`) flag leaves that out for one-process launches, which is why the README's commands
 carry it. Multi-process launches (torchrun, `--multi_gpu`) always add the launcher's failure summary.
 
-Warnings raised by vqhit's own code print as one line too, `warning: <message>`.
+Warnings raised by vqhit's own code print as one line too, `warning: <message>`, and no warning prints twice.
 """
 from __future__ import annotations
 
@@ -107,10 +107,14 @@ def _message(err: UsageError) -> str:
 def run(main, argv: list[str] | None = None):
     """Run a script's `main(argv)`: a UsageError ends the script with one line and status 2; a bug keeps its
     traceback. Returns what `main` returns."""
-    warnings.showwarning = _show_warning
-    try:
-        return main(argv)
-    except UsageError as err:
-        if _rank() == 0:  # every process meets the same mistake; one line is enough
-            print(f"error: {_message(err)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    with warnings.catch_warnings():  # the warning settings below end with `main`
+        warnings.showwarning = _show_warning
+        # A warning is worth one printing: torch's DataLoader, for one, repeats its worker-count warning from
+        # another line when iteration starts.
+        warnings.filterwarnings("once", category=UserWarning)
+        try:
+            return main(argv)
+        except UsageError as err:
+            if _rank() == 0:  # every process meets the same mistake; one line is enough
+                print(f"error: {_message(err)}", file=sys.stderr, flush=True)
+            sys.exit(2)

@@ -49,6 +49,9 @@ from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_conf
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
 
 
+BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
+
+
 class SkipFirst(Sampler):
     """A sampler without its first `n` indices: where a resumed run picks up inside an epoch."""
 
@@ -487,6 +490,7 @@ class Trainer:
                    desc=f"train {self.task}", dynamic_ncols=True)
         batches = self._batches(self.state.micro_batches)
         seen, t0 = 0, time.perf_counter()
+        window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
         while self.state.step < cfg.steps:
             for _ in range(cfg.grad_accum):
@@ -498,6 +502,10 @@ class Trainer:
             step = self.state.step
             distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same statistics
             self.ema.update(unwrapped, step)
+            for key in BAR_LOSSES:
+                if key in logs:  # summed as tensors: no device sync per step
+                    total, count = window.get(key, (0.0, 0))
+                    window[key] = (total + logs[key], count + 1)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
@@ -511,8 +519,8 @@ class Trainer:
                     quantize.reset_usage()
                 acc.log(logs, step=step)
                 self._log_line(step, logs)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
-                                 if k in ("loss/generator", "loss/discriminator", "loss/l2", "codebook/usage")})
+                bar.set_postfix_str(self._bar_text(window, logs))
+                window = {}
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 self.save_samples(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -524,7 +532,22 @@ class Trainer:
         if self.task == "vqhit" and cfg.heldout_data:
             self.heldout_report()
         acc.end_training()
+        if acc.is_main_process:
+            model = self.output_dir / "model"
+            print(f"finished at step {self.state.step}: the EMA model is in {model} "
+                  f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
         return self.ema.model
+
+    def _bar_text(self, window: dict, logs: dict) -> str:
+        """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
+        around), and how many codes of the codebook those steps used."""
+        means = distributed.reduce_scalars({k: total / count for k, (total, count) in window.items()})
+        steps = max((count for _, count in window.values()), default=0)
+        text = f"mean of {steps} steps: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in means.items())
+        if "codebook/codes_used" in logs:
+            size = self.accelerator.unwrap_model(self.model).config.codebook_size
+            text += f"; codes used {int(logs['codebook/codes_used'])} of {size}"
+        return text
 
     def _log_line(self, step: int, logs: dict) -> None:
         """The logged scalars also as one JSON line per log step (logs.jsonl): easy to read without TensorBoard."""
