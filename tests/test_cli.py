@@ -140,3 +140,23 @@ def test_readme_launch_command_prints_only_the_error(tmp_path):
                             text=True, timeout=300)
     assert result.returncode != 0
     assert result.stdout + result.stderr == "error: --steps must be at least 1, got -1\n"
+
+
+def test_other_processes_stop_quietly_on_a_mistake_the_main_process_found(monkeypatch):
+    """A check only the main process runs (the output folder): the others learn it failed, and that it was the
+    user's mistake, which the main process prints; they stop with a UsageError (no line of their own)."""
+    import torch
+    from types import SimpleNamespace
+    from vqhit import distributed
+    from vqhit.training import Trainer
+
+    def never_called():
+        raise AssertionError("only the main process runs it")
+
+    other = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=False))
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: torch.tensor([1.0, 1.0]))  # main: a UsageError
+    with pytest.raises(UsageError, match="stopped on the user's error"):
+        Trainer._on_main(other, never_called)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: torch.tensor([1.0, 0.0]))  # main: a bug
+    with pytest.raises(RuntimeError, match="the main process failed"):
+        Trainer._on_main(other, never_called)
