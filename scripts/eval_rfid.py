@@ -46,8 +46,8 @@ def parse_args(argv=None):
                    "pixels (counted as skipped); 0 keeps every image, upsampling those smaller than the resolution "
                    "as ADM's protocol does (default: %(default)s)")
     p.add_argument("--no-fid", action="store_true", help="Skip rFID: no Inception network or weights. LPIPS "
-                   "still needs its AlexNet backbone (downloaded, or --lpips-backbone); with --no-lpips too nothing "
-                   "is downloaded: PSNR, SSIM, codebook usage and perplexity need no weights")
+                   "still needs its AlexNet backbone (downloaded, or --lpips-backbone); with --no-lpips too, no metric "
+                   "needs downloaded weights: PSNR, SSIM, codebook usage and perplexity")
     p.add_argument("--ref-stats", default=None, help="Cache of the originals' Inception statistics (.npz): loaded "
                    "if the file exists (and must match this data/crop/#images/Inception), else computed and saved")
     p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "

@@ -120,7 +120,7 @@ def test_warnings_print_once_and_vqhit_warnings_as_one_line(capsys):
 @pytest.mark.parametrize("script", ["encode", "eval_rfid", "eval_gan"])
 def test_default_dataloader_workers_leave_a_core_to_the_main_process(script, monkeypatch):
     parse_args = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"), run_name="script")["parse_args"]
-    argv = ["--model", "m", "--data", "d", "--output-dir", "o"] if script == "encode" else ["--model", "m", "--data", "d"]
+    argv = ["--model", "m", "--data", "d"] + (["--output-dir", "o"] if script == "encode" else [])
     for cores, workers in [(2, 1), (1, 0), (16, 4)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert parse_args(argv).num_workers == workers

@@ -228,7 +228,7 @@ def test_eval_rfid_offline_reports_what_needs_no_weights_and_names_the_flags_oth
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "with --no-lpips too nothing is downloaded" in help_text
+    assert "with --no-lpips too, no metric needs downloaded weights" in help_text
 
 
 class ReplayGenerator(torch.nn.Module):
