@@ -12,8 +12,14 @@ the paper presets; then the --config file, then the options given here.
 """
 import sys
 
+from vqhit import cli
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
+
+def main(argv=None):
+    return train(parse_config(sys.argv[1:] if argv is None else argv, __doc__, "gan"), task="gan")
+
+
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, "gan"), task="gan")
+    cli.run(main)

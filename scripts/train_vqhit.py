@@ -13,8 +13,14 @@ from --vgg-weights); then the --config file, then the options given here.
 """
 import sys
 
+from vqhit import cli
 from vqhit.train_config import parse_config
 from vqhit.training import train
 
+
+def main(argv=None):
+    return train(parse_config(sys.argv[1:] if argv is None else argv, __doc__, "vqhit"), task="vqhit")
+
+
 if __name__ == "__main__":
-    train(parse_config(sys.argv[1:], __doc__, "vqhit"), task="vqhit")
+    cli.run(main)

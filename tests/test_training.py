@@ -1,4 +1,5 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
+from vqhit.errors import UsageError
 from vqhit.losses import r1_penalty
 from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
@@ -139,11 +141,11 @@ def test_folder_with_corrupt_and_grayscale_images(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown key.*'learning_rate'"):
         config_from_dict({"learning_rate": 1e-4})
-    with pytest.raises(ValueError, match="'steps' must be of type int"):
+    with pytest.raises(ValueError, match="--steps must be of type int"):
         config_from_dict({"steps": "many"})
     with pytest.raises(ValueError, match="fp16 is not supported"):
         config_from_dict({"precision": "fp16", "r1_weight": 0.0})  # refused, R1 or not: never a silent fp32 run
-    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+    with pytest.raises(ValueError, match="--adam-betas must be two numbers"):
         parse_config(["--adam-betas", "0.9"], "test", "gan")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nbatch_sise: 4\n")
@@ -212,7 +214,7 @@ def test_command_line_overrides_yaml_and_model_options(tmp_path):
     # the file's model chooses the recipe: hit-b-256's, not the default model's demo recipe
     assert config.steps == RECIPES["hit-b-256"]["steps"] and config.disc_max_channels == 512
     assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
-    with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
+    with pytest.raises(UsageError, match="argument --steps: invalid int value: 'ten'"):  # one line, not a usage block
         parse_config(["--steps", "ten"], "test", "gan")
 
 
@@ -288,3 +290,41 @@ def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
     for name, value in base.state_dict().items():
         if name.startswith(("encoder.", "quant_conv.", "quantize.embedding")):
             assert torch.equal(value, trained.state_dict()[name]), name
+
+
+def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, capsys):
+    """eval_rfid writes figures into the run's model card, naming the step and weights they measured; a resumed
+    run's new export removes them (they measured other weights) and keeps the rest of the card."""
+    import runpy
+    make_trainer(tmp_path, "vqhit", steps=1, checkpoint_every=1, adv_start=10).fit()
+    model_dir = tmp_path / "run" / "model"
+    evaluate = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    report = evaluate(["--model", str(model_dir), "--data", "builtin:photos-heldout", "--num-images", "4", "--no-fid",
+                       "--no-lpips", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--no-progress"])
+    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert report["settings"]["weights_sha256"] == sha and report["settings"]["training_step"] == 1
+    card = (model_dir / "README.md").read_text()
+    assert f"sha256 `{sha[:16]}` (after\n1 training steps)" in card and "| PSNR (dB) |" in card
+    assert "| data | builtin:photos-heldout |" in card and "| crop | adm_center_crop |" in card
+
+    make_trainer(tmp_path, "vqhit", steps=2, checkpoint_every=1, adv_start=10, resume="latest").fit()
+    card = (model_dir / "README.md").read_text()
+    assert "PSNR" not in card and "sha256" not in card  # the figures of step 1 left with step 1's weights
+    assert "VQHiT.from_pretrained" in card  # the rest of the card stays
+
+
+def test_progress_bar_shows_window_means_and_a_finished_run_says_where_its_model_is(tmp_path, capsys):
+    """The bar's losses are means over the log window, not one batch's; `usage` is said as codes used of the
+    codebook; the last line names the exported model."""
+    trainer = make_trainer(tmp_path, "vqhit", steps=4, log_every=2, adv_start=10)
+    l2 = []
+    step = trainer.train_step
+    trainer.train_step = lambda real: (logs := step(real), l2.append(float(logs["loss/l2"])))[0]
+    trainer.fit()
+    out, err = capsys.readouterr()
+    bar = err.replace("\r", "\n").splitlines()[-1]
+    last = json.loads((tmp_path / "run" / "logs.jsonl").read_text().splitlines()[-1])
+    assert f"mean of 2 steps: l2 {(l2[2] + l2[3]) / 2:.3g}" in bar and f"l2 {l2[3]:.3g}" not in bar
+    assert f"codes used {int(last['codebook/codes_used'])} of 256" in bar and "usage" not in bar
+    model = tmp_path / "run" / "model"
+    assert out.splitlines()[-1] == f'finished at step 4: the EMA model is in {model} (VQHiT.from_pretrained("{model}"))'

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .models.pretrained import fsync_path
+from .errors import UnavailableError, UsageError
+from .files import fsync_path, fsync_tree, give_default_mode
 from .train_config import save_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -49,14 +50,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints of a run folder, oldest first."""
     found = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if checkpoint_step(p) is not None and p.is_dir()]
     return sorted(found, key=checkpoint_step)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` (and `folder` itself) to disk."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fsync_path(Path(root) / name)
-        fsync_path(Path(root))
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
@@ -87,10 +80,10 @@ def read_state(checkpoint: Path) -> dict:
             raise ValueError("no integer 'step'")
         return state
     except FileNotFoundError:
-        raise ValueError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
+        raise UsageError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
                          f"{CHECKPOINT_PREFIX}N folder or --resume latest") from None
     except ValueError as e:
-        raise ValueError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
+        raise UsageError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
 
 
 RESUME_CHOICES = ("auto", "latest")  # besides a checkpoint folder's path
@@ -110,14 +103,14 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         if found or resume == "auto":
             return found[-1] if found else None
         if not output_dir.is_dir():
-            raise ValueError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
+            raise UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
                              f"continue, or --resume auto to start fresh when there is nothing to continue")
-        raise ValueError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
+        raise UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
                          f"stopped before its first checkpoint); start it again without --resume, or use "
                          f"--resume auto")
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
+        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
     return path
 
@@ -137,8 +130,8 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
-                               f"or choose another --output-dir") from None
+            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to "
+                                   f"finish, or choose another --output-dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -163,7 +156,7 @@ class OutputFolder:
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
             if used and not overwrite:
-                raise ValueError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
+                raise UsageError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
                                  f"latest, choose another --output-dir, or pass --overwrite to delete it")
             if used:
                 for p in checkpoints + [self.path / name for name in RUN_OUTPUTS]:
@@ -213,25 +206,27 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, *, ema_model, conf
     (tmp / data_state_file(accelerator.process_index)).write_text(json.dumps(data_state) + "\n")
     accelerator.wait_for_everyone()  # every part is written before the folder is renamed
     if accelerator.is_main_process:
-        ema_model.save_pretrained(tmp / "ema")
+        ema_model.save_pretrained(tmp / "ema", training_step=step)
         save_config(config, tmp / "train_config.yaml")
+        give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
         (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2) + "\n")  # last: marks the folder complete
         replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
         folder.prune(config.keep_checkpoints)
-        export_model(ema_model, output_dir)
+        export_model(ema_model, output_dir, step)
     accelerator.wait_for_everyone()
     return final
 
 
-def export_model(model, output_dir: Path) -> Path:
-    """`model` as `output_dir/model/`, a save_pretrained folder that is loadable at every instant: the first export
-    appears complete by one rename; later ones replace each file by a rename (their configs are the same run's)."""
+def export_model(model, output_dir: Path, step: int) -> Path:
+    """`model` (the weights of training step `step`) as `output_dir/model/`, a save_pretrained folder that is loadable
+    at every instant: the first export appears complete by one rename; later ones replace each file by a rename
+    (their configs are the same run's), and drop a model card's figures of earlier weights."""
     directory = output_dir / "model"
     if directory.is_dir():
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, training_step=step)
     else:
         tmp = output_dir / ".model.tmp"
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, training_step=step)
         replace_folder(tmp, directory)
     return directory
 
@@ -247,13 +242,13 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
         try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
             torch.load(rng_file, weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
+            raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
                              f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
                 from None
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
-        raise ValueError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
+        raise UsageError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
                          f"earlier checkpoint in {path.parent}") from None
     data_file = path / data_state_file(rank if same_processes else 0)

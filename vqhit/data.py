@@ -60,6 +60,7 @@ BUILTIN_HELDOUT_PHOTOS = ("motorcycle", "camera", "coins")
 BUILTIN_SOURCES = {"builtin:photos": BUILTIN_PHOTOS, "builtin:photos-heldout": BUILTIN_HELDOUT_PHOTOS}
 
 from .downloads import local_or_hub
+from .errors import UsageError
 from .metrics import center_crop_adm
 
 
@@ -119,16 +120,16 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
         if cfg.streaming:
             table = table.to_iterable_dataset()
     elif cfg.source.startswith("builtin:"):
-        raise ValueError(f"DataConfig.source={cfg.source!r} is not a built-in source; use one of "
-                         f"{sorted(BUILTIN_SOURCES)}, a folder of images or a Hub dataset id.")
+        raise UsageError(f"--data {cfg.source} is not a built-in source; use one of "
+                         f"{', '.join(sorted(BUILTIN_SOURCES))}, a folder of images or a Hub dataset id.")
     else:
-        found = local_or_hub(cfg.source, "image folder or Hub dataset (DataConfig.source, --data)",
+        found = local_or_hub(cfg.source, "image folder or Hub dataset given to --data",
                              fetch=lambda hub_id: datasets.load_dataset(hub_id, split=cfg.split,
                                                                         streaming=cfg.streaming,
                                                                         cache_dir=cfg.cache_dir))
         if isinstance(found, Path) and not found.is_dir():
-            raise ValueError(f"DataConfig.source={cfg.source!r} is a file, not a folder; give a folder of images, "
-                             "a Hub dataset id, or 'builtin:photos'.")
+            raise UsageError(f"--data {cfg.source} is a file, not a folder; give a folder of images, a Hub dataset "
+                             "id, or builtin:photos.")
         table, dangling = _load_folder(str(found), cfg) if isinstance(found, Path) else (found, {})
     dataset = from_hf_dataset(table, cfg, seed=seed)
     dataset.dangling = dangling
@@ -157,9 +158,9 @@ def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     why = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "it holds no images"
     first = next((str(w.message) for w in caught if issubclass(w.category, BadImageWarning)), None)
     first = first or next((f"{name}: {kind}" for name, kind in dataset.skipped.items()), "")
-    fix = " or lower min_size (0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
-    raise ValueError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
-                     f"DataConfig.source / --data at the images you mean{fix}.")
+    fix = " or lower min_size (--min-size 0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
+    raise UsageError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
+                     f"--data at the images you mean{fix}.")
 
 
 def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
@@ -171,17 +172,18 @@ def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: Dat
         has_label = columns is not None and "label" in columns and cfg.image_column != "label"
         cfg = replace(cfg, label_column="label" if has_label else None)
     if columns is not None:  # None for some streamed sets whose features are unknown until read
-        for what, name in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+        for what, name in (("--image-column", cfg.image_column), ("--label-column", cfg.label_column)):
             if name is not None and name not in columns:
-                raise ValueError(f"DataConfig.{what}={name!r} is not a column of the dataset; it has {columns}.")
+                raise UsageError(f"{what} {name}: not a column of --data {cfg.source} (image_column/label_column); "
+                                 f"it has {', '.join(columns)}.")
     features = table.features or {}
     if isinstance(features.get(cfg.image_column), datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
     string_labels = cfg.label_column is not None and _is_string(features.get(cfg.label_column))
     if isinstance(table, datasets.IterableDataset):
         if string_labels:
-            raise ValueError(f"label column {cfg.label_column!r} holds strings; a stream needs integer labels "
-                             "(cast it to datasets.ClassLabel, or use streaming=False, which encodes it).")
+            raise UsageError(f"--label-column {cfg.label_column} holds strings; a stream needs integer labels "
+                             "(cast it to datasets.ClassLabel, or drop --streaming: a downloaded set is encoded).")
         if cfg.max_images is not None:
             table = table.take(cfg.max_images)
         return StreamingImageDataset(table, cfg, seed)
@@ -381,11 +383,11 @@ class _ImageRows:
             image = _decode(value)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
             return self._bad(index, name, _UNREADABLE, f"unreadable image ({type(err).__name__}: {err})",
-                             "Set DataConfig(bad_images='skip') to skip unreadable images.")
+                             "Pass --bad-images skip (bad_images='skip') to skip unreadable images.")
         if min(image.size) < self.cfg.min_size:
             return self._bad(index, name, _TOO_SMALL, f"image of {image.width}x{image.height} has a short side "
-                             f"below min_size={self.cfg.min_size}", "Set DataConfig(bad_images='skip') to skip such "
-                             "images, or min_size=0 to upsample them.")
+                             f"below min_size={self.cfg.min_size}", "Pass --bad-images skip (bad_images='skip') to "
+                             "skip such images, or --min-size 0 to upsample them.")
         if min(image.size) < self.cfg.resolution and self._record(index, name, _UPSAMPLED) and self._first_upsample():
             warnings.warn(f"{name} is {image.width}x{image.height}, smaller than the resolution {self.cfg.resolution}: "
                           "upsampled (bicubic), as ADM's protocol does. Further small images are upsampled without a "
@@ -402,7 +404,7 @@ class _ImageRows:
 
     def _bad(self, index: int, name: str, code: int, problem: str, fix: str) -> None:
         if self.cfg.bad_images == "raise":
-            raise ValueError(f"{name}: {problem}. {fix}")
+            raise UsageError(f"{name}: {problem}. {fix}")
         if self._record(index, name, code):
             warnings.warn(f"skipping {name}: {problem}", BadImageWarning, stacklevel=2)
         return None
@@ -633,23 +635,30 @@ def _load_folder(folder: str, cfg: DataConfig) -> tuple[datasets.Dataset | datas
     imagefolder drops dangling links silently and fails cryptically when no file is left."""
     count, dangling = _scan_folder(folder)
     if count == 0:
-        raise ValueError(f"no image files found in {folder!r}; DataConfig.source must be a folder holding "
-                         "images (sub-folders become labels), a Hub dataset id, or 'builtin:photos'.")
+        raise UsageError(f"--data {folder}: no image files found in it; give a folder holding images (sub-folders "
+                         "become labels), a Hub dataset id, or builtin:photos.")
     if dangling:
         link, target = next(iter(dangling.items()))
         if len(dangling) == count:
-            raise ValueError(f"no usable image in {folder!r}: all {count} image files are dangling symlinks (e.g. "
+            raise UsageError(f"no usable image in {folder!r}: all {count} image files are dangling symlinks (e.g. "
                              f"{link} -> {target}, which does not exist); restore their targets or point "
-                             "DataConfig.source / --data at the real images.")
+                             "--data at the real images.")
         if cfg.bad_images == "raise":
-            raise ValueError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
-                             f"in {folder!r}). Restore the targets, or set DataConfig(bad_images='skip') to skip them.")
+            raise UsageError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
+                             f"in {folder!r}). Restore the targets, or pass --bad-images skip (bad_images='skip') to "
+                             f"skip them.")
         if distributed.rank() == 0:  # every process lists the folder; one is enough to tell
             for link, target in dangling.items():
                 warnings.warn(f"skipping {link}: dangling symlink to {target}, which does not exist",
                               BadImageWarning, stacklevel=3)
-    table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
-                                  streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    # A local folder needs no network: without this, datasets pings its download counter (a request to S3 that
+    # waits up to 3 s for an answer) for the imagefolder builder on every load.
+    counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+    try:
+        table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
+                                      streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     return table, dangling
 
 

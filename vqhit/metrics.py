@@ -35,6 +35,7 @@ from PIL import Image
 
 from . import distributed
 from .downloads import explain_download_failure
+from .errors import NotFoundError, UsageError
 
 __all__ = [
     "to_uint8",
@@ -97,14 +98,15 @@ class InceptionFeatures(nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         if weights_path is not None and not Path(weights_path).is_file():
-            raise ValueError(
+            raise NotFoundError(
                 f"Inception weights file {str(weights_path)!r} does not exist. Pass the path of "
                 "weights-inception-2015-12-05-6726825d.pth, or weights_path=None to download it."
             )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                                      "weights_path=..., or --inception-weights PATH in the scripts"), \
+                                      "weights_path=..., or --inception-weights PATH in the scripts (or "
+                                      "--no-fid in eval_rfid.py, to skip rFID)"), \
                 _weights_only_loads(weights_path):
             self.net = FeatureExtractorInceptionV3(
                 "inception-v3-compat",
@@ -146,7 +148,7 @@ def _weights_only_loads(weights_path):
     except pickle.UnpicklingError as err:
         source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
         reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
-        raise ValueError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
+        raise UsageError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
                          f"weights file cannot run code ({reason}). Pass "
                          f"weights-inception-2015-12-05-6726825d.pth, or re-save your file with "
                          f"torch.save(state_dict, path).") from err
@@ -338,7 +340,8 @@ class LPIPSMetric(nn.Module):
             raise ValueError(f"LPIPS net must be 'alex', 'vgg' or 'squeeze'; got {net!r}.")
         with warnings.catch_warnings(), explain_download_failure(
                 f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH "
-                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth)"):
+                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth); or skip LPIPS with "
+                "--no-lpips"):
             # lpips builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
             # is about lpips' code, not the caller's, and would otherwise appear on every construction.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
@@ -352,12 +355,15 @@ class LPIPSMetric(nn.Module):
     def _load_backbone(self, path: str | Path) -> None:
         # lpips splits torchvision's `features` Sequential into slices that keep the original indices
         # as module names ("slice2.3.weight" is torchvision's "features.3.weight").
+        if not Path(path).is_file():
+            raise NotFoundError(f"LPIPS backbone file {str(path)!r} does not exist (--lpips-backbone); pass a "
+                                f"torchvision AlexNet state dict such as alexnet-owt-7be5be79.pth")
         source = torch.load(path, map_location="cpu", weights_only=True)
         target = self.lpips.net.state_dict()
         mapped = {name: source["features." + name.split(".", 1)[1]] for name in target
                   if "features." + name.split(".", 1)[1] in source}
         if mapped.keys() != target.keys():
-            raise ValueError(f"{path} is not a torchvision state dict for the LPIPS backbone: missing "
+            raise UsageError(f"{path} is not a torchvision state dict for the LPIPS backbone: missing "
                              f"{sorted(set(target) - set(mapped))[:4]}...")
         self.lpips.net.load_state_dict(mapped)
 

@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 
+from .errors import UsageError
+
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose; run the same command again to continue
 DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
 
@@ -41,7 +43,7 @@ def parse_signals(names: str | None) -> list[signal.Signals]:
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal, name, None)
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError(f"--stop-signals: {name} is not a signal a process can catch; give a comma-separated "
+            raise UsageError(f"--stop-signals: {name} is not a signal a process can catch; give a comma-separated "
                              f"list such as {DEFAULT_STOP_SIGNALS}, or none")
         found.append(sig)
     return found

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from .cli import ArgumentParser
+from .errors import NotFoundError, UsageError
 from .models.pretrained import convert_value
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -140,28 +142,32 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of {choices}")
+                raise UsageError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.precision == "fp16":
-            raise ValueError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
+            raise UsageError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
                              "grad scaler does not cover it; use --precision bf16 (or --precision no)")
-        for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every", "sample_every",
-                     "checkpoint_every", "keep_checkpoints", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
+                                                    "sample_every", "checkpoint_every", "keep_checkpoints",
+                                                    "num_samples", "max_images")),
+                          ("num_workers", 0), ("min_size", 0)]:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UsageError(f"{flag(name)} must be at least {low}, got {value}")
         try:
             betas = [convert_value(b, float) for b in self.adam_betas]
         except TypeError:
             betas = []
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
+            raise UsageError(f"--adam-betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
                              f"{self.adam_betas!r}")
         self.adam_betas = betas
         if not 0 <= self.lecam_decay < 1:
-            raise ValueError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
+            raise UsageError(f"--lecam-decay must be in [0, 1), got {self.lecam_decay}")
         parse_signals(self.stop_signals)
-        if self.checkpoint_every_minutes < 0 or self.collective_timeout <= 0:
-            raise ValueError("checkpoint_every_minutes must be >= 0 and collective_timeout > 0, got "
-                             f"{self.checkpoint_every_minutes} and {self.collective_timeout}")
+        if self.checkpoint_every_minutes < 0:
+            raise UsageError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
+        if self.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}"
         if self.perceptual_weight is None:
@@ -172,6 +178,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag(key: str) -> str:
+    """The command-line option of a config key: what error messages name (batch_size -> --batch-size)."""
+    return "--model-option" if key == "model_options" else "--" + key.replace("_", "-")
 
 
 def _field_type(f: dataclasses.Field):
@@ -191,27 +202,27 @@ def _coerce(name: str, value, f: dataclasses.Field):
     try:
         return convert_value(value, t)  # the one conversion the model configs use too
     except TypeError:
-        raise ValueError(f"config key {name!r} must be of type {t.__name__}, got {value!r} "
-                         f"({type(value).__name__})") from None
+        raise UsageError(f"{flag(name)} must be of type {t.__name__}, got {value!r} ({type(value).__name__})") \
+            from None
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+        raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
     return TrainConfig(**{k: _coerce(k, v, FIELDS[k]) for k, v in values.items()})
 
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise NotFoundError(f"--config {path}: no such file")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
+        raise UsageError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config keys to values")
+        raise UsageError(f"{path} must hold a mapping of config keys to values")
     return values
 
 
@@ -240,8 +251,8 @@ def build_parser(description: str, task: str) -> argparse.ArgumentParser:
     epilog = (f"Defaults shown are those of --model {DEFAULT_MODEL[task]}, the CPU demo. Another --model starts from "
               f"its own recipe (the paper's for paper presets: vqhit.recipes), --config FILE overrides it and the "
               f"command line overrides the file.")
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win")
     defaults = task_defaults(task)
     for f in dataclasses.fields(TrainConfig):
@@ -267,7 +278,7 @@ def _model_options(items: list[str], base: dict) -> dict:
     merged = dict(base or {})
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--model-option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         merged[key.strip()] = yaml.safe_load(value)
     return merged
@@ -277,7 +288,7 @@ def saved_config(checkpoint: Path) -> dict:
     """The config a checkpoint was written with (its train_config.yaml)."""
     path = Path(checkpoint) / "train_config.yaml"
     if not path.is_file():
-        raise ValueError(f"{checkpoint} has no train_config.yaml: not a checkpoint written by this trainer")
+        raise UsageError(f"{checkpoint} has no train_config.yaml: not a checkpoint written by this trainer")
     return load_yaml(path)
 
 
@@ -301,7 +312,7 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     """Defaults (or, when resuming, the checkpoint's saved config) < `given` (file values, then command line)."""
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+        raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
     resume = given.get("resume")
     checkpoint = None
     if resume:

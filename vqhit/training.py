@@ -14,6 +14,7 @@ settings the command line gives. A stop signal (`vqhit.preemption`) ends the run
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import time
@@ -30,9 +31,11 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
+from .cli import naming
 from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
-from .evaluation import eval_dataset, heldout_report
 from .ema import EMA
+from .errors import UsageError
+from .evaluation import eval_dataset, heldout_report
 from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
@@ -43,6 +46,9 @@ from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
+
+
+BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
 
 
 class TrainState:
@@ -128,17 +134,28 @@ def model_class(task: str):
 def check_preset(config: TrainConfig, task: str) -> None:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if config.model not in presets:
-        raise ValueError(f"{SCRIPT[task]} trains {'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets, got "
-                         f"{config.model!r}; choose one of {', '.join(presets)}")
+        close = difflib.get_close_matches(config.model, presets, n=1)
+        raise UsageError(f"--model {config.model}: {SCRIPT[task]} trains "
+                         f"{'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets"
+                         f"{f'; did you mean {close[0]}?' if close else ''} Choose one of {', '.join(presets)}")
 
 
 def build_model(config: TrainConfig, task: str) -> nn.Module:
     check_preset(config, task)
-    model = model_class(task).from_preset(config.model, **config.model_options)
-    if config.init_from:
-        model.load_weights(config.init_from)
-    if task == "vqhit" and config.taming_checkpoint:
-        model.load_taming_checkpoint(config.taming_checkpoint)
+    cls = model_class(task)
+    try:  # the config's own checks of the options: an unknown key, a wrong type, an impossible architecture
+        model_config = cls.config_class.from_preset(config.model, **config.model_options)
+    except ValueError as err:
+        options = " ".join(f"{k}={v}" for k, v in config.model_options.items())
+        raise UsageError(f"--model {config.model} --model-option {options}: {err}") from None
+    model = cls(model_config)
+    loads = [("--init-from", config.init_from, model.load_weights)]
+    if task == "vqhit":
+        loads.append(("--taming-checkpoint", config.taming_checkpoint, model.load_taming_checkpoint))
+    for option, path, load in loads:
+        if path:
+            with naming(option, path):
+                load(path)
     return model
 
 
@@ -150,14 +167,14 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
     try:
         theirs = config_class.from_preset(saved["model"], **(saved.get("model_options") or {}))
     except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
-        raise ValueError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
+        raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
     ours = config_class.from_preset(config.model, **config.model_options)
     ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
     if ours_arch != theirs_arch:
         diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
                 if ours_arch.get(k) != theirs_arch.get(k)}
-        raise ValueError(
+        raise UsageError(
             f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
             f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
@@ -206,8 +223,8 @@ class Trainer:
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                   seed=config.seed, drop_last=True)
         if not isinstance(self.dataset, torch.utils.data.IterableDataset) and len(loader) == 0:
-            raise ValueError(f"the dataset has fewer images ({len(self.dataset)}) than one batch per process "
-                             f"({config.batch_size} x {acc.num_processes}); lower --batch-size")
+            raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
+                             f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
         self.batches = TrainingBatches(self.dataset, loader)
         opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))
@@ -239,10 +256,13 @@ class Trainer:
                 fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
                 error = e
-        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)]))
+        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None),
+                                                          float(isinstance(error, UsageError))]))
         if error is not None:
             raise error
-        if failed.item():
+        if failed[1]:  # the user's mistake, which the main process reports: these stop without a traceback
+            raise UsageError("the main process stopped on the user's error above; this process stops too")
+        if failed[0]:
             raise RuntimeError("the main process failed (its error is above); this process stops too")
 
     def _prepare_output_folder(self) -> None:
@@ -265,7 +285,7 @@ class Trainer:
             if len(images) == self.config.num_samples:
                 break
         if not images:
-            raise ValueError(f"no readable image in {self.config.data}")
+            raise UsageError(f"--data {self.config.data}: no readable image")
         return torch.stack(images).to(self.accelerator.device)
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -277,7 +297,7 @@ class Trainer:
                                train_state=train_state, data_state=self.batches.state_dict(), folder=self.folder)
 
     def export(self) -> Path:
-        return export_model(self.ema.model, self.output_dir)
+        return export_model(self.ema.model, self.output_dir, self.state.step)
 
     def resume(self, path: Path) -> None:
         acc = self.accelerator
@@ -395,6 +415,7 @@ class Trainer:
                    desc=f"train {self.task}", dynamic_ncols=True)
         seen, t0 = 0, time.perf_counter()
         last_checkpoint = time.monotonic()
+        window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
         with StopSignals(parse_signals(cfg.stop_signals)) as stop:
             while self.state.step < cfg.steps:
@@ -407,6 +428,10 @@ class Trainer:
                 step = self.state.step
                 distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same stats
                 self.ema.update(unwrapped, step)
+                for key in BAR_LOSSES:
+                    if key in logs:  # summed as tensors: no device sync per step
+                        total, count = window.get(key, (0.0, 0))
+                        window[key] = (total + logs[key], count + 1)
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
@@ -420,8 +445,8 @@ class Trainer:
                         quantize.reset_usage()
                     acc.log(logs, step=step)
                     self._log_line(step, logs)
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
-                                     if k in ("loss/generator", "loss/discriminator", "loss/l2", "codebook/usage")})
+                    bar.set_postfix_str(self._bar_text(window, logs))
+                    window = {}
                 if step % cfg.sample_every == 0 or step == cfg.steps:
                     self.save_samples(step)
                 # One collective a step: whether any process got a stop signal or is due a timed checkpoint.
@@ -447,6 +472,10 @@ class Trainer:
         if self.task == "vqhit" and cfg.heldout_data:
             self.heldout_report()
         acc.end_training()
+        if acc.is_main_process:
+            model = self.output_dir / "model"
+            print(f"finished at step {self.state.step}: the EMA model is in {model} "
+                  f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
         return self.ema.model
 
     def _forget_logs_after(self, step: int) -> None:
@@ -462,6 +491,17 @@ class Trainer:
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
             path.write_text("".join(kept))
+
+    def _bar_text(self, window: dict, logs: dict) -> str:
+        """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
+        around), and how many codes of the codebook those steps used."""
+        means = distributed.reduce_scalars({k: total / count for k, (total, count) in window.items()})
+        steps = max((count for _, count in window.values()), default=0)
+        text = f"mean of {steps} steps: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in means.items())
+        if "codebook/codes_used" in logs:
+            size = self.accelerator.unwrap_model(self.model).config.codebook_size
+            text += f"; codes used {int(logs['codebook/codes_used'])} of {size}"
+        return text
 
     def _log_line(self, step: int, logs: dict) -> None:
         """The logged scalars also as one JSON line per log step (logs.jsonl): easy to read without TensorBoard."""
