@@ -157,7 +157,7 @@ class OutputFolder:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
             if used and not overwrite:
                 raise UsageError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
-                                 f"latest, choose another --output-dir, or pass --overwrite to delete it")
+                                 f"auto, choose another --output-dir, or pass --overwrite to delete it")
             if used:
                 for p in checkpoints + [self.path / name for name in RUN_OUTPUTS]:
                     if p.is_dir():
