@@ -179,16 +179,18 @@ def test_resuming_with_another_number_of_processes_continues_at_the_same_image_c
 
 # -- elastic restarts and a hung process ----------------------------------------------------------------------------
 DRIVER = r"""
-import os, signal, sys
+import os, signal, sys, time
 from vqhit.train_config import parse_config
 from vqhit.training import Trainer
-kill_step, kill_rank, sig = int(sys.argv[1]), int(sys.argv[2]), getattr(signal, sys.argv[3])
+kill_step, kill_rank, sig = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 trainer = Trainer(parse_config(sys.argv[4:], "test", "gan"), "gan")
 step = trainer.train_step
 def train_step(real):
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and trainer.state.step == kill_step and trainer.accelerator.process_index == kill_rank:
-        os.kill(os.getpid(), sig)
+        if sig == "HANG":
+            time.sleep(600)
+        os.kill(os.getpid(), getattr(signal, sig))
     return step(real)
 trainer.train_step = train_step
 trainer.fit()
@@ -198,12 +200,12 @@ torch.save(trainer.ema.model.state_dict(), os.path.join(trainer.config.output_di
 """
 
 
-def torchrun(out: Path, steps: int, kill_step=-1, kill_rank=1, sig="SIGKILL", restarts=0, extra=()):
+def torchrun(out: Path, steps: int, kill_step=-1, kill_rank=1, sig="SIGKILL", restarts=0, extra=(), timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", str(restarts),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no-python", sys.executable, "-c",
            DRIVER, str(kill_step), str(kill_rank), sig, *ARGS, "--steps", str(steps), "--output-dir", str(out),
            "--checkpoint-every", "2", *extra]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint(tmp_path):
@@ -221,8 +223,9 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint(tmp_path):
 
 def test_a_hung_process_does_not_hang_the_others(tmp_path):
     started = time.time()
-    result = torchrun(tmp_path / "run", 5, kill_step=2, kill_rank=1, sig="SIGSTOP",
-                      extra=("--collective-timeout", "5"))
+    # rank 1 hangs for 10 minutes inside step 2 (no stop signals: torchrun's SIGTERM then ends it at once)
+    result = torchrun(tmp_path / "run", 5, kill_step=2, kill_rank=1, sig="HANG",
+                      extra=("--collective-timeout", "5", "--stop-signals", "none"), timeout=150)
     assert result.returncode != 0
     assert time.time() - started < 120
     assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower(), result.stderr[-3000:]
