@@ -29,6 +29,7 @@ from common import (autocast, base_parser, count_flops, format_table, machine, s
                     write_json)
 
 from vqhit import VQHiT
+from vqhit.models import inference
 
 PRESET, SPEEDUP_TARGET = "vqhit-b-f16-1024", 5.0
 
@@ -75,20 +76,20 @@ def plain_encoder(model: VQHiT):
 
 
 def stage_seconds(model: VQHiT, indices: torch.Tensor, precision: str, repeats: int = 3) -> list[dict]:
-    """Seconds per HiT decoder stage (min over repeats), through the plain modules and the inference path."""
+    """Seconds per HiT decoder stage (min over repeats), through the plain modules and the inference path (its
+    folding included)."""
     decoder, device = model.decoder, indices.device
     best = {}
     with torch.no_grad(), autocast(device, precision):
         codes = model.quantize.lookup(indices)
         b, h, w, d = codes.shape
         for fast in (False, True) * repeats:
-            folded = decoder.stages.folded() if fast else None
             memory, x, img, x_proj = decoder.memory(codes.reshape(b, h * w, d)), decoder.to_map(codes), None, None
-            for i, stage in enumerate(decoder.stages.stages):
+            for stage in decoder.stages.stages:
                 synchronize(device)
                 start = time.perf_counter()
-                if fast:  # the Linear after a pixel shuffle is applied in the next stage
-                    x, x_proj, img = stage.forward_folded(x, memory, img, folded[i], x_proj)
+                if fast:  # the Linear after a pixel shuffle may be applied in the next stage
+                    x, x_proj, img = inference.stage_forward(stage, x, memory, img, x_proj)
                 else:
                     x, img = stage(x, memory, img)
                 synchronize(device)
