@@ -82,34 +82,43 @@ def test_bf16_autocast_matches_fp32():
     assert rel < 5e-2, f"bf16 output departs from fp32 by {rel:.3g} of the output std"
 
 
-def test_model_compiles_without_graph_breaks():
-    """fullgraph=True fails on any graph break; the "eager" backend traces with dynamo and skips codegen."""
+def compile_case(which: str):
+    """(module, input) of a tiny preset for the compile tests: the generator, or the VQ-HiT decoder on codes."""
     torch.manual_seed(0)
-    G = HiTGenerator.from_preset("hit-tiny").eval()
-    z = torch.randn(2, G.config.latent_dim)
+    if which == "generator":
+        G = HiTGenerator.from_preset("hit-tiny").eval()
+        return G, torch.randn(2, G.config.latent_dim)
+    model = VQHiT.from_preset("vqhit-tiny").eval()
+    indices = torch.randint(0, model.config.codebook_size, (2, model.config.grid, model.config.grid))
+    return model.decoder, model.quantize.lookup(indices)
+
+
+@pytest.mark.parametrize("which", ["generator", "decoder"])
+def test_model_compiles_without_graph_breaks(which):
+    """fullgraph=True fails on any graph break; the "eager" backend traces with dynamo and skips codegen."""
+    module, x = compile_case(which)
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(G, fullgraph=True, backend="eager")(z)
-        torch.testing.assert_close(out, G(z), rtol=0, atol=1e-5)
+        out = torch.compile(module, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(out, module(x), rtol=0, atol=1e-5)
 
 
 def missing_inductor_requirement():
     if not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++") and not shutil.which("clang++"):
         return "torch.compile's inductor backend needs a C++ compiler (g++, c++ or clang++) on PATH; none found"
     if not os.environ.get("VQHIT_SLOW_TESTS"):
-        return ("slow: inductor's first compile of hit-tiny takes about 2 minutes on a 2-core CPU; "
-                "set VQHIT_SLOW_TESTS=1 to run it")
+        return ("slow: inductor's first compiles of hit-tiny and the vqhit-tiny decoder take minutes on a 2-core "
+                "CPU (.ci/run runs them); set VQHIT_SLOW_TESTS=1 to run them")
     return None
 
 
 @pytest.mark.skipif(missing_inductor_requirement() is not None, reason=str(missing_inductor_requirement()))
-def test_inductor_compiled_generator_matches_eager():
-    torch.manual_seed(0)
-    G = HiTGenerator.from_preset("hit-tiny").eval()
-    z = torch.randn(2, G.config.latent_dim)
+@pytest.mark.parametrize("which", ["generator", "decoder"])
+def test_inductor_compiled_model_matches_eager(which):
+    module, x = compile_case(which)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(G)(z), G(z), rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.compile(module)(x), module(x), rtol=0, atol=1e-4)
 
 
 def test_multi_query_attend_equals_explicitly_repeated_kv():
