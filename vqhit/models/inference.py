@@ -30,10 +30,11 @@ from torch import nn
 from . import hit
 from .attention import attend
 
-# Floats of MLP hidden layer (rows x 4C) one chunk of pixels holds per thread, on CPU. 4 MiB stays in the
-# last-level cache and under glibc's 32 MiB mmap threshold (larger buffers are page-faulted in afresh on every
-# call); 0.5 to 4 MiB measured the same on one thread, and fewer chunks mean fewer OpenMP barriers.
-CHUNK_FLOATS = 2**20
+# Floats of MLP hidden layer (rows x 4C) one chunk of pixels holds per thread, on CPU: 1 MiB, near a core's own
+# cache rather than the shared last level, which other processes evict. On a quiet machine 0.5 to 4 MiB measured
+# the same on one thread; under a load of 3 to 4, 1 MiB decoded 4-12% faster than 4 MiB (benchmarks/README.md).
+# Far under glibc's 32 MiB mmap threshold too (larger buffers are page-faulted in afresh on every call).
+CHUNK_FLOATS = 2**18
 
 
 def applies(stages: nn.Module) -> bool:
@@ -119,8 +120,8 @@ def cache_rows(width: int, hidden: int, device: torch.device) -> int | None:
     """Rows per chunk for an MLP of `width` -> `hidden` -> `width` on CPU: each thread's share of the (rows, hidden)
     activation stays in its core's cache, but a chunk has at least 4 * width rows, because the weights (width x
     hidden) are read again for every chunk and must stay small beside it: at 16x16 (width 512) nothing is
-    chunked, at 256x256 (width 64) chunks of 1024 pixels run. None = no chunking (GPU, where one large kernel
-    beats many small ones)."""
+    chunked, at 256x256 (width 64) chunks of 1024 pixels per thread run. None = no chunking (GPU, where one large
+    kernel beats many small ones)."""
     if device.type != "cpu":
         return None
     return max(CHUNK_FLOATS * torch.get_num_threads() // hidden, 4 * width)
