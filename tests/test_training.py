@@ -1,5 +1,9 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+<<<<<<< HEAD
 import hashlib
+=======
+import copy
+>>>>>>> issue-18
 import json
 from pathlib import Path
 
@@ -10,9 +14,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
+<<<<<<< HEAD
 from vqhit.errors import UsageError
 from vqhit.losses import r1_penalty
 from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
+=======
+from vqhit.losses import d_logistic_loss, r1_penalty
+from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
+>>>>>>> issue-18
 from vqhit.training import EMA, Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +67,34 @@ def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
         if expected is not None:
             assert seen[step].item() == pytest.approx(expected, rel=1e-5)
     assert seen[1] is None and seen[2] is None and seen[3] is not None
+
+
+@pytest.mark.parametrize("bcr", [False, True])
+def test_the_discriminator_sees_the_real_images_once_per_step(tmp_path, bcr):
+    """R1's fp32 forward on the reals gives the logistic loss its real logits, and bCR reuses both logits: per
+    step D runs on the fakes for G, then once on the reals and once on the fakes (+ the two augmented batches of
+    bCR). The logged losses are still those of D as it was before the step, each term computed on its own."""
+    trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=2, bcr_weight=3.0 if bcr else 0.0)
+    real = next(trainer._batches(0))["image"]
+    D = trainer.accelerator.unwrap_model(trainer.D)
+    inputs = []
+    D.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
+    for step in (0, 1):  # an R1 step and one without
+        trainer.state.step = step
+        inputs.clear()
+        before = copy.deepcopy(D)
+        before._forward_hooks.clear()
+        logs = trainer.train_step(real)
+        on_reals = sum(torch.equal(x, real) for x in inputs)
+        assert (on_reals, len(inputs)) == (1, 5 if bcr else 3), step
+        fake = inputs[0]  # what G made, as D saw it in the G step
+        with torch.no_grad():
+            assert logs["loss/discriminator"].item() == pytest.approx(
+                d_logistic_loss(before(real), before(fake)).item(), rel=1e-5)
+        if step == 0:
+            assert logs["loss/r1"].item() == pytest.approx(r1_penalty(before, real, weight=2.0 * 2).item(), rel=1e-5)
+        else:
+            assert "loss/r1" not in logs
 
 
 @pytest.mark.parametrize("task", ["gan", "vqhit"])

@@ -20,11 +20,10 @@ Conventions that decide the numbers (state them in every report):
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import pickle
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,7 @@ class InceptionFeatures(nn.Module):
                  internal_dtype: str = "float32"):
         super().__init__()
         # Imported here: torch-fidelity takes seconds to import and most users of vqhit never need it.
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity import feature_extractor_inceptionv3 as inception
 
         if weights_path is not None and not Path(weights_path).is_file():
             raise NotFoundError(
@@ -104,16 +103,16 @@ class InceptionFeatures(nn.Module):
             )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                                      "weights_path=..., or --inception-weights PATH in the scripts (or "
-                                      "--no-fid in eval_rfid.py, to skip rFID)"), \
-                _weights_only_loads(weights_path):
-            self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat",
-                ["2048", "logits_unbiased"],
-                feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-                feature_extractor_internal_dtype=internal_dtype,
-            )
+        state = _inception_state_dict(weights_path, inception.URL_INCEPTION_V3)
+        # torch-fidelity's constructor takes its weights from a path it unpickles with weights_only=False. It gets
+        # them from memory instead, written here from the weights-only load above: only tensors, so nothing in a
+        # weights file ever runs, and no process-wide setting is touched.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        self.net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                         feature_extractor_weights_path=buffer,
+                                                         feature_extractor_internal_dtype=internal_dtype)
         self.to(device)
 
     @property
@@ -133,30 +132,23 @@ class InceptionFeatures(nn.Module):
         return pool, logits
 
 
-@contextmanager
-def _weights_only_loads(weights_path):
-    """Make torch.load refuse pickled code while torch-fidelity loads its weights.
-
-    torch-fidelity calls torch.load(weights_only=False) on the file it is given (and on its download), so a
-    weights file could run arbitrary code. PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that argument;
-    it is set only while the network is built. The official file is a plain state dict and loads unchanged.
-    """
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+def _inception_state_dict(weights_path, url: str) -> dict:
+    """The Inception weights from `weights_path`, or downloaded from `url` (None), loaded with weights_only=True: a
+    weights file cannot run code. The official file is a plain state dict and loads unchanged."""
+    source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
     try:
-        yield
+        if weights_path is None:
+            with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d"
+                                          ".pth)", "weights_path=..., or --inception-weights PATH in the scripts (or "
+                                          "--no-fid in eval_rfid.py, to skip rFID)"):
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
         reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
         raise UsageError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
                          f"weights file cannot run code ({reason}). Pass "
                          f"weights-inception-2015-12-05-6726825d.pth, or re-save your file with "
                          f"torch.save(state_dict, path).") from err
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 class FeatureStatistics:

@@ -3,7 +3,8 @@
 One iteration = one micro-batch inside `accelerator.accumulate(G, D)`:
   1. generator / autoencoder step: fake = G(z) or x_hat = AE(x); loss = task terms + adversarial term,
      with D frozen and called outside DDP so its gradients are not touched;
-  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR, + LeCam.
+  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR, + LeCam;
+     D runs once on the reals (on R1 steps, R1's fp32 forward, whose logits the logistic loss reuses).
 After each optimiser step the BatchNorm running statistics are averaged over processes and the EMA is updated,
 so every process holds the same model (the buffer policy of `vqhit.distributed`).
 The two tasks differ only in an *objective* object (what G makes, and its non-adversarial loss terms).
@@ -36,7 +37,7 @@ from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
 from .ema import EMA
 from .errors import UsageError
 from .evaluation import eval_dataset, heldout_report
-from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
+from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
@@ -355,21 +356,29 @@ class Trainer:
         logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
         logs["loss/generator"] = g_loss.detach()
 
-        # 2. discriminator (from the step the adversarial term is on)
+        # 2. discriminator (from the step the adversarial term is on). D sees the real images once per step: on R1
+        # steps that one forward is R1's (fp32, autocast off, the input requiring grad) and its logits serve the
+        # logistic loss too, which then runs on fp32 logits whatever the precision; bCR reuses both logits.
         if adv_on:
             fake = fake.detach()
-            with self.autocast():
-                real_logits, fake_logits = self.D(real), self.D(fake)
+            r1_schedule = R1Schedule(cfg.r1_weight, cfg.r1_interval)
+            if r1_schedule.due(step):
+                r1, real_logits = r1_penalty(self.D, real, weight=r1_schedule.scaled_weight, return_logits=True)
+                with self.autocast():
+                    fake_logits = self.D(fake)
+            else:
+                with self.autocast():
+                    real_logits, fake_logits = self.D(real), self.D(fake)
             real_logits, fake_logits = real_logits.float(), fake_logits.float()
             d_loss = d_logistic_loss(real_logits, fake_logits)
             logs.update({"loss/discriminator": d_loss.detach(), "D/real_logits": real_logits.detach().mean(),
                          "D/fake_logits": fake_logits.detach().mean()})
-            if cfg.r1_weight > 0 and step % cfg.r1_interval == 0:
-                r1 = r1_penalty(self.D, real, weight=cfg.r1_weight * cfg.r1_interval)  # fp32 inside
+            if r1_schedule.due(step):
                 d_loss = d_loss + r1
                 logs["loss/r1"] = r1.detach()
             if cfg.bcr_weight > 0:
-                bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight)
+                bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight, real_logits=real_logits,
+                                  fake_logits=fake_logits)
                 d_loss = d_loss + bcr
                 logs["loss/bcr"] = bcr.detach()
             if cfg.lecam_weight > 0:
