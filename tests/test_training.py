@@ -1,9 +1,6 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
-<<<<<<< HEAD
-import hashlib
-=======
 import copy
->>>>>>> issue-18
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,14 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
-<<<<<<< HEAD
 from vqhit.errors import UsageError
-from vqhit.losses import r1_penalty
-from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
-=======
 from vqhit.losses import d_logistic_loss, r1_penalty
-from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
->>>>>>> issue-18
+from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
