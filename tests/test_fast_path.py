@@ -370,7 +370,9 @@ def tokenizer_case():
 
     model = make(0)
     indices = torch.randint(0, model.config.codebook_size, (2, model.config.grid, model.config.grid))
-    return model, lambda m: m.decode_indices(indices), lambda: make(1)
+    # decode_indices with autograd allowed (it runs without), so that optimizer steps can train the decoder through it;
+    # the codes are detached, as in decoder fine-tuning on a frozen codebook
+    return model, lambda m: m.decode(m.get_codebook_entry(indices).detach()), lambda: make(1)
 
 
 @pytest.mark.parametrize("change", WEIGHT_CHANGES.values(), ids=WEIGHT_CHANGES.keys())

@@ -67,7 +67,7 @@ def test_the_discriminator_sees_the_real_images_once_per_step(tmp_path, bcr):
     step D runs on the fakes for G, then once on the reals and once on the fakes (+ the two augmented batches of
     bCR). The logged losses are still those of D as it was before the step, each term computed on its own."""
     trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=2, bcr_weight=3.0 if bcr else 0.0)
-    real = next(trainer._batches(0))["image"]
+    real = next(trainer.batches)["image"]
     D = trainer.accelerator.unwrap_model(trainer.D)
     inputs = []
     D.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
