@@ -3,7 +3,7 @@
 GAN (`--presets`): one full step as `vqhit.training.Trainer.train_step` runs it (R1 every step, no bCR, no EMA):
 
     G step: fake = G(z); loss = g_nonsaturating(D(fake)) with D frozen; backward; Adam step
-    D step: d_logistic(D(real), D(fake.detach())) + r1_penalty(D, real) (fp32); backward; Adam step
+    D step: r1, D(real) = r1_penalty(D, real) (fp32); d_logistic(D(real), D(fake.detach())) + r1; backward; Adam
 
 Reports images/s, peak memory (CUDA: torch.cuda.max_memory_allocated) and the bytes autograd keeps for the
 backward of the G step, with and without `checkpoint_mlp`. Those bytes are counted by running the G step on
@@ -67,9 +67,10 @@ def make_step(G, D, batch: int, precision: str, device):
         opt_g.zero_grad(set_to_none=True)
 
         fake = fake.detach()
+        r1, real_logits = r1_penalty(D, real, weight=10.0, return_logits=True)  # fp32; its logits serve the loss
         with autocast(device, precision):
-            real_logits, fake_logits = D(real), D(fake)
-        d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1_penalty(D, real, weight=10.0)
+            fake_logits = D(fake)
+        d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1
         d_loss.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
