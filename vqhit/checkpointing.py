@@ -110,7 +110,7 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
                          f"--resume auto")
     path = Path(resume)
     if not path.is_dir():
-        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
+        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder, 'auto' or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
     return path
 
