@@ -469,9 +469,9 @@ class Trainer:
                 if stopping and step < cfg.steps:
                     bar.close()
                     acc.end_training()
-                    message = (f"stopped at step {step} of {cfg.steps} by {stop.received or 'a signal to another process'}"
-                               f": {checkpoint} is written. Run the same command with --resume auto to continue "
-                               f"(exit status {EXIT_PREEMPTED})")
+                    by = stop.received or "a signal to another process"
+                    message = (f"stopped at step {step} of {cfg.steps} by {by}: {checkpoint} is written. Run the same "
+                               f"command with --resume auto to continue (exit status {EXIT_PREEMPTED})")
                     acc.print(message, flush=True)
                     raise Preempted(message)
         bar.close()
