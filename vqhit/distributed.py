@@ -25,6 +25,9 @@ candidates came from rank 0's images only. With it off:
 """
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -32,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
            "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
-           "average_batchnorm_stats_"]
+           "init_restarted_process_group", "elastic_restart_warning", "average_batchnorm_stats_"]
 
 
 def _initialized() -> bool:
@@ -167,11 +170,52 @@ def ddp_kwargs() -> list:
 def process_group_kwargs(timeout_seconds: float) -> list:
     """Accelerate kwargs handlers that bound every collective's wait: when a process dies or hangs, the others fail
     after `timeout_seconds` instead of waiting forever (gloo raises; NCCL's watchdog aborts the process)."""
-    from datetime import timedelta
-
     from accelerate.utils import InitProcessGroupKwargs
 
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds))]
+
+
+# torchrun (its c10d rendezvous) keeps one TCP store for every restart of a worker group, and its workers use that
+# store as it is. The keys through which the ranks of a process group exchange their addresses are the same in
+# every attempt, so the dead attempt's keys are still there when the group restarts: a restarted rank can read a
+# dead rank's address before its successor overwrites it, then fail to connect ("Connection refused", and a
+# timeout). torchrun's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store.
+def _restarted_by_torchrun() -> tuple[int, int] | None:
+    """(restart count, nodes) when torchrun started this worker on its shared store, else None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+
+
+def init_restarted_process_group(timeout_seconds: float) -> None:
+    """Start torch.distributed in a worker group that torchrun restarted on one node, with every key of this
+    attempt under a prefix of its own (see above); elsewhere do nothing, and Accelerate starts it as usual.
+
+    On one node the restart count is the same in every worker, so it names the attempt. Across nodes it is not
+    (a node whose workers did not fail restarts without counting), hence `elastic_restart_warning`.
+    """
+    restarted = _restarted_by_torchrun()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if restarted is None or restarted[0] == 0 or restarted[1] != 1 or world < 2 or _initialized():
+        return
+    from accelerate.utils import parse_flag_from_env
+
+    timeout = timedelta(seconds=timeout_seconds)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    backend = "nccl" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart-{restarted[0]}/", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+
+
+def elastic_restart_warning() -> str | None:
+    """What to change when torchrun may restart this multi-node worker group on its shared store, else None."""
+    restarted = _restarted_by_torchrun()
+    if restarted is None or restarted[1] == 1 or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    return ("torchrun may restart this run on several nodes with one store for every attempt, where a "
+            "restarted process can read a dead one's address and fail to connect; export "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun to give each attempt its own store")
 
 
 @torch.no_grad()

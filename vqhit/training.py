@@ -200,6 +200,7 @@ class Trainer:
             check_same_architecture(config, self.resume_path, task)
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
+        distributed.init_restarted_process_group(config.collective_timeout)
         self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, log_with="tensorboard",
                                        project_dir=str(self.output_dir),
                                        kwargs_handlers=[*distributed.ddp_kwargs(),
