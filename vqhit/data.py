@@ -7,7 +7,7 @@ Three kinds of source share one decode-and-transform path:
   astronaut (NASA, public domain), coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0),
   rocket (SpaceX, public domain), immunohistochemistry (CMMI, no known copyright restrictions).
   ``"builtin:photos-whole"`` -- the same photographs whole: the centre square of the short side and the four
-  corner squares (identical squares once), each one image that a transform downsamples whole.
+  corner squares (each distinct square once), each one image that a transform downsamples whole.
   ``"builtin:photos-heldout"`` -- those squares of four *other* colour photographs of everyday scenes, for
   measuring reconstruction on what a tokenizer meets in use (whole photographs, downsampled) and never
   trained on: motorcycle (the left view of scikit-image's ``stereo_motorcycle``, from the Middlebury 2014
@@ -61,7 +61,7 @@ BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemis
 # share content, so they would flatter a tokenizer), all colour photographs of everyday scenes (grey ones are the
 # easy case). The other bundled scikit-image images are left out: scientific ones (hubble_deep_field, mostly black
 # sky; retina; moon) and textures/text would say little about photographs (a black sky alone would inflate PSNR),
-# and motorcycle_right is the held-out motorcycle seen from 10 cm away.
+# and motorcycle_right is the held-out motorcycle seen from beside it (the stereo pair's other view).
 BUILTIN_HELDOUT_PHOTOS = ("motorcycle", "china", "flower", "grace_hopper")
 # source -> (photographs, how they become images): "tiles" of 128 pixels, or "whole" (the short side's squares)
 BUILTIN_SOURCES = {"builtin:photos": (BUILTIN_PHOTOS, "tiles"), "builtin:photos-whole": (BUILTIN_PHOTOS, "whole"),
@@ -575,7 +575,8 @@ SQUARES = ("centre", "top-left", "top-right", "bottom-left", "bottom-right")
 def whole_photos(photos: tuple[str, ...]) -> datasets.Dataset:
     """Each photograph as the squares of its short side: the centre one (ADM's evaluation crop) and the four
     corners, each square once (a square photo is one image). A transform then downsamples each square whole,
-    which is how a photograph reaches a tokenizer in use; four photographs of 3:2 give 20 images."""
+    which is how a photograph reaches a tokenizer in use. A landscape photograph gives three squares (its
+    corners coincide in pairs): left, centre, right; the held-out photographs give 12 images."""
     crops = []
     for name in photos:
         photo = _photo(name)

@@ -563,7 +563,8 @@ def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Ten
     n, size = len(originals), originals.shape[-1]
     columns = min(columns, n)
     pairs = [to_uint8(originals.float()), to_uint8(reconstructions.float().clamp(-1, 1))]
-    width, height = grid_cell(columns - 1, True, size, columns)[0] + size, grid_cell(n - 1, True, size, columns)[1] + size
+    width = grid_cell(columns - 1, True, size, columns)[0] + size
+    height = grid_cell(n - 1, True, size, columns)[1] + size
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for index in range(n):
