@@ -132,6 +132,17 @@ def time_calls(calls: dict, device: torch.device, repeats: int, min_repeat_s: fl
     return results
 
 
+def fold_all(stages: torch.nn.Module, batch: int) -> None:
+    """What one call of the inference path spends on folding, alone: `fold_stage` of every stage it folds at this
+    batch size (vqhit.models.inference re-folds on every call, so that it never serves stale weights)."""
+    from vqhit.models import inference
+
+    with torch.no_grad():
+        for stage in stages.stages:
+            if inference.folds(stage, batch * stage.resolution**2):
+                inference.fold_stage(stage)
+
+
 def load_average() -> float | None:
     """The 1-minute load average: how many processes wanted a CPU, to read beside a CPU timing."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None

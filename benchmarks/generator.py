@@ -5,13 +5,15 @@ per-image time grows from hit-b-256 to hit-b-1024 (16x the pixels; target: at mo
     python benchmarks/generator.py --presets hit-b-256 hit-b-1024 --batch-sizes 4
 
 Inference = eval mode (BatchNorm running statistics) under no_grad. FLOPs are counted on the meta device
-for a batch of 1 (no compute, so the 1024 preset counts as fast as the tiny one).
+for a batch of 1 (no compute, so the 1024 preset counts as fast as the tiny one). "fold ms/call" is what the
+inference path spends re-folding its weights on every call (timed alone, in the same rounds), beside the forward
+it is part of.
 """
 from __future__ import annotations
 
 import torch
 
-from common import autocast, base_parser, count_flops, format_table, machine, setup, time_calls, write_json
+from common import autocast, base_parser, count_flops, fold_all, format_table, machine, setup, time_calls, write_json
 
 from vqhit import HiTGenerator, list_presets
 
@@ -57,7 +59,9 @@ def main(argv=None) -> dict:
             calls[name, batch] = forward
             if not args.compile:  # compiled code is not seen by the counter: warm up (and compile) plainly
                 warmups[name, batch] = counted_forward
+                calls["fold", name, batch] = lambda G=models[name], batch=batch: fold_all(G.stages, batch)
     timings = time_calls(calls, device, args.repeats, args.min_repeat_s, warmups)
+    folds = {key[1:]: timings.pop(key) for key in list(timings) if key[0] == "fold"}
 
     rows = []
     for (name, batch), t in timings.items():
@@ -66,6 +70,10 @@ def main(argv=None) -> dict:
                "gflops": flops[name] / 1e9, "batch": batch, "sdpa": ",".join(kernels.get((name, batch), [])), **t}
         if "seconds" in t:
             row.update(ms_per_image=1e3 * t["seconds"] / batch, images_per_s=batch / t["seconds"])
+            if (name, batch) in folds:  # the inference path's re-folding, timed alone in the same rounds
+                fold = folds[name, batch]
+                row.update(fold_ms=1e3 * fold["median_seconds"],
+                           fold_share=fold["median_seconds"] / t["median_seconds"], fold_timings=fold)
         rows.append(row)
 
     ratios = []
@@ -81,8 +89,9 @@ def main(argv=None) -> dict:
     print()
     print(format_table(rows, [("preset", "preset"), ("res", "resolution"), ("params", "params"),
                               ("GFLOPs/img", "gflops"), ("batch", "batch"), ("ms/img", "ms_per_image"),
-                              ("img/s", "images_per_s"), ("peak GB", "peak_gb"), ("attention kernel", "sdpa"),
-                              ("error", "error")]))
+                              ("img/s", "images_per_s"), ("fold ms/call", "fold_ms"),
+                              ("fold / forward (median)", "fold_share"), ("peak GB", "peak_gb"),
+                              ("attention kernel", "sdpa"), ("error", "error")]))
     if ratios:
         print(f"\nper-image time {large} / {small} (16x the pixels; target <= {RATIO_TARGET:g}x):")
         print(format_table(ratios, [("batch", "batch"), ("time ratio", "time_ratio"), ("FLOP ratio", "flop_ratio"),

@@ -1,23 +1,41 @@
-"""One full GAN training step, as `vqhit.training.Trainer.train_step` runs it (R1 every step, no bCR, no EMA):
+"""Training steps at the paper's scale: the GAN step of a generator preset, and the tokenizer's step.
+
+GAN (`--presets`): one full step as `vqhit.training.Trainer.train_step` runs it (R1 every step, no bCR, no EMA):
 
     G step: fake = G(z); loss = g_nonsaturating(D(fake)) with D frozen; backward; Adam step
-    D step: d_logistic(D(real), D(fake.detach())) + r1_penalty(D, real) (fp32); backward; Adam step
+    D step: r1, D(real) = r1_penalty(D, real) (fp32); d_logistic(D(real), D(fake.detach())) + r1; backward; Adam
 
 Reports images/s, peak memory (CUDA: torch.cuda.max_memory_allocated) and the bytes autograd keeps for the
 backward of the G step, with and without `checkpoint_mlp`. Those bytes are counted by running the G step on
 the meta device (exact, no compute), so they are given for every preset in `--memory-presets`, even where
 the step is too slow to time on CPU.
 
-    python benchmarks/train_step.py                        # CPU: hit-b-256, batch 1, one timed step
+Tokenizer (`--tokenizer-decoders`): `Trainer.train_step` itself, for vqhit-b-f16-1024's paper recipe (L2 + VGG
+feature loss + VQ + adversarial 0.1, R1 10 every step, D channel multiplier 1) with the HiT decoder ("hit") and with
+taming's decoder in its place ("conv": `--model-option decoder=conv`, the vqgan-f16-1024 preset). The VGG has random
+weights: the same work, no download. Each decoder runs in a fresh process, so its peak memory (CUDA: the
+allocator's peak; CPU: the process's peak resident set) holds that trainer only (models, EMA, optimiser states,
+data). The step with R1 and the same step with `r1_weight` 0 alternate in interleaved rounds; R1's share of the step
+is 1 - (without) / (with).
+
+    python benchmarks/train_step.py                        # CPU: hit-b-256 and the two tokenizers, batch 1
     python benchmarks/train_step.py --presets hit-b-256 hit-b-1024 --batch-size 8 --repeats 5   # a GPU
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import resource
+import tempfile
+
 import torch
 
-from common import autocast, base_parser, format_table, machine, peak_memory_gb, setup, time_calls, write_json
+from common import (autocast, base_parser, format_table, load_average, machine, peak_memory_gb, setup, time_calls,
+                    write_json)
 
 from vqhit import HiTGenerator, list_presets
+from vqhit.train_config import resolve_config
+from vqhit.training import Trainer
 from vqhit.losses import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from vqhit.models.discriminator import Discriminator
 
@@ -49,9 +67,10 @@ def make_step(G, D, batch: int, precision: str, device):
         opt_g.zero_grad(set_to_none=True)
 
         fake = fake.detach()
+        r1, real_logits = r1_penalty(D, real, weight=10.0, return_logits=True)  # fp32; its logits serve the loss
         with autocast(device, precision):
-            real_logits, fake_logits = D(real), D(fake)
-        d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1_penalty(D, real, weight=10.0)
+            fake_logits = D(fake)
+        d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1
         d_loss.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
@@ -77,21 +96,62 @@ def g_step_activation_bytes(name: str, batch: int, checkpoint_mlp: bool, channel
     return total
 
 
+TOKENIZER = "vqhit-b-f16-1024"
+TOKENIZER_DECODERS = {"hit": {}, "conv": {"decoder": "conv"}}  # conv = the vqgan-f16-1024 preset
+
+
+def tokenizer_step(decoder: str, batch: int, precision: str, threads: int | None, repeats: int,
+                   min_repeat_s: float) -> dict:
+    """Times `Trainer.train_step` of the tokenizer recipe with `decoder`, with R1 and without; run in a fresh
+    process so that its peak memory is this trainer's alone."""
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = resolve_config({"model": TOKENIZER, "model_options": TOKENIZER_DECODERS[decoder],
+                                 "batch_size": batch, "num_workers": 0, "max_images": batch, "num_samples": batch,
+                                 "perceptual_pretrained": False, "precision": "bf16" if precision == "bf16" else "no",
+                                 "output_dir": output_dir}, "vqhit")
+        trainer = Trainer(config, "vqhit")
+        device = trainer.accelerator.device
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        real = torch.rand(batch, 3, model.config.resolution, model.config.resolution, device=device) * 2 - 1
+
+        def without_r1():
+            trainer.config.r1_weight = 0.0
+            try:
+                trainer.train_step(real)
+            finally:
+                trainer.config.r1_weight = config_r1
+
+        config_r1 = trainer.config.r1_weight
+        timings = time_calls({"with R1": lambda: trainer.train_step(real), "without R1": without_r1}, device,
+                             repeats, min_repeat_s)
+        trainer.folder.unlock()
+    peak = peak_memory_gb(device)
+    if peak is None:  # CPU: the peak resident set of this process (Linux reports KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"timings": timings, "peak_gb": peak, "peak_kind": "allocator" if device.type == "cuda" else "process RSS",
+            "decoder_params": model.num_parameters(model.decoder), "threads": torch.get_num_threads()}
+
+
 def main(argv=None) -> dict:
     parser = base_parser("train_step", __doc__)
-    parser.add_argument("--presets", nargs="+", default=None, choices=list_presets("generator"),
-                        help="presets to time (default: hit-b-256 on CPU, hit-b-256 hit-b-1024 on CUDA)")
-    parser.add_argument("--memory-presets", nargs="+", default=["hit-b-256", "hit-b-1024"],
+    parser.add_argument("--presets", nargs="*", default=None, choices=list_presets("generator"),
+                        help="presets to time (default: hit-b-256 on CPU, hit-b-256 hit-b-1024 on CUDA; none: skip)")
+    parser.add_argument("--memory-presets", nargs="*", default=["hit-b-256", "hit-b-1024"],
                         choices=list_presets("generator"), help="presets whose activation bytes are counted")
     parser.add_argument("--batch-size", type=int, default=None, help="default 1 on CPU, 8 on CUDA")
     parser.add_argument("--checkpoint-mlp", choices=("off", "on", "both"), default="both")
     parser.add_argument("--channel-multiplier", type=int, default=None,
                         help="discriminator channel multiplier (default: 2 at 256 and above, 1 below)")
+    parser.add_argument("--tokenizer-decoders", nargs="*", default=list(TOKENIZER_DECODERS),
+                        choices=list(TOKENIZER_DECODERS),
+                        help=f"time {TOKENIZER}'s training step with these decoders (none: skip the tokenizer)")
     parser.set_defaults(repeats=None)
     args = parser.parse_args(argv)
     device = setup(args)
     on_gpu = device.type == "cuda"
-    presets = args.presets or (["hit-b-256", "hit-b-1024"] if on_gpu else ["hit-b-256"])
+    presets = args.presets if args.presets is not None else (["hit-b-256", "hit-b-1024"] if on_gpu else ["hit-b-256"])
     batch = args.batch_size or (8 if on_gpu else 1)
     args.repeats = args.repeats or (3 if on_gpu else 1)  # a hit-b-256 step takes minutes on a small CPU
     checkpoints = {"off": [False], "on": [True], "both": [False, True]}[args.checkpoint_mlp]
@@ -121,15 +181,42 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    print("\nG-step activations saved for backward (counted on the meta device):")
-    print(format_table(memory, [("preset", "preset"), ("batch", "batch"), ("checkpoint_mlp", "checkpoint_mlp"),
-                                ("activations GB", "activations_gb")]))
-    print("\nFull training step (G step + D step with R1):")
-    print(format_table(rows, [("preset", "preset"), ("batch", "batch"), ("checkpoint_mlp", "checkpoint_mlp"),
-                              ("ms/step", "ms_per_step"), ("img/s", "images_per_s"), ("peak GB", "peak_gb"),
-                              ("error", "error")]))
-    write_json(args.json, info, batch_size=batch, results=rows, activations=memory)
-    return {"results": rows, "activations": memory}
+    tokenizer_rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for decoder in args.tokenizer_decoders:
+        load = load_average()
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            result = pool.submit(tokenizer_step, decoder, batch, args.precision, args.threads, args.repeats,
+                                 args.min_repeat_s).result()
+        with_r1, without_r1 = result["timings"]["with R1"], result["timings"]["without R1"]
+        row = {"model": TOKENIZER if decoder == "hit" else f"{TOKENIZER} decoder=conv", "decoder": decoder,
+               "batch": batch, "decoder_params": result["decoder_params"], "threads": result["threads"],
+               "peak_gb": result["peak_gb"], "peak_kind": result["peak_kind"], "load_start": load,
+               "with_r1": with_r1, "without_r1": without_r1}
+        if "median_seconds" in with_r1 and "median_seconds" in without_r1:
+            row.update(s_per_step=with_r1["median_seconds"], images_per_s=batch / with_r1["median_seconds"],
+                       s_without_r1=without_r1["median_seconds"],
+                       r1_share=1 - without_r1["median_seconds"] / with_r1["median_seconds"],
+                       load=f"{min(with_r1['load_1m']):.1f}-{max(with_r1['load_1m']):.1f}")
+        tokenizer_rows.append(row)
+
+    if memory:
+        print("\nG-step activations saved for backward (counted on the meta device):")
+        print(format_table(memory, [("preset", "preset"), ("batch", "batch"), ("checkpoint_mlp", "checkpoint_mlp"),
+                                    ("activations GB", "activations_gb")]))
+    if rows:
+        print("\nFull GAN training step (G step + D step with R1):")
+        print(format_table(rows, [("preset", "preset"), ("batch", "batch"), ("checkpoint_mlp", "checkpoint_mlp"),
+                                  ("ms/step", "ms_per_step"), ("img/s", "images_per_s"), ("peak GB", "peak_gb"),
+                                  ("error", "error")]))
+    if tokenizer_rows:
+        print(f"\nTokenizer training step (Trainer.train_step, {TOKENIZER}'s recipe; median of the rounds):")
+        print(format_table(tokenizer_rows, [
+            ("decoder", "decoder"), ("decoder params", "decoder_params"), ("batch", "batch"), ("threads", "threads"),
+            ("s/step", "s_per_step"), ("img/s", "images_per_s"), ("s/step without R1", "s_without_r1"),
+            ("R1 share", "r1_share"), ("peak GB", "peak_gb"), ("peak of", "peak_kind"), ("load 1m", "load")]))
+    write_json(args.json, info, batch_size=batch, results=rows, activations=memory, tokenizer=tokenizer_rows)
+    return {"results": rows, "activations": memory, "tokenizer": tokenizer_rows}
 
 
 if __name__ == "__main__":

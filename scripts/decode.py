@@ -11,13 +11,14 @@ fingerprint; a decoder fine-tuned later on the same codes passes); --allow-other
 """
 import argparse
 
+from vqhit import cli
 from vqhit.evaluation import process_state
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import NAME_BY, decode_tokens
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The tokenizer whose decoder renders the tokens: a "
                    "save_pretrained folder or a Hugging Face Hub repository id (its codebook size and grid must "
                    "match the tokens')")
@@ -25,8 +26,10 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", required=True, help="Folder for the PNG files")
     p.add_argument("--name-by", default="index", choices=NAME_BY, help="File names: 'index' = the image's "
                    "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "
-                   ".png suffix (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="Token grids per forward pass (default: %(default)s)")
+                   ".png suffix (a.jpg beside a.png becomes a.jpg.png: no image overwrites another) "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=32, help="Token grids per forward pass "
+                   "(default: %(default)s)")
     p.add_argument("--allow-other-tokenizer", action="store_true", help="Decode even though --model's encoder or "
                    "codebook differs from the one that made the tokens (only for a decoder trained on these codes; "
                    "otherwise the images are meaningless)")
@@ -36,7 +39,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = VQHiT.from_pretrained(args.model)
+    with cli.naming("--model", args.model):
+        model = VQHiT.from_pretrained(args.model)
     written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,
                             allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.no_progress)
     state = process_state()
@@ -46,4 +50,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

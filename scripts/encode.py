@@ -12,13 +12,14 @@ Read the result back with vqhit.tokens.TokenDataset(output_dir) or scripts/decod
 """
 import argparse
 
+from vqhit import cli
 from vqhit.evaluation import DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, process_state
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import encode_dataset
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The tokenizer: a save_pretrained folder (e.g. the EMA export "
                    "runs/vqhit-demo/model) or a Hugging Face Hub repository id")
     p.add_argument("--data", required=True, help="Images to encode: a local image folder (sub-folders become "
@@ -33,19 +34,20 @@ def parse_args(argv=None):
                    help="Deterministic preprocessing to the model's resolution, never flipped: center_crop "
                    "(short side, bicubic), adm_center_crop (ADM's evaluation crop), imagenet_gan_eval, or resize "
                    "(whole image) (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=None, help="Encode only the first N images (quick runs)")
+    p.add_argument("--max-images", type=cli.int_at_least(1), default=None, help="Encode only the first N images "
+                   "(quick runs)")
     p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable or too-small "
                    "images: skip them (their positions are listed in each shard's 'skipped') or stop (default: "
                    "%(default)s)")
-    p.add_argument("--min-size", type=int, default=0, help="Treat images whose short side is below N pixels as "
-                   "bad images (see --bad-images); 0 keeps every image, upsampling those smaller than the resolution "
+    p.add_argument("--min-size", type=cli.int_at_least(0), default=0, help="Treat images whose short side is below N "
+                   "pixels as bad images (see --bad-images); 0 keeps every image, upsampling those smaller than the "
+                   "resolution (default: %(default)s)")
+    p.add_argument("--shard-size", type=cli.int_at_least(1), default=1000, help="Images per shard: the unit of "
+                   "resumption and of work split across processes (default: %(default)s)")
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=64, help="Images per forward pass per process "
                    "(default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=1000, help="Images per shard: the unit of resumption and "
-                   "of work split across processes (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="Images per forward pass per process "
-                   "(default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per process "
-                   "(default: %(default)s)")
+    p.add_argument("--num-workers", type=cli.int_at_least(0), default=cli.default_num_workers(), help="DataLoader "
+                   "worker processes per process (default: %(default)s here: up to 4, one fewer than the cores)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32, or bf16 autocast (faster on "
                    "GPUs; a few indices may differ from fp32) (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
@@ -54,7 +56,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = VQHiT.from_pretrained(args.model)
+    with cli.naming("--model", args.model):
+        model = VQHiT.from_pretrained(args.model)
     label_column = None if args.label_column.lower() == "none" else args.label_column
     dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
                            image_column=args.image_column, label_column=label_column, max_images=args.max_images,
@@ -70,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

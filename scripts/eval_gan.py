@@ -16,13 +16,15 @@ import argparse
 import os
 from pathlib import Path
 
+from vqhit import cli
+from vqhit.errors import UsageError
 from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, INTERPOLATIONS, PRECISIONS, eval_dataset, evaluate_generator,
                               format_report, process_state, save_interpolations, save_sample_grid, write_report)
 from vqhit.models.hit import HiTGenerator
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The generator: a save_pretrained folder (use the EMA export, "
                    "e.g. runs/gan-demo/model) or a Hugging Face Hub repository id")
     p.add_argument("--data", default=None, help="Reference images for FID: a local image folder, a Hub dataset id "
@@ -35,29 +37,30 @@ def parse_args(argv=None):
     p.add_argument("--transform", default="center_crop", choices=DETERMINISTIC_TRANSFORMS,
                    help="How reference images are brought to the generator's resolution (default: %(default)s; "
                    "'resize' for square datasets such as FFHQ)")
-    p.add_argument("--num-ref-images", type=int, default=None, help="Use only the first N reference images "
-                   "(default: all)")
-    p.add_argument("--min-size", type=int, default=0, help="Skip reference images whose short side is below N "
-                   "pixels; 0 keeps every image, upsampling those smaller than the resolution as ADM's protocol does "
-                   "(default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=50_000, help="Generated samples for FID and IS "
+    p.add_argument("--num-ref-images", type=cli.int_at_least(1), default=None, help="Use only the first N reference "
+                   "images (default: all)")
+    p.add_argument("--min-size", type=cli.int_at_least(0), default=0, help="Skip reference images whose short side "
+                   "is below N pixels; 0 keeps every image, upsampling those smaller than the resolution as ADM's "
+                   "protocol does (default: %(default)s)")
+    p.add_argument("--num-samples", type=cli.int_at_least(1), default=50_000, help="Generated samples for FID and IS "
                    "(default: %(default)s; the paper uses 30000 for CelebA-HQ)")
-    p.add_argument("--is-split-size", type=int, default=5000, help="Samples per Inception Score split "
-                   "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the latents (default: %(default)s)")
+    p.add_argument("--is-split-size", type=cli.int_at_least(1), default=5000, help="Samples per Inception Score "
+                   "split (default: %(default)s)")
+    p.add_argument("--seed", type=cli.int_at_least(0), default=0, help="Seed of the latents (default: %(default)s)")
     p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
                    "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
-    p.add_argument("--batch-size", type=int, default=50, help="Samples per process per batch (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for the reference images "
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=50, help="Samples per process per batch "
                    "(default: %(default)s)")
+    p.add_argument("--num-workers", type=cli.int_at_least(0), default=cli.default_num_workers(), help="DataLoader "
+                   "workers for the reference images (default: %(default)s here: up to 4, one fewer than the cores)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Generator precision: fp32 or bf16 "
                    "autocast; Inception always runs in float32 (default: %(default)s)")
-    p.add_argument("--grid-size", type=int, default=8, help="The sample grid is N x N images; 0 skips it "
-                   "(default: %(default)s)")
-    p.add_argument("--interp-rows", type=int, default=4, help="Interpolation strips (rows), each between two random "
-                   "latents; 0 skips them (default: %(default)s)")
-    p.add_argument("--interp-steps", type=int, default=8, help="Images per interpolation strip, endpoints included "
-                   "(default: %(default)s)")
+    p.add_argument("--grid-size", type=cli.int_at_least(0), default=8, help="The sample grid is N x N images; 0 "
+                   "skips it (default: %(default)s)")
+    p.add_argument("--interp-rows", type=cli.int_at_least(0), default=4, help="Interpolation strips (rows), each "
+                   "between two random latents; 0 skips them (default: %(default)s)")
+    p.add_argument("--interp-steps", type=cli.int_at_least(2), default=8, help="Images per interpolation strip, "
+                   "endpoints included (default: %(default)s)")
     p.add_argument("--interpolation", default="linear", choices=INTERPOLATIONS, help="Linear interpolation "
                    "z0 + t (z1 - z0), or spherical (slerp) (default: %(default)s)")
     p.add_argument("--output-dir", default="eval", help="Where eval_gan.json, samples.png and interpolation.png "
@@ -69,8 +72,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.data is None and (args.ref_stats is None or not os.path.exists(args.ref_stats)):
-        raise ValueError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
-    generator = HiTGenerator.from_pretrained(args.model)
+        raise UsageError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
+    with cli.naming("--model", args.model):
+        generator = HiTGenerator.from_pretrained(args.model)
     dataset = None
     if args.data is not None:
         dataset = eval_dataset(args.data, generator.config.resolution, transform=args.transform, split=args.split,
@@ -99,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

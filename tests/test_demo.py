@@ -1,4 +1,6 @@
 """The tokenizer demo: held-out photographs, the held-out report, and the demo config."""
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,6 @@ def _package_file(name: str) -> Path:
     package, file, _ = PACKAGED_PHOTOS[name]
     return Path(importlib.util.find_spec(package).submodule_search_locations[0]) / file
 
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_vqhit_cpu.yaml"
 
 
 def _photo(item: dict) -> str:
@@ -100,8 +100,44 @@ def test_heldout_report_equals_the_metrics_computed_directly(tmp_path):
     assert (grid[top:top + 64, :80] < 128).any() and (grid[top + 66:top + 130, :80] < 128).any()  # the row labels
 
 
-def test_demo_config_trains_a_16x16_tokenizer_and_scores_it_on_the_heldout_photos():
-    config = parse_config([], "demo", "vqhit", DEMO_CONFIG)
+def test_the_default_tokenizer_run_is_a_16x16_tokenizer_judged_on_heldout_photos():
+    config = parse_config([], "demo", "vqhit")
     model = VQHiT.from_preset(config.model, **config.model_options)
     assert (config.data, config.heldout_data) == ("builtin:photos", "builtin:photos-heldout")
     assert (model.config.resolution, model.config.grid) == (64, 16)  # 16x16 tokens: what makes 20 dB reachable
+
+
+def test_the_readmes_next_commands_work_as_written(tmp_path, monkeypatch):
+    """The three commands the README gives a newcomer after the demo: train again with more steps, continue,
+    evaluate offline. The training commands are parsed (a demo takes minutes); the evaluation runs for real."""
+    import shlex
+    import subprocess
+    import sys
+
+    from vqhit.recipes import RECIPES
+    from vqhit.train_config import save_config
+
+    root = Path(__file__).resolve().parents[1]
+    block = (root / "README.md").read_text().split("What a newcomer types next")[1].split("```bash")[1]
+    commands = [shlex.split(line) for line in block.split("```")[0].splitlines() if line and line[0] != "#"]
+    again, cont, evaluate = [cmd[next(i for i, w in enumerate(cmd) if w.endswith(".py")):] for cmd in commands]
+    monkeypatch.chdir(tmp_path)
+
+    config = parse_config(again[1:], "test", "vqhit")  # the demo with more steps, in a new folder
+    assert (config.model, config.steps, config.output_dir, config.lr) == \
+        ("vqhit-demo", 700, "runs/vqhit-demo-700", RECIPES["vqhit-demo"]["lr"])
+    first = tmp_path / "runs" / "vqhit-demo" / "checkpoint-350"  # what the demo leaves
+    first.mkdir(parents=True)
+    save_config(parse_config([], "test", "vqhit"), first / "train_config.yaml")
+    (first / "train_state.json").write_text('{"step": 350}\n')
+    config = parse_config(cont[1:], "test", "vqhit")  # continues that run, with its settings and more steps
+    assert (config.steps, config.output_dir, config.resume) == (700, "runs/vqhit-demo", "auto")
+
+    torch.manual_seed(0)
+    VQHiT.from_preset("vqhit-demo").eval().save_pretrained(tmp_path / "runs" / "vqhit-demo" / "model")
+    result = subprocess.run([sys.executable, str(root / "scripts" / evaluate[0].split("/")[-1]), *evaluate[1:],
+                             "--num-images", "8", "--output-dir", str(tmp_path / "eval")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval_rfid.json").read_text())
+    assert report["metrics"]["psnr"] > 0 and report["metrics"]["rfid"] is None and report["metrics"]["lpips"] is None

@@ -8,6 +8,7 @@ vqhit.metrics.frechet_distance below). The real frechet_distance is tested in te
 """
 import json
 import runpy
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from vqhit import evaluation
 from vqhit.data import BadImageWarning
+from vqhit.errors import UsageError
 from vqhit.evaluation import (ReferenceStatistics, eval_dataset, evaluate_generator, interpolate_latents,
                               process_shares)
 from vqhit.metrics import frechet_distance, psnr, ssim, to_uint8
@@ -185,6 +187,48 @@ def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tm
     assert report["settings"]["min_size"] == 48 and "< 48 skipped" in report["settings"]["small_images"]
     with pytest.raises(ValueError, match="--no-fid"):
         main(argv + ["--ref-stats", str(tmp_path / "ref.npz")])
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network: every name lookup and connection fails, and is recorded; no download cache holds weights."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-cache"))
+    return attempts
+
+
+def test_eval_rfid_offline_reports_what_needs_no_weights_and_names_the_flags_otherwise(folder, offline, tmp_path,
+                                                                                        capsys):
+    """`--no-fid --no-lpips` downloads nothing (PSNR, SSIM, codebook usage and perplexity), as --help says;
+    `--no-fid` alone still needs LPIPS's backbone, and offline says so in one error naming both ways out."""
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    argv = ["--model", str(model_dir), "--data", str(folder), "--num-workers", "0", "--output-dir",
+            str(tmp_path / "out")]
+
+    report = main(argv + ["--no-fid", "--no-lpips"])
+    metrics = report["metrics"]
+    assert metrics["rfid"] is None and metrics["lpips"] is None and metrics["num_images"] == 2
+    assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
+    assert offline == []  # not one connection attempted
+    bar = capsys.readouterr().err
+    assert "reconstruct" in bar and "rFID" not in bar  # the progress bar names what it does
+
+    with pytest.raises(UsageError, match=r"LPIPS .*--lpips-backbone PATH.*--no-lpips"):
+        main(argv + ["--no-fid"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "with --no-lpips too, no metric needs downloaded weights" in help_text
 
 
 class ReplayGenerator(torch.nn.Module):

@@ -81,7 +81,7 @@ def test_resume_is_exact_when_unreadable_images_empty_whole_batches(tmp_path):
     resumed = trainer(tmp_path / "b", steps=8, resume="latest", **common)
     resumed.fit()
     assert_same(weights(straight), weights(resumed))
-    assert resumed.state.micro_batches == straight.state.micro_batches > 8  # skipped batches were drawn too
+    assert resumed.batches.micro_batches == straight.batches.micro_batches > 8  # skipped batches were drawn too
 
 
 def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
@@ -117,6 +117,19 @@ def test_nan_advice_without_a_checkpoint_does_not_point_at_resume(tmp_path):
     with pytest.raises(FloatingPointError, match="No checkpoint was written yet: start again with a lower --lr") as e:
         t.fit()
     assert "--resume" not in str(e.value)
+
+
+def test_a_resume_that_fails_at_its_first_step_is_advised_an_earlier_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=3, checkpoint_every=1).fit()
+    # checkpoint-3's weights give a non-finite loss at once (as after lr 1.0): resuming it with a lower lr fails again
+    resumed = trainer(run, steps=5, checkpoint_every=1, resume="latest", lr=1e-5)
+    generate = resumed.objective.generate
+    resumed.objective.generate = lambda forward, real, step: (generate(forward, real, step)[0] * float("nan"), {})
+    with pytest.raises(FloatingPointError, match="at step 3.*last good checkpoint, .*checkpoint-2, .*--resume "
+                                                 ".*checkpoint-2 --lr") as e:
+        resumed.fit()
+    assert "checkpoint-3" not in str(e.value)
 
 
 # -- output folders ------------------------------------------------------------------------------------
@@ -168,41 +181,55 @@ def test_a_resume_at_the_last_step_exports_the_model(tmp_path):
 
 
 # -- kill -9 -------------------------------------------------------------------------------------------
-# Each run is a subprocess that SIGKILLs itself at a chosen moment: at the k-th rename whose destination
-# matches a pattern (inside a checkpoint write, inside the export of model/), or after a delay. Then
-# `--resume latest` (or a plain restart, when no checkpoint exists yet) goes on, and the end is compared with
-# an uninterrupted run.
+# Each run is a subprocess that SIGKILLs itself at a named moment: just before a rename whose destination is a given
+# path (a checkpoint folder's, a file of model/), or when a given step starts. Before dying it writes what it was
+# doing, so the test checks that the kill happened where it says. The same command (--resume auto) then goes on,
+# and the end is compared with an uninterrupted run.
 DRIVER = r"""
-import os, signal, sys, threading, time
+import json, os, signal, sys
+from pathlib import Path
 from vqhit.train_config import parse_config
-from vqhit.training import train
-pattern, count, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-if pattern:
-    real_replace, calls = os.replace, [0]
-    def replace(src, dst, *args, **kwargs):
-        if pattern in str(dst):
-            calls[0] += 1
-            if calls[0] == count:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return real_replace(src, dst, *args, **kwargs)
-    os.replace = replace
-if delay:
-    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-train(parse_config(sys.argv[4:], "fault test", "gan"), task="gan")
+from vqhit.training import Trainer
+marker, destination, count, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+trainer = Trainer(parse_config(sys.argv[5:], "fault test", "gan"), "gan")
+
+def die(**moment):
+    Path(marker).write_text(json.dumps(moment))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_replace, renames = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    if str(dst) == destination:
+        renames[0] += 1
+        if renames[0] == count:
+            die(src=str(src), dst=str(dst), complete=(Path(src) / "train_state.json").is_file(),
+                step=trainer.state.step)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+train_step = trainer.train_step
+def step(real):
+    if trainer.state.step == kill_step:
+        die(step=kill_step)
+    return train_step(real)
+trainer.train_step = step
+trainer.fit()
 """
 ARGS = ["--model", "hit-tiny", "--num-workers", "0", "--max-images", "8", "--batch-size", "2",
         "--disc-max-channels", "32", "--log-every", "1", "--sample-every", "1000", "--seed", "3",
-        "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+        "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--resume", "auto"]
 
 
-def run_driver(out: Path, pattern="", count=0, delay=0.0, resume=False) -> int:
-    cmd = [sys.executable, "-c", DRIVER, pattern, str(count), str(delay), *ARGS, "--output-dir", str(out)]
-    cmd += ["--resume", "latest"] if resume else []
+def run_driver(out: Path, destination: str = "", count: int = 0, step: int = -1) -> tuple[int, dict | None]:
+    """Run to the end, or to the kill; returns the exit status and, after a kill, the moment it happened."""
+    marker = out.parent / "kill.json"
+    marker.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", DRIVER, str(marker), destination, str(count), str(step), *ARGS,
+           "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(result.stderr[-3000:])
-    return result.returncode
+    return result.returncode, json.loads(marker.read_text()) if marker.exists() else None
 
 
 def check_loadable(out: Path) -> None:
@@ -216,21 +243,58 @@ def check_loadable(out: Path) -> None:
 
 def test_kill_at_any_moment_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
-    assert run_driver(straight) == 0
+    assert run_driver(straight)[0] == 0
     out = tmp_path / "killed"
-    kills = [dict(pattern="checkpoint-2", count=1),      # the checkpoint folder's rename: its .tmp is complete
-             dict(pattern="model.safetensors", count=2),  # inside the second export of model/
-             dict(pattern="config.json", count=3),        # between the export's two files
-             dict(delay=12.0)]                            # wherever the run is after 12 s
-    for kill in kills:
-        resume = bool(list_checkpoints(out))  # no checkpoint yet: a plain restart into the same folder
-        assert run_driver(out, resume=resume, **kill) == -signal.SIGKILL or kill.get("delay")
+    model = str(out / "model")
+    # (where, expected moment): each kill must fire exactly there
+    kills = [(dict(destination=str(out / "checkpoint-2"), count=1),  # a complete .tmp folder, not yet renamed
+              dict(src=str(out / ".checkpoint-2.tmp"), complete=True, step=2)),
+             (dict(step=3),                                           # inside a training step
+              dict(step=3)),
+             (dict(destination=model + "/model.safetensors", count=1),  # replacing model/ file by file: the first
+              dict(src=model + "/model.safetensors.tmp", step=4)),     # time model/ exists is the second export
+             (dict(destination=model + "/config.json", count=1),        # between that export's two files
+              dict(src=model + "/config.json.tmp", step=6))]
+    for kill, expected in kills:
+        status, moment = run_driver(out, **kill)
+        assert status == -signal.SIGKILL and moment is not None, f"{kill}: no kill"
+        assert {k: moment.get(k) for k in expected} == expected, f"{kill} fired at {moment}"
         check_loadable(out)
-    while run_driver(out, resume=bool(list_checkpoints(out))) != 0:
-        pass
+    assert run_driver(out) == (0, None)
     check_loadable(out)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert_same(load_file(str(straight / "model" / "model.safetensors")),
                 load_file(str(out / "model" / "model.safetensors")))
     assert_same(load_file(str(straight / "checkpoint-6" / "model_1.safetensors")),  # the discriminator
                 load_file(str(out / "checkpoint-6" / "model_1.safetensors")))
+    # after four kills, each step is logged once, in logs.jsonl and in TensorBoard
+    steps = [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/generator")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_and_exports_are_flushed_to_disk_before_and_after_their_renames(tmp_path, monkeypatch):
+    """Atomic against kill -9 is not enough: after a power loss a renamed file can come back empty unless its data
+    was flushed before the rename, and the rename itself lost unless its folder was flushed after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("rename", str(src), str(dst)))
+                        or real_replace(src, dst))
+    run = tmp_path / "run"
+    trainer(run, steps=2, checkpoint_every=1).fit()
+    renames = [(i, e) for i, e in enumerate(events) if e[0] == "rename"]
+    assert renames
+    for i, (_, src, dst) in renames:
+        before = {e[1] for e in events[:i] if e[0] == "fsync"}
+        after = {e[1] for e in events[i + 1:] if e[0] == "fsync"}
+        if Path(dst).name in ("checkpoint-1", "checkpoint-2", "model"):  # a whole folder: every file in it
+            files = [str(p).replace(dst, src, 1) for p in Path(dst).rglob("*") if p.is_file()]
+            assert files and set(files) <= before, f"{dst}: {set(files) - before} not flushed before the rename"
+        else:
+            assert src in before, f"{src} not flushed before its rename"
+        assert str(Path(dst).parent) in after, f"{Path(dst).parent} not flushed after renaming {dst}"

@@ -2,6 +2,7 @@
 import datetime
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,54 @@ def test_inception_weights_are_loaded_without_running_pickled_code(tmp_path):
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the override ends with the construction
 
 
+class _PickledObject:
+    """Any object beyond tensors, as Accelerate's RNG files hold: it loads only with weights_only=False."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def test_building_inception_leaves_no_process_wide_state(random_inception_files, tmp_path):
+    """Two threads build the network at once; afterwards (and meanwhile) torch.load(weights_only=False) of a
+    pickled object still works: weights-only loading of the Inception file is no setting of the process."""
+    path_a, _, source_net = random_inception_files
+    pickled = tmp_path / "object.pt"
+    torch.save(_PickledObject(7), pickled)
+    barrier, built, loaded = threading.Barrier(3), [], []
+
+    def build():
+        barrier.wait()
+        built.append(InceptionFeatures(weights_path=path_a, device="cpu"))
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    while any(t.is_alive() for t in threads):  # a load in this thread while the others build
+        loaded.append(torch.load(pickled, weights_only=False).value)
+    for t in threads:
+        t.join()
+    assert len(built) == 2 and loaded and set(loaded) == {7}
+    assert torch.load(pickled, weights_only=False).value == 7
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    images = to_uint8(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert all(torch.equal(model(images)[0], source_net(images)[0]) for model in built)
+
+
+def test_inception_builds_with_pytorchs_no_weights_only_override(random_inception_files, monkeypatch, tmp_path):
+    """PyTorch's documented TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (weights_only=False wherever a call does not say)
+    neither stops the network from being built nor lets a weights file run code."""
+    path_a, _, source_net = random_inception_files
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    images = to_uint8(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert torch.equal(InceptionFeatures(weights_path=path_a, device="cpu")(images)[0], source_net(images)[0])
+    marker, evil = tmp_path / "code-ran", tmp_path / "inception-evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": _RunsCodeWhenUnpickled(marker)}, evil)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        InceptionFeatures(weights_path=evil, device="cpu")
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer / data
 
 
@@ -327,11 +376,9 @@ def test_center_crop_adm_matches_reference(width, height):
 def test_inception_download_failure_says_how_to_work_offline(monkeypatch):
     import urllib.error
 
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="--inception-weights PATH"):
         InceptionFeatures(weights_path=None, device="cpu")

@@ -204,3 +204,27 @@ def test_two_processes_encode_every_image_exactly_once(setup, encoded, tmp_path)
     assert sorted(i for s in shards for i in s["dataset_index"].tolist()) == [0, 1, 2, 3, 4]
     # The same tokens as one process made.
     assert torch.equal(load_tokens(out).indices, load_tokens(encoded[0]).indices)
+
+
+def test_decode_by_id_never_writes_two_images_to_one_file(setup, tmp_path):
+    """a.jpg and a.png both end in a.png when the suffix is swapped: the jpg keeps its extension, a.jpg.png."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "a.png", "b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / name)
+    model = setup["model"]
+    encode_dataset(model, eval_dataset(str(folder), 64), tmp_path / "tokens", shard_size=2, device="cpu",
+                   progress=False)
+    tokens = load_tokens(tmp_path / "tokens")
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    with pytest.warns(UserWarning, match=r"keep their extension .*a\.jpg -> a\.jpg\.png"):
+        written = decode(["--model", str(setup["model_dir"]), "--tokens", str(tmp_path / "tokens"), "--output-dir",
+                          str(tmp_path / "png"), "--name-by", "id", "--no-progress"])
+    assert written == 3
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["a.jpg.png", "a.png", "b.png"]
+    with torch.no_grad():
+        expected = to_uint8(model.decode_indices(tokens.indices.long())).permute(0, 2, 3, 1).numpy()
+    for image, source in zip(expected, tokens.ids):  # each file holds its own image, not the other's
+        name = {"a.jpg": "a.jpg.png", "a.png": "a.png", "b.jpg": "b.png"}[source]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / name)), image)

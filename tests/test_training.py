@@ -1,4 +1,6 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
+import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,8 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
-from vqhit.losses import r1_penalty
-from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config
+from vqhit.errors import UsageError
+from vqhit.losses import d_logistic_loss, r1_penalty
+from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ def test_ema_copies_before_start_then_averages_parameters_and_buffers():
 
 def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
     trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=3)
-    real = next(trainer._batches(0))["image"]
+    real = next(trainer.batches)["image"]
     seen = {}
     for step in range(4):
         trainer.state.step = step
@@ -56,6 +59,34 @@ def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
         if expected is not None:
             assert seen[step].item() == pytest.approx(expected, rel=1e-5)
     assert seen[1] is None and seen[2] is None and seen[3] is not None
+
+
+@pytest.mark.parametrize("bcr", [False, True])
+def test_the_discriminator_sees_the_real_images_once_per_step(tmp_path, bcr):
+    """R1's fp32 forward on the reals gives the logistic loss its real logits, and bCR reuses both logits: per
+    step D runs on the fakes for G, then once on the reals and once on the fakes (+ the two augmented batches of
+    bCR). The logged losses are still those of D as it was before the step, each term computed on its own."""
+    trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=2, bcr_weight=3.0 if bcr else 0.0)
+    real = next(trainer.batches)["image"]
+    D = trainer.accelerator.unwrap_model(trainer.D)
+    inputs = []
+    D.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
+    for step in (0, 1):  # an R1 step and one without
+        trainer.state.step = step
+        inputs.clear()
+        before = copy.deepcopy(D)
+        before._forward_hooks.clear()
+        logs = trainer.train_step(real)
+        on_reals = sum(torch.equal(x, real) for x in inputs)
+        assert (on_reals, len(inputs)) == (1, 5 if bcr else 3), step
+        fake = inputs[0]  # what G made, as D saw it in the G step
+        with torch.no_grad():
+            assert logs["loss/discriminator"].item() == pytest.approx(
+                d_logistic_loss(before(real), before(fake)).item(), rel=1e-5)
+        if step == 0:
+            assert logs["loss/r1"].item() == pytest.approx(r1_penalty(before, real, weight=2.0 * 2).item(), rel=1e-5)
+        else:
+            assert "loss/r1" not in logs
 
 
 @pytest.mark.parametrize("task", ["gan", "vqhit"])
@@ -82,7 +113,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, task):
 
 def test_tokenizer_reconstruction_loss_falls(tmp_path):
     trainer = make_trainer(tmp_path, "vqhit", adv_start=10_000, lr=1e-3)
-    batches = trainer._batches(0)
+    batches = trainer.batches
     losses = []
     for step in range(30):
         trainer.state.step = step
@@ -112,7 +143,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         return (fake * float("nan") if step >= 2 else fake), terms
 
     trainer.objective.generate = poisoned
-    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 2.*checkpoint-2"):
+    # checkpoint-2 holds the weights that gave the non-finite loss: resuming it would fail again at once
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 2.*good checkpoint, .*checkpoint-1"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1", "checkpoint-2"]
     state = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
@@ -138,11 +170,11 @@ def test_folder_with_corrupt_and_grayscale_images(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown key.*'learning_rate'"):
         config_from_dict({"learning_rate": 1e-4})
-    with pytest.raises(ValueError, match="'steps' must be of type int"):
+    with pytest.raises(ValueError, match="--steps must be of type int"):
         config_from_dict({"steps": "many"})
     with pytest.raises(ValueError, match="fp16 is not supported"):
         config_from_dict({"precision": "fp16", "r1_weight": 0.0})  # refused, R1 or not: never a silent fp32 run
-    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+    with pytest.raises(ValueError, match="--adam-betas must be two numbers"):
         parse_config(["--adam-betas", "0.9"], "test", "gan")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nbatch_sise: 4\n")
@@ -164,33 +196,54 @@ def test_numbers_parse_as_numbers_in_yaml_and_on_the_command_line(tmp_path):
         build_model(parse_config(["--model", "hit-tiny", "--model-option", "mlp_ratio=abc"], "test", "gan"), "gan")
 
 
-def test_defaults_are_the_demo_only_without_arguments(tmp_path):
-    demo = tmp_path / "demo.yaml"
-    demo.write_text("model: vqhit-tiny\nsteps: 7\ndisc_max_channels: 64\nr1_interval: 4\n")
-    assert parse_config([], "test", "vqhit", demo).steps == 7  # no arguments: the demo
-    config = parse_config(["--data", "/somewhere"], "test", "vqhit", demo)  # anything else: the paper recipe
+@pytest.mark.parametrize("argv", [[], ["--steps", "30"], ["--output-dir", "elsewhere"], ["--overwrite"],
+                                  ["--resume", "auto"], ["--data", "/somewhere"]], ids=" ".join)
+def test_a_flag_changes_one_setting_of_the_demo_recipe(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --resume auto looks at runs/vqhit-demo: nothing there, so a fresh start
+    demo = {**task_defaults("vqhit"), **RECIPES["vqhit-demo"]}
+    config = parse_config(argv, "test", "vqhit").to_dict()
+    changed = {k for k in config if config[k] != demo[k] and k not in ("output_dir", "perceptual_weight")}
+    given = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    assert config["model"] == "vqhit-demo" and changed <= given, changed - given
+    gan = parse_config(["--steps", "30"], "test", "gan")
+    assert (gan.model, gan.steps, gan.batch_size, gan.r1_interval, gan.disc_max_channels) == ("hit-tiny", 30, 16, 4, 64)
+
+
+def test_a_start_that_fails_leaves_no_folder_behind(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for overrides, error in ((dict(model="vqhit-dmeo"), "tokenizer presets"), (dict(data=str(empty)), "no image files"),
+                             (dict(resume="latest"), "does not exist")):
+        out = tmp_path / "run"
+        with pytest.raises(ValueError, match=error):
+            make_trainer(tmp_path, "vqhit", **overrides)
+        assert not out.exists(), f"{overrides} left {list(out.rglob('*'))}"
+
+
+def test_a_paper_model_gets_the_paper_recipe():
+    config = parse_config(["--model", "vqhit-b-f16-1024", "--data", "/somewhere"], "test", "vqhit")
     assert (config.model, config.steps, config.disc_max_channels, config.r1_interval, config.lr,
             config.perceptual, config.perceptual_weight) == ("vqhit-b-f16-1024", 500_000, 512, 1, 1e-4, "vgg_l2", 5e-5)
-    face = parse_config(["--model", "hit-b-256"], "test", "gan", demo)
-    assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # SPEC §5, FFHQ 256
+    face = parse_config(["--model", "hit-b-256"], "test", "gan")
+    assert (face.lr, face.disc_channel_multiplier, face.bcr_weight) == (5e-5, 2, 10.0)  # the FFHQ 256 recipe
     assert parse_config(["--model", "hit-l-128"], "test", "gan").transform == "imagenet_gan"
-    help_text = build_parser("test", "vqhit").format_help()
-    assert "default: 'vqhit-b-f16-1024'" in help_text and "default: 'hit-tiny'" not in help_text
+    help_text = " ".join(build_parser("test", "vqhit").format_help().split())
+    assert "default: 'vqhit-demo'" in help_text and "default: 'vqhit-b-f16-1024'" not in help_text
+    assert summary(config, "vqhit") == ("train_vqhit.py: vqhit-b-f16-1024 with the paper recipe, changed: data "
+                                        "/somewhere; writing to runs/vqhit-b-f16-1024/")
 
 
 def test_command_line_overrides_yaml_and_model_options(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-b-256\nlr: 5.0e-5\nmodel_options: {norm: layer}\n")
-    demo = tmp_path / "demo.yaml"
-    demo.write_text("steps: 7\ndisc_max_channels: 64\n")
     config = parse_config(["--config", str(yaml_file), "--lr", "1e-3", "--model-option", "multi_query=false",
-                           "--no-flip"], "test", "gan", demo)
+                           "--no-flip"], "test", "gan")
     assert config.lr == 1e-3 and config.flip is False and config.model == "hit-b-256"
     assert config.model_options == {"norm": "layer", "multi_query": False}
-    # the built-in demo config applies only when no argument is given: a recipe never inherits its keys
+    # the file's model chooses the recipe: hit-b-256's, not the default model's demo recipe
     assert config.steps == RECIPES["hit-b-256"]["steps"] and config.disc_max_channels == 512
     assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
-    with pytest.raises(SystemExit):  # argparse: "argument --steps: invalid int value: 'ten'"
+    with pytest.raises(UsageError, match="argument --steps: invalid int value: 'ten'"):  # one line, not a usage block
         parse_config(["--steps", "ten"], "test", "gan")
 
 
@@ -215,7 +268,7 @@ def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path):
 
     first = next(m for m in D.modules() if isinstance(m, torch.nn.Conv2d))
     handle = first.register_forward_hook(record)
-    logs = trainer.train_step(next(trainer._batches(0))["image"])
+    logs = trainer.train_step(next(trainer.batches)["image"])
     handle.remove()
     r1_calls = [c for c in calls if c[0]]
     other_calls = [c for c in calls if not c[0]]
@@ -225,15 +278,14 @@ def test_bf16_autocast_trains_and_r1_stays_fp32(tmp_path):
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in logs.values())
 
 
-@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "demo" not in p.name],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipe_configs_agree_with_the_recipe_defaults(path):
-    """A recipe file and a bare `--model X` run must train the same recipe (SPEC §5)."""
+    """A recipe file and a bare `--model X` run must train the same recipe."""
     values = parse_config(["--config", str(path)], "test", "gan" if "gan" in path.name else "vqhit").to_dict()
     recipe = RECIPES[values["model"]]
     for key, expected in recipe.items():
         if key == "steps" or ("modern" in path.name and key == "perceptual"):
-            continue  # CelebA-HQ trains 250k-500k steps (SPEC §5); the modern recipe departs on purpose
+            continue  # CelebA-HQ trains 250k-500k steps; the modern recipe departs on purpose
         assert values[key] == expected, f"{path.name}: {key} = {values[key]!r}, the recipe says {expected!r}"
 
 
@@ -266,7 +318,7 @@ def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
                                  model_options={"freeze_encoder": True, "freeze_codebook": True,
                                                 "dead_code_steps": 1})  # restarts would be due every step
     tuned = tuned_trainer.fit()
-    x = next(tuned_trainer._batches(0))["image"]
+    x = next(tuned_trainer.batches)["image"]
     with torch.no_grad():
         assert torch.equal(base.encode(x), tuned.encode(x))  # token shards made with the base stay valid
         assert not torch.equal(base.decode_indices(base.encode(x)), tuned.decode_indices(tuned.encode(x)))
@@ -274,3 +326,41 @@ def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):
     for name, value in base.state_dict().items():
         if name.startswith(("encoder.", "quant_conv.", "quantize.embedding")):
             assert torch.equal(value, trained.state_dict()[name]), name
+
+
+def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, capsys):
+    """eval_rfid writes figures into the run's model card, naming the step and weights they measured; a resumed
+    run's new export removes them (they measured other weights) and keeps the rest of the card."""
+    import runpy
+    make_trainer(tmp_path, "vqhit", steps=1, checkpoint_every=1, adv_start=10).fit()
+    model_dir = tmp_path / "run" / "model"
+    evaluate = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    report = evaluate(["--model", str(model_dir), "--data", "builtin:photos-heldout", "--num-images", "4", "--no-fid",
+                       "--no-lpips", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--no-progress"])
+    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert report["settings"]["weights_sha256"] == sha and report["settings"]["training_step"] == 1
+    card = (model_dir / "README.md").read_text()
+    assert f"sha256 `{sha[:16]}` (after\n1 training steps)" in card and "| PSNR (dB) |" in card
+    assert "| data | builtin:photos-heldout |" in card and "| crop | adm_center_crop |" in card
+
+    make_trainer(tmp_path, "vqhit", steps=2, checkpoint_every=1, adv_start=10, resume="latest").fit()
+    card = (model_dir / "README.md").read_text()
+    assert "PSNR" not in card and "sha256" not in card  # the figures of step 1 left with step 1's weights
+    assert "VQHiT.from_pretrained" in card  # the rest of the card stays
+
+
+def test_progress_bar_shows_window_means_and_a_finished_run_says_where_its_model_is(tmp_path, capsys):
+    """The bar's losses are means over the log window, not one batch's; `usage` is said as codes used of the
+    codebook; the last line names the exported model."""
+    trainer = make_trainer(tmp_path, "vqhit", steps=4, log_every=2, adv_start=10)
+    l2 = []
+    step = trainer.train_step
+    trainer.train_step = lambda real: (logs := step(real), l2.append(float(logs["loss/l2"])))[0]
+    trainer.fit()
+    out, err = capsys.readouterr()
+    bar = err.replace("\r", "\n").splitlines()[-1]
+    last = json.loads((tmp_path / "run" / "logs.jsonl").read_text().splitlines()[-1])
+    assert f"mean of 2 steps: l2 {(l2[2] + l2[3]) / 2:.3g}" in bar and f"l2 {l2[3]:.3g}" not in bar
+    assert f"codes used {int(last['codebook/codes_used'])} of 256" in bar and "usage" not in bar
+    model = tmp_path / "run" / "model"
+    assert out.splitlines()[-1] == f'finished at step 4: the EMA model is in {model} (VQHiT.from_pretrained("{model}"))'

@@ -51,6 +51,19 @@ def test_tiny_encode_decode_paths_agree(tiny):
     assert torch.equal(aux["indices"], idx)
 
 
+def test_inference_calls_build_no_autograd_graph(tiny):
+    """encode and decode_indices are inference: with autograd on (the default) and parameters that require grad,
+    their results carry no history; decode(get_codebook_entry(...)) stays differentiable for those who want it."""
+    for mode in (tiny.eval, tiny.train):
+        mode()
+        assert torch.is_grad_enabled() and all(p.requires_grad for p in tiny.parameters())
+        idx = tiny.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+        images = tiny.decode_indices(idx)
+        for result in (idx, images):
+            assert result.grad_fn is None and not result.requires_grad
+    assert tiny.decode(tiny.get_codebook_entry(idx)).requires_grad
+
+
 def test_training_forward_returns_losses_and_gradients_reach_encoder(tiny):
     tiny.train()
     x = torch.rand(2, 3, 64, 64) * 2 - 1

@@ -11,7 +11,9 @@ A run's folder holds `checkpoint-N/` folders (resumable state), `model/` (the ex
 - Resuming from an older checkpoint than the newest keeps the newer ones: they are moved, untouched, into
   `superseded-<step>-<time>/` so that the resumed lineage is the only one left to prune and to `--resume latest`.
 - A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`replace_folder`): a kill at any
-  instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes.
+  instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes. Every file is
+  flushed to disk (fsync) before the rename and the folder after it, so a renamed checkpoint survives a node crash
+  or power loss too, not only a killed process.
 - `model/` first appears complete by one rename; later exports replace it file by file, each file written to a
   temporary name and renamed (`save_pretrained`): a kill at any instant leaves a loadable `model/` (the previous
   export or the new one; their configs are the same run's).
@@ -25,6 +27,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
+
+import torch
+
+from .errors import UnavailableError, UsageError
+from .files import fsync_path, fsync_tree, give_default_mode
+from .train_config import save_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"  # written last into a checkpoint: what a resume reads first
@@ -45,11 +53,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a completely written folder `tmp` to `final` by rename (atomic on one file system).
+    """Move a completely written folder `tmp` to `final` by rename (atomic on one file system), durably.
 
-    If `final` exists it is first renamed aside and deleted only after the new folder is in place, so a kill at
-    any instant leaves one complete copy under some name.
+    `tmp`'s contents are flushed to disk first and the parent folder after the rename: once this returns, `final`
+    survives a crash of the machine. If `final` exists it is first renamed aside and deleted only after the new
+    folder is in place, so a kill at any instant leaves one complete copy under some name.
     """
+    fsync_tree(tmp)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.replaced")
@@ -57,6 +67,7 @@ def replace_folder(tmp: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -69,25 +80,37 @@ def read_state(checkpoint: Path) -> dict:
             raise ValueError("no integer 'step'")
         return state
     except FileNotFoundError:
-        raise ValueError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
+        raise UsageError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
                          f"{CHECKPOINT_PREFIX}N folder or --resume latest") from None
     except ValueError as e:
-        raise ValueError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
+        raise UsageError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
+
+
+RESUME_CHOICES = ("auto", "latest")  # besides a checkpoint folder's path
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint folder that `--resume latest|PATH` names (None for a fresh run)."""
+    """The checkpoint folder that `--resume auto|latest|PATH` names (None for a fresh run).
+
+    `auto` is the one command line for a first start and every restart (a job script, a requeue, an elastic
+    restart): the newest checkpoint of `output_dir` when there is one, else a fresh start.
+    """
     if resume is None:
         return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise ValueError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
-                             f"stopped before its first checkpoint); start it again without --resume")
-        return found[-1]
+    output_dir = Path(output_dir)
+    if resume in RESUME_CHOICES:
+        found = list_checkpoints(output_dir) if output_dir.is_dir() else []
+        if found or resume == "auto":
+            return found[-1] if found else None
+        if not output_dir.is_dir():
+            raise UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
+                             f"continue, or --resume auto to start fresh when there is nothing to continue")
+        raise UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
+                         f"stopped before its first checkpoint); start it again without --resume, or use "
+                         f"--resume auto")
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder or 'latest'")
+        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder, 'auto' or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
     return path
 
@@ -107,8 +130,8 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
-                               f"or choose another --output-dir") from None
+            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to "
+                                   f"finish, or choose another --output-dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -133,8 +156,8 @@ class OutputFolder:
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
             if used and not overwrite:
-                raise ValueError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
-                                 f"latest, choose another --output-dir, or pass --overwrite to delete it")
+                raise UsageError(f"{self.path} holds an earlier run ({', '.join(used)}): continue it with --resume "
+                                 f"auto, choose another --output-dir, or pass --overwrite to delete it")
             if used:
                 for p in checkpoints + [self.path / name for name in RUN_OUTPUTS]:
                     if p.is_dir():
@@ -158,3 +181,76 @@ class OutputFolder:
         """Delete all but the newest `keep` checkpoints (all of this lineage: see `prepare`)."""
         for old in list_checkpoints(self.path)[:-keep]:
             shutil.rmtree(old)
+
+
+# -- writing and reading a checkpoint ----------------------------------------------------------------------------
+def data_state_file(rank: int) -> str:
+    """Each process's data position (its streams are its own), beside Accelerate's random_states_<rank>.pkl."""
+    return f"data_state_{rank}.json"
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, *, ema_model, config, train_state: dict,
+                    data_state: dict, folder: OutputFolder) -> Path:
+    """Write `checkpoint-<step>/` collectively (every process calls this), then export the EMA model.
+
+    Accelerate's state (models, optimisers, per-process RNG, registered objects), each process's data position,
+    the EMA model as a save_pretrained folder, the run's config, and `train_state.json` last, in a `.tmp` folder
+    renamed when complete (see the module docstring).
+    """
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()  # the folder exists before any process writes its part (e.g. its RNG state)
+    accelerator.save_state(str(tmp))
+    (tmp / data_state_file(accelerator.process_index)).write_text(json.dumps(data_state) + "\n")
+    accelerator.wait_for_everyone()  # every part is written before the folder is renamed
+    if accelerator.is_main_process:
+        ema_model.save_pretrained(tmp / "ema", training_step=step)
+        save_config(config, tmp / "train_config.yaml")
+        give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
+        (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2) + "\n")  # last: marks the folder complete
+        replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
+        folder.prune(config.keep_checkpoints)
+        export_model(ema_model, output_dir, step)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_model(model, output_dir: Path, step: int) -> Path:
+    """`model` (the weights of training step `step`) as `output_dir/model/`, a save_pretrained folder that is loadable
+    at every instant: the first export appears complete by one rename; later ones replace each file by a rename
+    (their configs are the same run's), and drop a model card's figures of earlier weights."""
+    directory = output_dir / "model"
+    if directory.is_dir():
+        model.save_pretrained(directory, training_step=step)
+    else:
+        tmp = output_dir / ".model.tmp"
+        model.save_pretrained(tmp, training_step=step)
+        replace_folder(tmp, directory)
+    return directory
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
+    """Load a checkpoint into the prepared objects of `accelerator`; returns (train_state.json, this process's data
+    position or None when the checkpoint was written by another number of processes)."""
+    saved = read_state(path)
+    rank = accelerator.process_index
+    same_processes = saved.get("num_processes", accelerator.num_processes) == accelerator.num_processes
+    if same_processes:
+        rng_file = path / f"random_states_{rank}.pkl"
+        try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
+            torch.load(rng_file, weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
+                             f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
+                from None
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
+        raise UsageError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
+                         f"earlier checkpoint in {path.parent}") from None
+    data_file = path / data_state_file(rank if same_processes else 0)
+    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
+    return saved, data_state

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import os
 import warnings
 from collections import Counter
@@ -74,6 +75,7 @@ PACKAGED_PHOTOS = {"china": ("sklearn", "datasets/images/china.jpg", "scikit-lea
                    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "matplotlib")}
 
 from .downloads import local_or_hub
+from .errors import UsageError
 from .metrics import center_crop_adm
 
 
@@ -103,7 +105,7 @@ class DataConfig:
     bad_images: str = "skip"  # "skip" (count + warn once per file) | "raise" (ValueError naming the file)
     min_size: int = 0  # short side below this is a bad image; 0 keeps all (smaller than resolution: upsampled)
     max_images: int | None = None  # keep only the first max_images (quick runs)
-    shuffle_buffer: int = 1000  # streaming only: buffer of datasets' approximate shuffle
+    shuffle_window: int = 1000  # streaming only: each stream is shuffled in consecutive windows of this many rows
     cache_dir: str | None = None
 
     def __post_init__(self):
@@ -140,16 +142,16 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
         if cfg.streaming:
             table = table.to_iterable_dataset()
     elif cfg.source.startswith("builtin:"):
-        raise ValueError(f"DataConfig.source={cfg.source!r} is not a built-in source; use one of "
-                         f"{sorted(BUILTIN_SOURCES)}, a folder of images or a Hub dataset id.")
+        raise UsageError(f"--data {cfg.source} is not a built-in source; use one of "
+                         f"{', '.join(sorted(BUILTIN_SOURCES))}, a folder of images or a Hub dataset id.")
     else:
-        found = local_or_hub(cfg.source, "image folder or Hub dataset (DataConfig.source, --data)",
+        found = local_or_hub(cfg.source, "image folder or Hub dataset given to --data",
                              fetch=lambda hub_id: datasets.load_dataset(hub_id, split=cfg.split,
                                                                         streaming=cfg.streaming,
                                                                         cache_dir=cfg.cache_dir))
         if isinstance(found, Path) and not found.is_dir():
-            raise ValueError(f"DataConfig.source={cfg.source!r} is a file, not a folder; give a folder of images, "
-                             "a Hub dataset id, or 'builtin:photos'.")
+            raise UsageError(f"--data {cfg.source} is a file, not a folder; give a folder of images, a Hub dataset "
+                             "id, or builtin:photos.")
         table, dangling = _load_folder(str(found), cfg) if isinstance(found, Path) else (found, {})
     dataset = from_hf_dataset(table, cfg, seed=seed)
     dataset.dangling = dangling
@@ -178,9 +180,9 @@ def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     why = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "it holds no images"
     first = next((str(w.message) for w in caught if issubclass(w.category, BadImageWarning)), None)
     first = first or next((f"{name}: {kind}" for name, kind in dataset.skipped.items()), "")
-    fix = " or lower min_size (0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
-    raise ValueError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
-                     f"DataConfig.source / --data at the images you mean{fix}.")
+    fix = " or lower min_size (--min-size 0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
+    raise UsageError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
+                     f"--data at the images you mean{fix}.")
 
 
 def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
@@ -192,17 +194,18 @@ def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: Dat
         has_label = columns is not None and "label" in columns and cfg.image_column != "label"
         cfg = replace(cfg, label_column="label" if has_label else None)
     if columns is not None:  # None for some streamed sets whose features are unknown until read
-        for what, name in (("image_column", cfg.image_column), ("label_column", cfg.label_column)):
+        for what, name in (("--image-column", cfg.image_column), ("--label-column", cfg.label_column)):
             if name is not None and name not in columns:
-                raise ValueError(f"DataConfig.{what}={name!r} is not a column of the dataset; it has {columns}.")
+                raise UsageError(f"{what} {name}: not a column of --data {cfg.source} (image_column/label_column); "
+                                 f"it has {', '.join(columns)}.")
     features = table.features or {}
     if isinstance(features.get(cfg.image_column), datasets.Image):
         table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
     string_labels = cfg.label_column is not None and _is_string(features.get(cfg.label_column))
     if isinstance(table, datasets.IterableDataset):
         if string_labels:
-            raise ValueError(f"label column {cfg.label_column!r} holds strings; a stream needs integer labels "
-                             "(cast it to datasets.ClassLabel, or use streaming=False, which encodes it).")
+            raise UsageError(f"--label-column {cfg.label_column} holds strings; a stream needs integer labels "
+                             "(cast it to datasets.ClassLabel, or drop --streaming: a downloaded set is encoded).")
         if cfg.max_images is not None:
             table = table.take(cfg.max_images)
         return StreamingImageDataset(table, cfg, seed)
@@ -234,9 +237,133 @@ def build_dataloader(dataset, batch_size: int, num_workers: int = 0, shuffle: bo
 
 
 def collate_images(items: list[dict | None]) -> dict | None:
-    """Stack the items that were not skipped; None when every item of the batch was skipped."""
+    """Stack the items that were not skipped; None when every item of the batch was skipped.
+
+    A stream's items carry their position; the batch keeps the last one (a batch comes from one stream).
+    """
     items = [item for item in items if item is not None]
-    return torch.utils.data.default_collate(items) if items else None
+    if not items:
+        return None
+    positions = [item.pop("stream_position") for item in items if "stream_position" in item]
+    batch = torch.utils.data.default_collate(items)
+    if positions:
+        batch["stream_position"] = positions[-1]
+    return batch
+
+
+class SkipFirst(Sampler):
+    """A sampler without its first `n` indices: where a resumed run picks up inside an epoch."""
+
+    def __init__(self, sampler: Sampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.n, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.n)
+
+
+class TrainingBatches:
+    """The batches one training process draws, in order, from any position; the position is its state.
+
+    Every process draws the same number of batches (`micro_batches`, counting batches whose images were all
+    unreadable: they are skipped on every process together, so the processes stay in step). Resuming costs the
+    same at any position:
+
+    - map-style datasets: the order is a function of ``(seed, epoch)``, so a resume skips by index in the sampler
+      and reads none of the skipped images;
+    - streams: each process keeps the position of each of its streams (`StreamingImageDataset`) and which
+      stream's turn it is; a resume restores them, re-reading at most one shuffle window of raw rows per stream.
+
+    `state_dict()` is per process. `load_state_dict` continues exactly when the process count, batch size and
+    DataLoader worker count are those of the run that saved it; otherwise it continues at the same image count,
+    rounded up to whole batches (map-style), or at the start of the stream's current epoch (streams), and says so.
+    """
+
+    def __init__(self, dataset, loader: DataLoader):
+        self.dataset, self.loader = dataset, loader
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.micro_batches = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0  # streams: batches drawn in this epoch, so whose turn is next
+        self.stream_positions: dict[int, dict] = {}
+        self._iterator = None
+
+    def _layout(self) -> dict:
+        """What must match for a saved position to mean the same images."""
+        return {"num_processes": distributed.world_size(), "batch_size": self.loader.batch_size,
+                "num_workers": max(1, self.loader.num_workers) if self.streaming else None}
+
+    def state_dict(self) -> dict:
+        state = {"micro_batches": self.micro_batches, **self._layout()}
+        if self.streaming:
+            state.update(epoch=self.epoch, batches_in_epoch=self.batches_in_epoch,
+                         streams={str(k): v for k, v in self.stream_positions.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a saved position; returns warnings (empty when the continuation is exact)."""
+        saved = {k: state.get(k) for k in self._layout()}
+        self._iterator = None
+        if saved == self._layout():
+            self.micro_batches = int(state["micro_batches"])
+            if self.streaming:
+                self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+                self.stream_positions = {int(k): v for k, v in state["streams"].items()}
+            return []
+        changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._layout().items() if saved[k] != v)
+        if self.streaming:
+            self.epoch = int(state.get("epoch", 0))
+            self.micro_batches = int(state["micro_batches"])
+            return [f"{changed}: the stream's positions do not carry over, so its epoch {self.epoch} starts again "
+                    "from its beginning (images of this epoch already trained on are seen again)"]
+        images = state["micro_batches"] * state["batch_size"] * state["num_processes"]
+        self.micro_batches = -(-images // (self.loader.batch_size * distributed.world_size()))  # whole batches, up
+        return [f"{changed}: the data continues at the same image count ({images}, rounded up to whole batches), "
+                "not with the same batches"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        """The next batch that every process can use (a batch of only unreadable images is skipped by all)."""
+        if self._iterator is None:
+            self._iterator = self._stream_batches() if self.streaming else self._indexed_batches()
+        while True:
+            batch = next(self._iterator)
+            self.micro_batches += 1
+            empty = torch.tensor([float(batch is None)])
+            if not distributed.all_reduce_sum(empty).item():
+                return batch
+
+    def _indexed_batches(self):
+        epoch, skip = divmod(self.micro_batches, len(self.loader))
+        while True:
+            self.dataset.set_epoch(epoch)
+            loader = self.loader
+            if skip:  # skip by index: seen images are not decoded again
+                bs = loader.batch_size
+                loader = DataLoader(self.dataset, batch_size=bs, sampler=SkipFirst(loader.sampler, skip * bs),
+                                    num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                    drop_last=loader.drop_last, generator=loader.generator)
+                skip = 0
+            yield from loader
+            epoch += 1
+
+    def _stream_batches(self):
+        num_workers = max(1, self.loader.num_workers)
+        while True:
+            self.dataset.set_epoch(self.epoch)
+            self.dataset.resume_from = {k: v for k, v in self.stream_positions.items() if v["epoch"] == self.epoch}
+            self.dataset.rotation = self.batches_in_epoch % num_workers
+            for batch in self.loader:
+                if batch is not None and "stream_position" in batch:
+                    position = batch.pop("stream_position")
+                    self.stream_positions[position["stream"]] = position
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch, self.batches_in_epoch, self.stream_positions = self.epoch + 1, 0, {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,11 +405,11 @@ class _ImageRows:
             image = _decode(value)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
             return self._bad(index, name, _UNREADABLE, f"unreadable image ({type(err).__name__}: {err})",
-                             "Set DataConfig(bad_images='skip') to skip unreadable images.")
+                             "Pass --bad-images skip (bad_images='skip') to skip unreadable images.")
         if min(image.size) < self.cfg.min_size:
             return self._bad(index, name, _TOO_SMALL, f"image of {image.width}x{image.height} has a short side "
-                             f"below min_size={self.cfg.min_size}", "Set DataConfig(bad_images='skip') to skip such "
-                             "images, or min_size=0 to upsample them.")
+                             f"below min_size={self.cfg.min_size}", "Pass --bad-images skip (bad_images='skip') to "
+                             "skip such images, or --min-size 0 to upsample them.")
         if min(image.size) < self.cfg.resolution and self._record(index, name, _UPSAMPLED) and self._first_upsample():
             warnings.warn(f"{name} is {image.width}x{image.height}, smaller than the resolution {self.cfg.resolution}: "
                           "upsampled (bicubic), as ADM's protocol does. Further small images are upsampled without a "
@@ -299,7 +426,7 @@ class _ImageRows:
 
     def _bad(self, index: int, name: str, code: int, problem: str, fix: str) -> None:
         if self.cfg.bad_images == "raise":
-            raise ValueError(f"{name}: {problem}. {fix}")
+            raise UsageError(f"{name}: {problem}. {fix}")
         if self._record(index, name, code):
             warnings.warn(f"skipping {name}: {problem}", BadImageWarning, stacklevel=2)
         return None
@@ -366,17 +493,25 @@ class ImageDataset(_ImageRows, torch.utils.data.Dataset):
 class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
     """Iterable dataset over a `datasets.IterableDataset`; skipped images are left out of the stream.
 
-    Sharding: across processes with `datasets.distributed.split_dataset_by_node` when torch.distributed
-    is initialised, then across DataLoader workers by `datasets` itself (by shard: a worker beyond
-    ``num_shards`` gets nothing). ``index`` is ``position * streams + stream`` over the
-    ``world_size * num_workers`` streams, so augmentations repeat exactly for the same process and
-    worker counts.
+    The rows are split into ``world_size * num_workers`` *streams*, one per process and DataLoader worker, with
+    `datasets.distributed.split_dataset_by_node` (by shard when the shards divide evenly, else every n-th row).
+    Each stream is shuffled in consecutive windows of ``cfg.shuffle_window`` rows, each window permuted by a
+    generator seeded by ``(seed, epoch, stream, window)``. So a position in a stream is small and exact: the
+    `datasets` state at the start of the current window and the offset inside it (``item["stream_position"]``,
+    carried to the batch by `collate_images`). Resuming from it (`resume_from`) reads at most one window of raw
+    rows again and decodes none of the rows it skips, whatever the position.
+
+    ``index`` is ``row * streams + stream`` (``row`` counting the stream's rows), so augmentations repeat exactly
+    for the same process and worker counts. `rotation` lets DataLoader worker ``w`` play stream ``w + rotation``:
+    a DataLoader always asks worker 0 first, and a resumed run must continue with the stream whose turn it was.
     """
 
     def __init__(self, table: datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.table = table
         self.shuffle = False  # set by build_dataloader
+        self.resume_from: dict[int, dict] = {}  # stream -> stream_position to continue from (this epoch only)
+        self.rotation = 0
         self._seen: dict[str, int] = {}  # file name -> outcome code, in this process
         self._upsample_warned = False
 
@@ -400,21 +535,38 @@ class StreamingImageDataset(_ImageRows, torch.utils.data.IterableDataset):
         return self._seen.items()
 
     def __iter__(self):
-        table = self.table
-        if self.shuffle and self.cfg.shuffle_buffer > 1:
-            table = table.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
-            table.set_epoch(self.epoch)
-        rank, world_size = distributed.rank(), distributed.world_size()
-        if world_size > 1:
-            table = split_dataset_by_node(table, rank=rank, world_size=world_size)
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        streams, stream = world_size * num_workers, rank * num_workers + worker_id
-        for position, row in enumerate(table):
-            index = position * streams + stream
-            item = self._item(row, index, fallback_name=f"{self.cfg.source}[stream {stream}, item {position}]")
-            if item is not None:
-                yield item
+        streams = distributed.world_size() * num_workers
+        stream = distributed.rank() * num_workers + (worker_id + self.rotation) % num_workers
+        table = split_dataset_by_node(self.table, rank=stream, world_size=streams)  # a copy, also for 1 stream
+        table.set_epoch(self.epoch)
+        start = self.resume_from.get(stream)
+        window, skip, window_state = 0, 0, None
+        if start is not None and start["epoch"] == self.epoch:
+            window, skip, window_state = start["window"], start["offset"], start["window_state"]
+            if window_state is not None:
+                table.load_state_dict(window_state)
+        size = self.cfg.shuffle_window if self.shuffle else 1
+        # .iter(), not iter(table): inside a DataLoader worker iter() would shard by worker a second time.
+        rows = (batch for batch in table.iter(batch_size=1))
+        while True:
+            chunk = [{k: v[0] for k, v in batch.items()} for batch in itertools.islice(rows, size)]
+            if not chunk:
+                return
+            order = range(len(chunk))
+            if size > 1:
+                generator = torch.Generator().manual_seed(_derive_seed(_WINDOW, self.seed, self.epoch, stream, window))
+                order = torch.randperm(len(chunk), generator=generator).tolist()
+            for offset in range(skip, len(chunk)):
+                row = window * size + offset
+                item = self._item(chunk[order[offset]], row * streams + stream,
+                                  fallback_name=f"{self.cfg.source}[stream {stream}, item {row}]")
+                if item is not None:
+                    item["stream_position"] = {"stream": stream, "epoch": self.epoch, "window": window,
+                                               "offset": offset + 1, "window_state": window_state}
+                    yield item
+            window, skip, window_state = window + 1, 0, table.state_dict()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,7 +642,7 @@ def _randint(high: int, generator: torch.Generator) -> int:
     return int(torch.randint(high, (1,), generator=generator))
 
 
-_ITEM, _ORDER = 1, 2  # purposes, so item and order seeds never coincide
+_ITEM, _ORDER, _WINDOW = 1, 2, 3  # purposes, so item, order and window seeds never coincide
 
 
 def _derive_seed(*numbers: int) -> int:
@@ -508,23 +660,30 @@ def _load_folder(folder: str, cfg: DataConfig) -> tuple[datasets.Dataset | datas
     imagefolder drops dangling links silently and fails cryptically when no file is left."""
     count, dangling = _scan_folder(folder)
     if count == 0:
-        raise ValueError(f"no image files found in {folder!r}; DataConfig.source must be a folder holding "
-                         "images (sub-folders become labels), a Hub dataset id, or 'builtin:photos'.")
+        raise UsageError(f"--data {folder}: no image files found in it; give a folder holding images (sub-folders "
+                         "become labels), a Hub dataset id, or builtin:photos.")
     if dangling:
         link, target = next(iter(dangling.items()))
         if len(dangling) == count:
-            raise ValueError(f"no usable image in {folder!r}: all {count} image files are dangling symlinks (e.g. "
+            raise UsageError(f"no usable image in {folder!r}: all {count} image files are dangling symlinks (e.g. "
                              f"{link} -> {target}, which does not exist); restore their targets or point "
-                             "DataConfig.source / --data at the real images.")
+                             "--data at the real images.")
         if cfg.bad_images == "raise":
-            raise ValueError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
-                             f"in {folder!r}). Restore the targets, or set DataConfig(bad_images='skip') to skip them.")
+            raise UsageError(f"{link}: dangling symlink to {target}, which does not exist ({len(dangling)} such links "
+                             f"in {folder!r}). Restore the targets, or pass --bad-images skip (bad_images='skip') to "
+                             f"skip them.")
         if distributed.rank() == 0:  # every process lists the folder; one is enough to tell
             for link, target in dangling.items():
                 warnings.warn(f"skipping {link}: dangling symlink to {target}, which does not exist",
                               BadImageWarning, stacklevel=3)
-    table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
-                                  streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    # A local folder needs no network: without this, datasets pings its download counter (a request to S3 that
+    # waits up to 3 s for an answer) for the imagefolder builder on every load.
+    counting, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+    try:
+        table = datasets.load_dataset("imagefolder", data_dir=folder, split=cfg.split,
+                                      streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
     return table, dangling
 
 

@@ -10,7 +10,7 @@ Buffer policy under DDP
 DDP does not broadcast buffers: `ddp_kwargs()` gives Accelerate `broadcast_buffers=False`. Accelerate's
 default (`broadcast_buffers=True`) copies rank 0's buffers over every other rank before each forward, which
 wiped the quantizer's per-rank usage histogram and restart ring buffer, so usage was rank 0's and restart
-candidates came from rank 0's images only (issue 10, point 1). With it off:
+candidates came from rank 0's images only. With it off:
 
 - BatchNorm normalises with per-replica batch statistics, as the official release does (SyncBatchNorm is a
   model option). Its running statistics are averaged across replicas after every optimiser step by
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
-           "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "average_batchnorm_stats_"]
+           "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
+           "average_batchnorm_stats_"]
 
 
 def _initialized() -> bool:
@@ -161,6 +162,16 @@ def ddp_kwargs() -> list:
     from accelerate.utils import DistributedDataParallelKwargs  # deferred: models import this module, not Accelerate
 
     return [DistributedDataParallelKwargs(broadcast_buffers=False)]
+
+
+def process_group_kwargs(timeout_seconds: float) -> list:
+    """Accelerate kwargs handlers that bound every collective's wait: when a process dies or hangs, the others fail
+    after `timeout_seconds` instead of waiting forever (gloo raises; NCCL's watchdog aborts the process)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds))]
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import DataConfig, ImageDataset, build_dataloader, build_dataset
+from .errors import UsageError
+from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
                       inception_score, psnr, ssim, to_uint8)
 
@@ -119,17 +121,18 @@ class ReferenceStatistics:
         """Write an .npz (written to a temporary name and renamed: a killed run never leaves half a file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                     protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
-        os.replace(tmp, path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+                np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                         protocol=np.array(json.dumps(self.protocol, sort_keys=True)))
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
         with np.load(path) as data:
             if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' arrays (the format of "
+                raise UsageError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' arrays (the format of "
                                  f"vqhit, pytorch-fid and torch-fidelity); it has {sorted(data.keys())}.")
             n = int(data["n"]) if "n" in data else None
             protocol = json.loads(str(data["protocol"])) if "protocol" in data else None
@@ -143,7 +146,7 @@ class ReferenceStatistics:
         diff = {k: (self.protocol.get(k), protocol.get(k)) for k in sorted(self.protocol.keys() | protocol.keys())
                 if self.protocol.get(k) != protocol.get(k)}
         if diff:
-            raise ValueError(f"{path} holds reference statistics of another protocol; differing settings "
+            raise UsageError(f"{path} holds reference statistics of another protocol; differing settings "
                              f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")
 
 
@@ -183,7 +186,7 @@ def reference_statistics(dataset: ImageDataset | None, ref_stats=None, *, incept
     if reference is not None:
         return reference, "loaded"
     if dataset is None:
-        raise ValueError(f"no reference: the statistics file {ref_stats!r} does not exist and no dataset was given; "
+        raise UsageError(f"no reference: the statistics file {ref_stats!r} does not exist and no dataset was given; "
                          f"pass the dataset (--data) to compute it, or the path of an existing .npz.")
     stats = dataset_statistics(dataset, inception, batch_size=batch_size, num_workers=num_workers, progress=progress)
     reference = ReferenceStatistics.from_statistics(stats, protocol)
@@ -212,14 +215,15 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     Returns {"metrics": {rfid, psnr, ssim, lpips, codebook_usage, codebook_perplexity, num_images,
     num_skipped, num_upsampled}, "settings": {...every setting that decides the numbers...}}. ref_stats: an
     .npz of the originals' statistics, loaded if it exists (and checked against this protocol), else computed
-    in the same pass and saved there. fid=False skips Inception altogether (rfid is None): PSNR, SSIM, usage
-    and LPIPS need no Inception weights, for offline users. lpips_backbone: a local torchvision AlexNet state
-    dict (offline use); None loads torchvision's ImageNet weights (downloaded once).
+    in the same pass and saved there. fid=False skips Inception altogether (rfid is None); lpips=False skips
+    LPIPS (lpips is None). With both off nothing is downloaded: PSNR, SSIM, codebook usage and perplexity need
+    no weights. lpips_backbone: a local torchvision AlexNet state dict (offline use); None loads torchvision's
+    ImageNet weights (downloaded once).
     """
     check_eval_dataset(dataset, model.config.resolution)
     _check_precision(precision)
     if not fid and (ref_stats is not None or inception_weights is not None):
-        raise ValueError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
+        raise UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
                          "off; drop them, or drop --no-fid.")
     state, device = _runtime(device)
     protocol = reference_protocol(dataset, inception_weights)
@@ -232,7 +236,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, upsampled images
     codes, positions = [torch.zeros(0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.int64)]
     loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
-    for batch in _bar(loader, "rFID", progress):
+    for batch in _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress):
         if batch is None:  # every image of the batch was unreadable (counted as skipped below)
             continue
         x = batch["image"].to(device)
@@ -255,7 +259,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = distributed.all_reduce_sum(sums).cpu()
     n = int(sums[3])
     if n < 2:
-        raise ValueError(f"the evaluation needs at least 2 readable images; got {n}. Use more images "
+        raise UsageError(f"the evaluation needs at least 2 readable images; got {n}. Use more images "
                          f"(--num-images).")
     rfid, status = None, "not used (no rFID)"
     if fid:
@@ -317,7 +321,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
     "settings": {...}}.
     """
     if num_samples < 2:
-        raise ValueError(f"num_samples={num_samples}: FID needs at least 2 samples.")
+        raise UsageError(f"num_samples={num_samples} (--num-samples): FID needs at least 2 samples.")
     if dataset is not None:
         check_eval_dataset(dataset, generator.config.resolution)
     _check_precision(precision)
@@ -445,7 +449,7 @@ def process_state() -> PartialState:
     ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if distributed.world_size() != state.num_processes:
-        raise ValueError(f"torch.distributed runs {distributed.world_size()} processes but Accelerate sees "
+        raise UsageError(f"torch.distributed runs {distributed.world_size()} processes but Accelerate sees "
                          f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
                          f"`accelerate launch --cpu`).")
     return state
@@ -505,7 +509,7 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
     """
     check_eval_dataset(dataset, model.config.resolution)
     if len(dataset) == 0:
-        raise ValueError("heldout_report got an empty dataset; build it with eval_dataset('builtin:photos-heldout', "
+        raise UsageError("heldout_report got an empty dataset; build it with eval_dataset('builtin:photos-heldout', "
                          "resolution) or point it at a folder of images.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -528,7 +532,7 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
         reconstructions.append(reconstruction[keep].cpu())
     model.train(was_training)
     if not codes:
-        raise ValueError("heldout_report: every image of the held-out set was unreadable.")
+        raise UsageError("heldout_report: every image of the held-out set was unreadable.")
     usage = codebook_usage(torch.cat(codes), model.config.codebook_size, all_reduce=False)
     grid = None
     if grid_path is not None:

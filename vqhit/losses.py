@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .downloads import explain_download_failure
+from .errors import NotFoundError, UsageError
 
 # ----------------------------------------------------------------------------------------------- GAN
 
@@ -279,11 +281,15 @@ def load_vgg16_features(vgg_weights_path: str | None = None) -> dict[str, Tensor
     """The ImageNet VGG16 state dict of torchvision: from `vgg_weights_path` (a torchvision `vgg16`
     state dict, e.g. `vgg16-397923af.pth`) or, when None, downloaded through torchvision's cache."""
     if vgg_weights_path is not None:
+        if not os.path.isfile(vgg_weights_path):
+            raise NotFoundError(f"--vgg-weights {vgg_weights_path}: no such file; pass a torchvision vgg16 state dict "
+                                f"(e.g. vgg16-397923af.pth)")
         state = torch.load(vgg_weights_path, map_location="cpu", weights_only=True)
     else:
         from torchvision.models import VGG16_Weights
         with explain_download_failure("torchvision's ImageNet VGG16 weights (vgg16-397923af.pth)",
-                                      "PerceptualLoss(vgg_weights_path=...), or --vgg-weights PATH in training"):
+                                      "PerceptualLoss(vgg_weights_path=...), or --vgg-weights PATH in training "
+                                      "(or --perceptual none)"):
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     return {k: v for k, v in state.items() if k.startswith("features.")}
 
@@ -294,7 +300,7 @@ def _copy_vgg_weights(module: nn.Module, state: dict[str, Tensor], key_of: Calla
     for name, param in module.named_parameters():
         key = key_of(name)
         if key not in state or state[key].shape != param.shape:
-            raise ValueError(f"the VGG16 weights lack {key!r} of shape {tuple(param.shape)}; pass a torchvision "
+            raise UsageError(f"the VGG16 weights lack {key!r} of shape {tuple(param.shape)}; pass a torchvision "
                              "vgg16 state dict (e.g. vgg16-397923af.pth)")
         param.copy_(state[key])
 

@@ -20,11 +20,10 @@ Conventions that decide the numbers (state them in every report):
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import pickle
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from PIL import Image
 
 from . import distributed
 from .downloads import explain_download_failure
+from .errors import NotFoundError, UsageError
 
 __all__ = [
     "to_uint8",
@@ -94,24 +94,25 @@ class InceptionFeatures(nn.Module):
                  internal_dtype: str = "float32"):
         super().__init__()
         # Imported here: torch-fidelity takes seconds to import and most users of vqhit never need it.
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity import feature_extractor_inceptionv3 as inception
 
         if weights_path is not None and not Path(weights_path).is_file():
-            raise ValueError(
+            raise NotFoundError(
                 f"Inception weights file {str(weights_path)!r} does not exist. Pass the path of "
                 "weights-inception-2015-12-05-6726825d.pth, or weights_path=None to download it."
             )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
-                                      "weights_path=..., or --inception-weights PATH in the scripts"), \
-                _weights_only_loads(weights_path):
-            self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat",
-                ["2048", "logits_unbiased"],
-                feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-                feature_extractor_internal_dtype=internal_dtype,
-            )
+        state = _inception_state_dict(weights_path, inception.URL_INCEPTION_V3)
+        # torch-fidelity's constructor takes its weights from a path it unpickles with weights_only=False. It gets
+        # them from memory instead, written here from the weights-only load above: only tensors, so nothing in a
+        # weights file ever runs, and no process-wide setting is touched.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        self.net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                         feature_extractor_weights_path=buffer,
+                                                         feature_extractor_internal_dtype=internal_dtype)
         self.to(device)
 
     @property
@@ -131,30 +132,23 @@ class InceptionFeatures(nn.Module):
         return pool, logits
 
 
-@contextmanager
-def _weights_only_loads(weights_path):
-    """Make torch.load refuse pickled code while torch-fidelity loads its weights.
-
-    torch-fidelity calls torch.load(weights_only=False) on the file it is given (and on its download), so a
-    weights file could run arbitrary code. PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that argument;
-    it is set only while the network is built. The official file is a plain state dict and loads unchanged.
-    """
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+def _inception_state_dict(weights_path, url: str) -> dict:
+    """The Inception weights from `weights_path`, or downloaded from `url` (None), loaded with weights_only=True: a
+    weights file cannot run code. The official file is a plain state dict and loads unchanged."""
+    source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
     try:
-        yield
+        if weights_path is None:
+            with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d"
+                                          ".pth)", "weights_path=..., or --inception-weights PATH in the scripts (or "
+                                          "--no-fid in eval_rfid.py, to skip rFID)"):
+                return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
         reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
-        raise ValueError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
+        raise UsageError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
                          f"weights file cannot run code ({reason}). Pass "
                          f"weights-inception-2015-12-05-6726825d.pth, or re-save your file with "
                          f"torch.save(state_dict, path).") from err
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 class FeatureStatistics:
@@ -338,7 +332,8 @@ class LPIPSMetric(nn.Module):
             raise ValueError(f"LPIPS net must be 'alex', 'vgg' or 'squeeze'; got {net!r}.")
         with warnings.catch_warnings(), explain_download_failure(
                 f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH "
-                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth)"):
+                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth); or skip LPIPS with "
+                "--no-lpips"):
             # lpips builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
             # is about lpips' code, not the caller's, and would otherwise appear on every construction.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
@@ -352,12 +347,15 @@ class LPIPSMetric(nn.Module):
     def _load_backbone(self, path: str | Path) -> None:
         # lpips splits torchvision's `features` Sequential into slices that keep the original indices
         # as module names ("slice2.3.weight" is torchvision's "features.3.weight").
+        if not Path(path).is_file():
+            raise NotFoundError(f"LPIPS backbone file {str(path)!r} does not exist (--lpips-backbone); pass a "
+                                f"torchvision AlexNet state dict such as alexnet-owt-7be5be79.pth")
         source = torch.load(path, map_location="cpu", weights_only=True)
         target = self.lpips.net.state_dict()
         mapped = {name: source["features." + name.split(".", 1)[1]] for name in target
                   if "features." + name.split(".", 1)[1] in source}
         if mapped.keys() != target.keys():
-            raise ValueError(f"{path} is not a torchvision state dict for the LPIPS backbone: missing "
+            raise UsageError(f"{path} is not a torchvision state dict for the LPIPS backbone: missing "
                              f"{sorted(set(target) - set(mapped))[:4]}...")
         self.lpips.net.load_state_dict(mapped)
 

@@ -73,7 +73,7 @@ TOKENIZER_PRESETS.update({
                        vit_decoder_depth=3, vit_decoder_heads=4),                       # decoder 2,443,968
 })
 TOKENIZER_DECODER_PARAMS.update({"vqgan-f16-1024": 42_515_587, "vqgan-tiny": 1_699_459, "vqvit-tiny": 2_443_968})
-# The no-argument tokenizer demo (configs/demo_vqhit_cpu.yaml): vqhit-tiny's widths, but f4 instead of f8, i.e. a
+# The no-argument tokenizer demo (its recipe is in recipes.py): vqhit-tiny's widths, but f4 instead of f8, i.e. a
 # 16x16 grid of 1024 codes on 64x64 images (10 bits per 4x4 pixels, 8x the 8x8 grid's bits) and a 3-stage decoder
 # 16 -> 32 -> 64. Unseen photographs reach > 20 dB in a few hundred CPU steps; the 8x8 grid stops near 16 dB.
 TOKENIZER_PRESETS["vqhit-demo"] = dict(

@@ -28,10 +28,12 @@ the caller says otherwise (`allow_other_tokenizer`, `--allow-other-tokenizer`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
 from contextlib import nullcontext
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +45,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import ImageDataset, collate_images
+from .errors import UsageError
 from .evaluation import PRECISIONS, check_eval_dataset, data_settings, process_state
+from .files import atomic_write
 from .metrics import to_uint8
-from .models.pretrained import atomic_write
 
 FORMAT, VERSION = "vqhit-tokens", 1
 MANIFEST_NAME = "tokens.json"
@@ -183,7 +186,7 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
         return
     diff = _manifest_differences(read_manifest(output_dir), manifest)
     if diff:
-        raise ValueError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
+        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
                          f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
 
 
@@ -239,11 +242,11 @@ def read_shard_metadata(path) -> dict:
             tensors = set(f.keys())
             shape = f.get_slice("indices").get_shape() if "indices" in tensors else None
     except (SafetensorError, json.JSONDecodeError, OSError) as err:
-        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
     missing = sorted({"indices", "dataset_index"} - tensors) + sorted({*MANIFEST_KEYS, "shard", "ids", "skipped"}
                                                                       - metadata.keys())
     if missing:
-        raise ValueError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
+        raise UsageError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
     metadata["num_images"], metadata["shape"] = shape[0], list(shape)
     return metadata
 
@@ -258,7 +261,7 @@ def check_shard(path, manifest: dict, k: int) -> dict:
     if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
         diff["indices shape (ids)"] = (f"{metadata['shape']} ({len(metadata['ids'])})", expected)
     if diff:
-        raise ValueError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
+        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
     return metadata
 
 
@@ -268,7 +271,7 @@ def read_shard(path) -> dict:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
     return {"indices": tensors["indices"], "dataset_index": tensors["dataset_index"],
             "labels": tensors.get("labels"), "ids": metadata["ids"], "skipped": metadata["skipped"],
             "metadata": metadata}
@@ -277,7 +280,7 @@ def read_shard(path) -> dict:
 def read_manifest(token_dir) -> dict:
     path = Path(token_dir) / MANIFEST_NAME
     if not path.exists():
-        raise ValueError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
+        raise UsageError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
                          f"{MANIFEST_NAME} was lost, run scripts/encode.py again with the same arguments to rewrite "
                          f"it (the shards are kept).")
     rewrite = (f"delete it and run scripts/encode.py again with the same arguments: it is rewritten, and the shards "
@@ -285,13 +288,13 @@ def read_manifest(token_dir) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
+        raise UsageError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path} is not a vqhit token manifest (format {found!r}); {rewrite}.")
+        raise UsageError(f"{path} is not a vqhit token manifest (format {found!r}); {rewrite}.")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise ValueError(f"{path} is damaged (missing {missing}); {rewrite}.")
+        raise UsageError(f"{path} is damaged (missing {missing}); {rewrite}.")
     return manifest
 
 
@@ -302,7 +305,7 @@ def shard_paths(token_dir) -> list[Path]:
     paths = [token_dir / shard_name(k) for k in range(manifest["num_shards"])]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise ValueError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
+        raise UsageError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
                          f"({missing[:3]}...); re-run scripts/encode.py with the same arguments to finish it.")
     for k, path in enumerate(paths):  # headers only: a damaged or foreign shard fails here, before any work
         check_shard(path, manifest, k)
@@ -360,8 +363,10 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     """Decode every shard to PNGs in `output_dir`; returns the number of images this process wrote.
 
     name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
-    with a .png suffix. Process r decodes the shards k = r (mod world size). The model's encoder and codebook
-    must be those that made the tokens (same fingerprint; a decoder trained later on those codes is fine):
+    with a .png suffix, keeping the source extension where two files differ only in it (a.jpg beside a.png is
+    written as a.jpg.png, with a warning): no image overwrites another. Process r decodes the shards
+    k = r (mod world size). The model's encoder and codebook must be those that made the tokens (same
+    fingerprint; a decoder trained later on those codes is fine):
     another tokenizer of the same preset reads the same index range but means other images by it. Pass
     allow_other_tokenizer=True only for a decoder you know was trained on these codes.
     """
@@ -370,7 +375,7 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     manifest = read_manifest(token_dir)
     config = model.config
     if (manifest["codebook_size"], manifest["grid"]) != (config.codebook_size, config.grid):
-        raise ValueError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
+        raise UsageError(f"the tokens are {manifest['grid']}x{manifest['grid']} grids of {manifest['codebook_size']} "
                          f"codes but the model decodes {config.grid}x{config.grid} grids of {config.codebook_size}; "
                          f"use the tokenizer that made them ({manifest['model']}).")
     fingerprint = tokenizer_fingerprint(model)
@@ -378,21 +383,22 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
         problem = (f"the tokens in {token_dir} were made by another encoder/codebook ({manifest['model']}, fingerprint "
                    f"{manifest['tokenizer_fingerprint'][:12]}) than this model's ({fingerprint[:12]})")
         if not allow_other_tokenizer:
-            raise ValueError(f"{problem}: its decoder would turn them into meaningless images. Decode with the "
+            raise UsageError(f"{problem}: its decoder would turn them into meaningless images. Decode with the "
                              f"tokenizer that made them, or pass allow_other_tokenizer=True (--allow-other-tokenizer) "
                              f"if this decoder was trained on those codes.")
         warnings.warn(f"{problem}; decoding anyway (allow_other_tokenizer=True).")
     state = process_state()
     device = torch.device(device) if device is not None else state.device
     model = model.to(device).eval()
-    paths = shard_paths(token_dir)[state.process_index::state.num_processes]
+    paths = shard_paths(token_dir)
+    if name_by == "id":  # names are checked across all shards: two processes must not write the same file either
+        id_names = _names_by_id([read_shard_metadata(p) for p in paths], warn=state.is_main_process)
+    mine = range(state.process_index, len(paths), state.num_processes)
     output_dir = Path(output_dir)
     written = 0
-    bar = tqdm(paths, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    for path in bar:
-        shard = read_shard(path)
-        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else \
-            [str(Path(os.path.basename(i) if os.path.isabs(i) else i).with_suffix(".png")) for i in shard["ids"]]
+    for k in tqdm(mine, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True):
+        shard = read_shard(paths[k])
+        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else id_names[k]
         for chunk, chunk_names in zip(shard["indices"].split(batch_size), _chunks(names, batch_size)):
             images = to_uint8(model.decode_indices(chunk.to(device).long()).float()).permute(0, 2, 3, 1).cpu()
             for image, name in zip(images.numpy(), chunk_names):
@@ -402,6 +408,37 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
             written += len(chunk)
     state.wait_for_everyone()
     return written
+
+
+def _names_by_id(headers: list[dict], warn: bool) -> list[list[str]]:
+    """The PNG name of every image under --name-by id, shard by shard (headers: `read_shard_metadata` of every
+    shard, in order): the source file's relative path with a .png suffix. Files that differ only in their
+    extension (a.jpg and a.png) would both become a.png, so those of them not already named .png keep their
+    extension (a.jpg.png), and `warn` says so. Names that still clash are refused: no decoded image ever
+    overwrites another."""
+    ids = [i for header in headers for i in header["ids"]]
+    if any(i is None for i in ids):
+        raise UsageError("--name-by id: these images have no file names (a Hub dataset of raw image bytes); "
+                         "use --name-by index")
+    paths = [Path(os.path.basename(i) if os.path.isabs(i) else i) for i in ids]
+    plain = Counter(p.with_suffix(".png") for p in paths)
+    names, renamed = [], []
+    for path in paths:
+        if plain[path.with_suffix(".png")] > 1 and path.suffix.lower() != ".png":
+            names.append(f"{path}.png")
+            renamed.append(str(path))
+        else:
+            names.append(str(path.with_suffix(".png")))
+    clashes = sorted(name for name, count in Counter(names).items() if count > 1)
+    if clashes:
+        raise UsageError(f"--name-by id: {len(clashes)} file names occur more than once among the source images "
+                         f"(e.g. {clashes[0]}), so one decoded image would overwrite another; use --name-by index")
+    if renamed and warn:
+        warnings.warn(f"--name-by id: {len(renamed)} source files share their name with another up to the "
+                      f"extension; they keep their extension so that none overwrites another (e.g. {renamed[0]} -> "
+                      f"{renamed[0]}.png)", stacklevel=3)
+    ends = list(itertools.accumulate(len(header["ids"]) for header in headers))
+    return [names[end - len(header["ids"]):end] for header, end in zip(headers, ends)]
 
 
 def _chunks(items: list, size: int) -> list[list]:

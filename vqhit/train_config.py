@@ -3,12 +3,13 @@
     python scripts/train_gan.py --config configs/ffhq256_gan.yaml --lr 2e-5 --model-option norm=syncbatch
 
 Where the values come from, lowest first (`resolve_config`):
-  1. the dataclass defaults below: the settings SPEC §5 calls common to every paper run;
-  2. the paper recipe of the chosen preset (`RECIPES`: lr, discriminator width, bCR, ...) — or, when resuming,
-     the configuration saved in the checkpoint instead of 1-2;
-  3. the YAML file of `--config`; with no arguments at all, the script's CPU demo file;
+  1. the dataclass defaults below: the settings the paper's recipes share;
+  2. the recipe of the chosen preset (`vqhit.recipes.RECIPES`: the paper's for paper presets, the CPU demo's for
+     the tiny ones; the default model is the demo's) — or, when resuming, the configuration saved in the
+     checkpoint instead of 1-2;
+  3. the YAML file of `--config`;
   4. the command line.
-So a run without `--config` trains the paper recipe of its preset, never the demo's settings.
+So any flag changes one setting of the recipe its model implies: `--steps 700` alone is the demo with more steps.
 
 Each field's `help` is what `--help` prints. An unknown key or a value of the wrong type, in the YAML file or on
 the command line, is an error that names the key. Numbers parse as numbers however they are written (YAML 1.1
@@ -24,28 +25,14 @@ from pathlib import Path
 
 import yaml
 
+from .cli import ArgumentParser
+from .errors import NotFoundError, UsageError
 from .models.pretrained import convert_value
+from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
+from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
 
 TASKS = ("gan", "vqhit")
-DEFAULT_MODEL = {"gan": "hit-b-256", "vqhit": "vqhit-b-f16-1024"}
 SCRIPT = {"gan": "train_gan.py", "vqhit": "train_vqhit.py"}
-PAPER_GLOBAL_BATCH = 256  # SPEC §5 (32 for the 1024 presets)
-
-# The paper recipe of each preset (SPEC §5), as overrides of the TrainConfig defaults. Presets that the paper
-# did not train (the tiny ones) run on the common defaults. configs/*.yaml restate these with a data path.
-_FACES_256 = dict(transform="resize", lr=5e-5, disc_channel_multiplier=2, bcr_weight=10.0, steps=500_000)
-_IMAGENET_128 = dict(transform="imagenet_gan", lr=1e-4, disc_channel_multiplier=1, steps=1_000_000)
-RECIPES = {
-    "hit-l-128": _IMAGENET_128,
-    "hit-128-release": _IMAGENET_128,
-    "hit-s-256": _FACES_256,
-    "hit-b-256": _FACES_256,
-    "hit-l-256": _FACES_256,
-    "hit-b-1024": dict(transform="resize", lr=5e-5, disc_channel_multiplier=2, bcr_weight=0.0, batch_size=4,
-                       steps=500_000),
-    "vqhit-b-f16-1024": dict(transform="random_crop", lr=1e-4, disc_channel_multiplier=1, perceptual="vgg_l2",
-                             adv_weight=0.1, steps=500_000),
-}
 
 
 def opt(default, help: str, choices=None):
@@ -59,15 +46,16 @@ def opt_factory(factory, help: str):
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------------------
-    model: str = opt("hit-b-256", "Model preset (see vqhit.list_presets()): a hit-* generator for train_gan.py, "
-                     "a vqhit-* tokenizer for train_vqhit.py. Its paper recipe sets the defaults of the other keys")
+    model: str = opt("hit-tiny", "Model preset (see vqhit.list_presets()): a hit-* generator for train_gan.py, "
+                     "a vqhit-*/vqgan-* tokenizer for train_vqhit.py. Its recipe sets the defaults of the other keys: "
+                     "the paper's for paper presets, the CPU demo's for tiny ones")
     model_options: dict = opt_factory(dict, "Overrides of the preset's config, e.g. {norm: syncbatch}; on the "
                                       "command line --model-option KEY=VALUE (repeatable, VALUE parsed as YAML)")
     init_from: str | None = opt(None, "Start from a save_pretrained folder (or Hub id) of the same architecture; "
                                 "runtime model options (freeze_*, checkpoint_mlp, syncbatch) may differ")
     taming_checkpoint: str | None = opt(None, "Tokenizer only: import encoder, quant_conv and codebook from a "
                                         "taming VQGAN .ckpt (combine with model option freeze_encoder/freeze_codebook)")
-    disc_channel_multiplier: int = opt(1, "Discriminator channel multiplier m (SPEC §3): 1 for ImageNet, 2 for faces")
+    disc_channel_multiplier: int = opt(1, "Discriminator channel multiplier m: 1 for ImageNet, 2 for faces")
     disc_max_channels: int = opt(512, "Cap on the discriminator's widths; 512 is the paper's table, the tiny CPU "
                                  "demos use 64")
     # -- data -------------------------------------------------------------------------------------------
@@ -97,7 +85,7 @@ class TrainConfig:
                           "the paper's is 256, 32 at 1024x1024)")
     grad_accum: int = opt(1, "Gradient accumulation steps per optimiser step")
     steps: int = opt(500_000, "Optimiser steps to train for (a resume may raise it)")
-    lr: float = opt(1e-4, "Learning rate of the generator/autoencoder and the discriminator (SPEC §5: G = D); a "
+    lr: float = opt(1e-4, "Learning rate of the generator/autoencoder and the discriminator (the same for both); a "
                     "resume applies the value given here")
     adam_betas: list = opt_factory(lambda: [0.0, 0.99], "Adam betas (two numbers) for both networks; a resume "
                                    "applies the values given here")
@@ -138,32 +126,51 @@ class TrainConfig:
     sample_every: int = opt(2000, "Save a PNG grid of samples / reconstructions every N steps")
     checkpoint_every: int = opt(5000, "Save a resumable checkpoint (and export the EMA model) every N steps")
     keep_checkpoints: int = opt(3, "Keep the last K checkpoints")
-    resume: str | None = opt(None, "Resume from 'latest' (in --output-dir) or a checkpoint folder; its saved "
-                             "config is the base, and what the command line gives wins")
+    resume: str | None = opt(None, "'auto': continue from the newest checkpoint in --output-dir when there is one, "
+                             "else start fresh (one command line for the first start and every restart); 'latest': "
+                             "the newest checkpoint, which must exist; or a checkpoint folder. The checkpoint's "
+                             "saved config is the base, and what the command line gives wins")
+    stop_signals: str = opt(DEFAULT_STOP_SIGNALS, "Signals that stop the run cleanly (comma-separated, or 'none'): "
+                            "every process finishes its step, one checkpoint is written at the step reached, and "
+                            "the process exits with status 75; rerun the same command with --resume auto")
+    checkpoint_every_minutes: float = opt(0.0, "Also write a checkpoint every N minutes of wall-clock time "
+                                          "(decided by all processes together); 0 = only every --checkpoint-every "
+                                          "steps")
+    collective_timeout: float = opt(600.0, "Seconds a process waits for the others in a collective (a gradient "
+                                    "all-reduce, a barrier) before it fails: when a process dies or hangs, the "
+                                    "others exit after this long instead of waiting forever")
     num_samples: int = opt(16, "Images in each sample / reconstruction grid")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of {choices}")
+                raise UsageError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.precision == "fp16":
-            raise ValueError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
+            raise UsageError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
                              "grad scaler does not cover it; use --precision bf16 (or --precision no)")
-        for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every", "sample_every",
-                     "checkpoint_every", "keep_checkpoints", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
+                                                    "sample_every", "checkpoint_every", "keep_checkpoints",
+                                                    "num_samples", "max_images")),
+                          ("num_workers", 0), ("min_size", 0)]:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UsageError(f"{flag(name)} must be at least {low}, got {value}")
         try:
             betas = [convert_value(b, float) for b in self.adam_betas]
         except TypeError:
             betas = []
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
+            raise UsageError(f"--adam-betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
                              f"{self.adam_betas!r}")
         self.adam_betas = betas
         if not 0 <= self.lecam_decay < 1:
-            raise ValueError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
+            raise UsageError(f"--lecam-decay must be in [0, 1), got {self.lecam_decay}")
+        parse_signals(self.stop_signals)
+        if self.checkpoint_every_minutes < 0:
+            raise UsageError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
+        if self.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}"
         if self.perceptual_weight is None:
@@ -174,6 +181,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag(key: str) -> str:
+    """The command-line option of a config key: what error messages name (batch_size -> --batch-size)."""
+    return "--model-option" if key == "model_options" else "--" + key.replace("_", "-")
 
 
 def _field_type(f: dataclasses.Field):
@@ -193,27 +205,27 @@ def _coerce(name: str, value, f: dataclasses.Field):
     try:
         return convert_value(value, t)  # the one conversion the model configs use too
     except TypeError:
-        raise ValueError(f"config key {name!r} must be of type {t.__name__}, got {value!r} "
-                         f"({type(value).__name__})") from None
+        raise UsageError(f"{flag(name)} must be of type {t.__name__}, got {value!r} ({type(value).__name__})") \
+            from None
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+        raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
     return TrainConfig(**{k: _coerce(k, v, FIELDS[k]) for k, v in values.items()})
 
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise NotFoundError(f"--config {path}: no such file")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
+        raise UsageError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config keys to values")
+        raise UsageError(f"{path} must hold a mapping of config keys to values")
     return values
 
 
@@ -237,14 +249,13 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def build_parser(description: str, task: str, demo_config: str | Path | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str, task: str) -> argparse.ArgumentParser:
     """An argparse parser with one --option per TrainConfig field; --help shows the defaults that apply."""
-    epilog = (f"Defaults shown are those of --model {DEFAULT_MODEL[task]} (its paper recipe, SPEC §5); another "
-              f"--model starts from its own recipe (vqhit.train_config.RECIPES), --config FILE overrides them and "
-              f"the command line overrides the file. With no arguments at all the script runs its CPU demo "
-              f"({Path(demo_config).name if demo_config else 'none'}).")
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = (f"Defaults shown are those of --model {DEFAULT_MODEL[task]}, the CPU demo. Another --model starts from "
+              f"its own recipe (the paper's for paper presets: vqhit.recipes), --config FILE overrides it and the "
+              f"command line overrides the file.")
+    parser = ArgumentParser(description=description, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win")
     defaults = task_defaults(task)
     for f in dataclasses.fields(TrainConfig):
@@ -270,7 +281,7 @@ def _model_options(items: list[str], base: dict) -> dict:
     merged = dict(base or {})
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--model-option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         merged[key.strip()] = yaml.safe_load(value)
     return merged
@@ -280,19 +291,18 @@ def saved_config(checkpoint: Path) -> dict:
     """The config a checkpoint was written with (its train_config.yaml)."""
     path = Path(checkpoint) / "train_config.yaml"
     if not path.is_file():
-        raise ValueError(f"{checkpoint} has no train_config.yaml: not a checkpoint written by this trainer")
+        raise UsageError(f"{checkpoint} has no train_config.yaml: not a checkpoint written by this trainer")
     return load_yaml(path)
 
 
-def parse_config(argv: list[str] | None, description: str, task: str,
-                 demo_config: str | Path | None = None) -> TrainConfig:
+def parse_config(argv: list[str] | None, description: str, task: str) -> TrainConfig:
     """The config of a run of `task` from its command line (see the module docstring for the precedence)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     argv = list(argv or [])
-    parser = build_parser(description, task, demo_config)
+    parser = build_parser(description, task)
     args = vars(parser.parse_args(argv))
-    config_file = args.pop("config", None) or (demo_config if not argv else None)
+    config_file = args.pop("config", None)
     file_values = load_yaml(config_file) if config_file else {}
     options = args.pop("model_options", None)
     given = {**file_values, **args}
@@ -305,17 +315,21 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     """Defaults (or, when resuming, the checkpoint's saved config) < `given` (file values, then command line)."""
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+        raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
     resume = given.get("resume")
+    checkpoint = None
     if resume:
         from .checkpointing import resolve_resume  # the checkpoint's saved config is the base of a resume
         output_dir = given.get("output_dir") or f"runs/{given.get('model') or DEFAULT_MODEL[task]}"
-        checkpoint = resolve_resume(resume, Path(output_dir))
+        checkpoint = resolve_resume(resume, Path(output_dir))  # None: --resume auto with nothing to resume
+    if checkpoint is not None:
         base = saved_config(checkpoint)
         base["output_dir"] = given.get("output_dir") or str(checkpoint.parent)
         if "model_options" in given:  # options given on resume add to the saved ones
             given = {**given, "model_options": {**(base.get("model_options") or {}), **given["model_options"]}}
-        for key in ("overwrite", "init_from", "taming_checkpoint"):  # start-of-run actions are not repeated
+        # start-of-run actions are not repeated, so a job script's one command line serves every restart
+        given = {k: v for k, v in given.items() if k not in ("overwrite", "init_from", "taming_checkpoint")}
+        for key in ("overwrite", "init_from", "taming_checkpoint"):
             base.pop(key, None)
     else:
         base = task_defaults(task, given.get("model"))
@@ -331,3 +345,15 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
 def describe(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def summary(config: TrainConfig, task: str) -> str:
+    """One line saying what a run trains, from which recipe, with which changes, and where it writes."""
+    recipe = task_defaults(task, config.model)
+    ignored = ("model", "output_dir", "resume", "adam_betas", "perceptual_weight")
+    changed = {k: v for k, v in config.to_dict().items() if k not in ignored and v != recipe[k]}
+    if [float(b) for b in config.adam_betas] != [float(b) for b in recipe["adam_betas"]]:
+        changed["adam_betas"] = config.adam_betas
+    changes = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in changed.items())
+    return (f"{SCRIPT[task]}: {config.model} with {recipe_kind(config.model)}"
+            f"{f', changed: {changes}' if changes else ''}; writing to {config.output_dir}/")

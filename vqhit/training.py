@@ -3,17 +3,19 @@
 One iteration = one micro-batch inside `accelerator.accumulate(G, D)`:
   1. generator / autoencoder step: fake = G(z) or x_hat = AE(x); loss = task terms + adversarial term,
      with D frozen and called outside DDP so its gradients are not touched;
-  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR, + LeCam.
+  2. discriminator step: logistic loss on real and (detached) fake, + R1 (every step or lazily), + bCR, + LeCam;
+     D runs once on the reals (on R1 steps, R1's fp32 forward, whose logits the logistic loss reuses).
 After each optimiser step the BatchNorm running statistics are averaged over processes and the EMA is updated,
 so every process holds the same model (the buffer policy of `vqhit.distributed`).
 The two tasks differ only in an *objective* object (what G makes, and its non-adversarial loss terms).
 
 Checkpoints (`vqhit.checkpointing`) hold the models, optimisers, per-process RNG, EMA, LeCam anchors and the data
-position; `--resume` continues at the same step, data position and RNG, with the settings the command line gives.
+position (`vqhit.data.TrainingBatches`); `--resume` continues at the same step, data position and RNG, with the
+settings the command line gives. A stop signal (`vqhit.preemption`) ends the run with a checkpoint at the step reached.
 """
 from __future__ import annotations
 
-import itertools
+import difflib
 import json
 import math
 import time
@@ -24,57 +26,44 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpointing import (CHECKPOINT_PREFIX, STATE_FILE, OutputFolder, list_checkpoints, read_state,
-                            replace_folder, resolve_resume)
-from .data import BUILTIN_WHOLE_VIEW, DataConfig, build_dataloader, build_dataset
-from .evaluation import eval_dataset, heldout_report, save_reconstruction_grid
+from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
+                            resolve_resume, save_checkpoint)
+from .cli import naming
+from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset
 from .ema import EMA
-from .losses import (LeCam, PerceptualLoss, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
+from .errors import UsageError
+from .evaluation import eval_dataset, heldout_report, save_reconstruction_grid
+from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
+from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
-from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config
+from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
 
 
-class SkipFirst(Sampler):
-    """A sampler without its first `n` indices: where a resumed run picks up inside an epoch."""
-
-    def __init__(self, sampler: Sampler, n: int):
-        self.sampler, self.n = sampler, n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.n, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.n)
+BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
 
 
 class TrainState:
-    """What `save_state` does not know: the optimiser step reached and the data position. Saved as the checkpoint's
-    train_state.json (written last, so it also marks the checkpoint complete) and read back from it on resume.
-
-    `micro_batches` counts every batch drawn from the loader, including those whose images were all unreadable
-    and skipped: the sampler's position, so that a resume continues with exactly the next batch.
-    """
+    """The optimiser step reached: saved as the checkpoint's train_state.json (written last, so it also marks the
+    checkpoint complete) with the layout of the run that wrote it."""
 
     def __init__(self):
         self.step = 0
-        self.micro_batches = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "micro_batches": self.micro_batches}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro_batches = int(state["step"]), int(state["micro_batches"])
+        self.step = int(state["step"])
 
 
 # -- objectives -----------------------------------------------------------------------------------------
@@ -145,16 +134,31 @@ def model_class(task: str):
     return HiTGenerator if task == "gan" else VQHiT
 
 
-def build_model(config: TrainConfig, task: str) -> nn.Module:
+def check_preset(config: TrainConfig, task: str) -> None:
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if config.model not in presets:
-        raise ValueError(f"{SCRIPT[task]} trains {'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets, got "
-                         f"{config.model!r}; choose one of {', '.join(presets)}")
-    model = model_class(task).from_preset(config.model, **config.model_options)
-    if config.init_from:
-        model.load_weights(config.init_from)
-    if task == "vqhit" and config.taming_checkpoint:
-        model.load_taming_checkpoint(config.taming_checkpoint)
+        close = difflib.get_close_matches(config.model, presets, n=1)
+        raise UsageError(f"--model {config.model}: {SCRIPT[task]} trains "
+                         f"{'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets"
+                         f"{f'; did you mean {close[0]}?' if close else ''} Choose one of {', '.join(presets)}")
+
+
+def build_model(config: TrainConfig, task: str) -> nn.Module:
+    check_preset(config, task)
+    cls = model_class(task)
+    try:  # the config's own checks of the options: an unknown key, a wrong type, an impossible architecture
+        model_config = cls.config_class.from_preset(config.model, **config.model_options)
+    except ValueError as err:
+        options = " ".join(f"{k}={v}" for k, v in config.model_options.items())
+        raise UsageError(f"--model {config.model} --model-option {options}: {err}") from None
+    model = cls(model_config)
+    loads = [("--init-from", config.init_from, model.load_weights)]
+    if task == "vqhit":
+        loads.append(("--taming-checkpoint", config.taming_checkpoint, model.load_taming_checkpoint))
+    for option, path, load in loads:
+        if path:
+            with naming(option, path):
+                load(path)
     return model
 
 
@@ -166,14 +170,14 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
     try:
         theirs = config_class.from_preset(saved["model"], **(saved.get("model_options") or {}))
     except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
-        raise ValueError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
+        raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
     ours = config_class.from_preset(config.model, **config.model_options)
     ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
     if ours_arch != theirs_arch:
         diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
                 if ours_arch.get(k) != theirs_arch.get(k)}
-        raise ValueError(
+        raise UsageError(
             f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
             f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
@@ -181,26 +185,33 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
 
 
 class Trainer:
+    """Builds a run (models, data, optimisers, output folder), then `fit()` trains it.
+
+    Every check that can fail on a user's input (the resume checkpoint, the model, the data) runs before anything
+    is created on disk; the output folder is locked last.
+    """
+
     def __init__(self, config: TrainConfig, task: str):
         if task not in ("gan", "vqhit"):
             raise ValueError(f"task must be 'gan' or 'vqhit', got {task!r}")
         self.config, self.task = config, task
         self.output_dir = Path(config.output_dir)
-        # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
-        # and R1 must stay in fp32 (SPEC §4). DDP kwargs: the buffer policy of vqhit.distributed.
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, log_with="tensorboard",
-                                       project_dir=str(self.output_dir), kwargs_handlers=distributed.ddp_kwargs())
-        acc = self.accelerator
+        check_preset(config, task)
         self.resume_path = resolve_resume(config.resume, self.output_dir)
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
+        # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
+        # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, log_with="tensorboard",
+                                       project_dir=str(self.output_dir),
+                                       kwargs_handlers=[*distributed.ddp_kwargs(),
+                                                        *distributed.process_group_kwargs(config.collective_timeout)])
+        if self.accelerator.is_main_process:
+            resuming = f"resuming {self.resume_path}: " if self.resume_path else ""
+            print(resuming + summary(config, task), flush=True)
+        self._build(config, task)
         self.folder = OutputFolder(self.output_dir)
         self._on_main(self._prepare_output_folder)
-        try:
-            self._build(config, task)
-        except BaseException:
-            self.folder.unlock()  # a run that could not start leaves the folder free
-            raise
 
     def _build(self, config: TrainConfig, task: str) -> None:
         acc = self.accelerator
@@ -211,22 +222,24 @@ class Trainer:
         model = build_model(config, task)
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
-        self.ema = EMA(model, config.ema_decay, config.ema_start)
-        self.ema.model.to(acc.device)
         self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
-        self.loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
-                                       seed=config.seed, drop_last=True)
-        if not self.dataset_is_streaming and len(self.loader) == 0:
-            raise ValueError(f"the dataset has fewer images ({len(self.dataset)}) than one batch per process "
-                             f"({config.batch_size} x {acc.num_processes}); lower --batch-size")
+        loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
+                                  seed=config.seed, drop_last=True)
+        if not isinstance(self.dataset, torch.utils.data.IterableDataset) and len(loader) == 0:
+            raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
+                             f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
+        self.batches = TrainingBatches(self.dataset, loader)
         opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))
         opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=tuple(config.adam_betas))
         self.model, self.D, self.opt_g, self.opt_d = acc.prepare(model, D, opt_g, opt_d)
+        # After prepare(): DDP has given every rank rank 0's parameters, so the EMA starts equal on every rank.
+        self.ema = EMA(acc.unwrap_model(self.model), config.ema_decay, config.ema_start)
+        self.ema.model.to(acc.device)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.state = TrainState()
         self.lecam = LeCam(config.lecam_weight, config.lecam_decay)
-        acc.register_for_checkpointing(self.ema, self.lecam)  # self.state goes to train_state.json
+        acc.register_for_checkpointing(self.ema, self.lecam)  # the step and data position go to json files
         objective_cls = GANObjective if task == "gan" else TokenizerObjective
         self.objective = objective_cls(config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = self._fixed_real_batch()
@@ -246,10 +259,13 @@ class Trainer:
                 fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
                 error = e
-        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)]))
+        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None),
+                                                          float(isinstance(error, UsageError))]))
         if error is not None:
             raise error
-        if failed.item():
+        if failed[1]:  # the user's mistake, which the main process reports: these stop without a traceback
+            raise UsageError("the main process stopped on the user's error above; this process stops too")
+        if failed[0]:
             raise RuntimeError("the main process failed (its error is above); this process stops too")
 
     def _prepare_output_folder(self) -> None:
@@ -262,116 +278,42 @@ class Trainer:
         for message in messages:
             print(message, flush=True)
 
-    @property
-    def dataset_is_streaming(self) -> bool:
-        return isinstance(self.dataset, torch.utils.data.IterableDataset)
-
     def _fixed_real_batch(self) -> torch.Tensor:
         """The first `num_samples` training images: the originals of every reconstruction grid."""
+        streaming = isinstance(self.dataset, torch.utils.data.IterableDataset)
         images = []
-        for item in (self.dataset[i] for i in range(len(self.dataset))) if not self.dataset_is_streaming \
-                else iter(self.dataset):
+        for item in iter(self.dataset) if streaming else (self.dataset[i] for i in range(len(self.dataset))):
             if item is not None:
                 images.append(item["image"])
             if len(images) == self.config.num_samples:
                 break
         if not images:
-            raise ValueError(f"no readable image in {self.config.data}")
+            raise UsageError(f"--data {self.config.data}: no readable image")
         return torch.stack(images).to(self.accelerator.device)
-
-    # -- data position --------------------------------------------------------------------------------
-    def _batches(self, start: int):
-        """Loader batches from micro-batch number `start` on (None where every image was unreadable), as an
-        uninterrupted run draws them: the order is a function of (seed, epoch), so skipping by index is exact."""
-        if self.dataset_is_streaming:  # a stream can only be replayed: read and drop what was seen
-            epoch, skip = 0, start
-        else:
-            epoch, skip = divmod(start, len(self.loader))
-        while True:
-            self.dataset.set_epoch(epoch)
-            loader = self.loader
-            if skip and not self.dataset_is_streaming:  # skip by index: seen images are not decoded again
-                bs = self.loader.batch_size
-                loader = DataLoader(self.dataset, batch_size=bs, sampler=SkipFirst(self.loader.sampler, skip * bs),
-                                    num_workers=self.loader.num_workers, collate_fn=self.loader.collate_fn,
-                                    drop_last=self.loader.drop_last, generator=self.loader.generator)
-                skip = 0
-            for batch in loader:
-                if skip:
-                    skip -= 1
-                else:
-                    yield batch
-            epoch = epoch + 1
-
-    def _next_batch(self, batches) -> dict:
-        """The next batch that every process can use. A batch whose images were all unreadable is skipped on every
-        process together, so the processes stay in step and the position (`micro_batches`) is the same on all."""
-        while True:
-            batch = next(batches)
-            self.state.micro_batches += 1
-            empty = torch.tensor([float(batch is None)])
-            if not distributed.all_reduce_sum(empty).item():
-                return batch
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        acc, step = self.accelerator, self.state.step
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = self.output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-        if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()  # the folder exists before any process writes its part (e.g. its RNG state)
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every part is written before the folder is renamed
-        if acc.is_main_process:
-            self.ema.model.save_pretrained(tmp / "ema")
-            save_config(self.config, tmp / "train_config.yaml")
-            state = {**self.state.state_dict(), "num_processes": acc.num_processes,
-                     "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
-            replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
-            self.folder.prune(self.config.keep_checkpoints)
-            self.export()
-        acc.wait_for_everyone()
-        return final
+        acc = self.accelerator
+        train_state = {**self.state.state_dict(), "num_processes": acc.num_processes,
+                       "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+        return save_checkpoint(acc, self.output_dir, self.state.step, ema_model=self.ema.model, config=self.config,
+                               train_state=train_state, data_state=self.batches.state_dict(), folder=self.folder)
 
     def export(self) -> Path:
-        """The EMA model as a save_pretrained folder that is loadable at every instant: the first export appears
-        complete by one rename; later ones replace each file by a rename (their configs are the same run's)."""
-        directory = self.output_dir / "model"
-        if directory.is_dir():
-            self.ema.model.save_pretrained(directory)
-        else:
-            tmp = self.output_dir / ".model.tmp"
-            self.ema.model.save_pretrained(tmp)
-            replace_folder(tmp, directory)
-        return directory
+        return export_model(self.ema.model, self.output_dir, self.state.step)
 
     def resume(self, path: Path) -> None:
         acc = self.accelerator
-        saved = read_state(path)
-        rng_file = path / f"random_states_{acc.process_index}.pkl"
-        if saved.get("num_processes", acc.num_processes) == acc.num_processes:
-            try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
-                torch.load(rng_file, weights_only=False)
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
-                                 f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
-                    from None
-        else:
-            acc.print(f"warning: {path} was written by {saved['num_processes']} processes, this run has "
-                      f"{acc.num_processes}: random streams and the data order continue differently")
-        try:
-            acc.load_state(str(path))
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
-            raise ValueError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
-                             f"earlier checkpoint in {path.parent}") from None
+        saved, data_state = load_checkpoint(acc, path)
         self.state.load_state_dict(saved)
-        if saved.get("batch_size", self.config.batch_size) != self.config.batch_size:
-            self.state.micro_batches = self.state.micro_batches * saved["batch_size"] // self.config.batch_size
-            acc.print(f"warning: batch size changed from {saved['batch_size']} to {self.config.batch_size}: the "
-                      f"data continues at the same image count, not the same batches")
+        if data_state is None:  # a checkpoint written before data positions had their own file
+            data_state = {k: saved[k] for k in ("micro_batches", "batch_size", "num_processes")}
+        warnings = self.batches.load_state_dict(data_state)
+        if saved.get("num_processes", acc.num_processes) != acc.num_processes:
+            warnings.append(f"{path} was written by {saved['num_processes']} processes, this run has "
+                            f"{acc.num_processes}: random streams continue differently")
+        for warning in warnings:
+            acc.print(f"warning: {warning}")
         for optimizer in (self.opt_g, self.opt_d):  # the settings of this command line, not the checkpoint's
             for group in optimizer.param_groups:
                 group["lr"], group["betas"] = self.config.lr, tuple(self.config.adam_betas)
@@ -384,11 +326,13 @@ class Trainer:
         bad = distributed.all_reduce_sum(bad)  # every rank stops together
         if bad.any():
             names = [k for k, b in zip(losses, bad.tolist()) if b]
-            last = list_checkpoints(self.output_dir)
-            where = (f"The last good checkpoint, {last[-1]}, is intact: resume it with a lower learning rate, "
-                     f"--resume {last[-1]} --lr {self.config.lr / 2:g}" if last else
-                     "No checkpoint was written yet: start again with a lower --lr "
-                     f"(e.g. --lr {self.config.lr / 2:g} --overwrite)")
+            # checkpoint-N holds the weights that this step (number N + 1) started from: it is not a good one.
+            good = [c for c in list_checkpoints(self.output_dir) if checkpoint_step(c) < self.state.step]
+            restart = f"start again with a lower --lr (e.g. --lr {self.config.lr / 2:g} --overwrite)"
+            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with a lower learning rate, "
+                     f"--resume {good[-1]} --lr {self.config.lr / 2:g}" if good else
+                     f"No checkpoint was written yet: {restart}" if not list_checkpoints(self.output_dir) else
+                     f"The run's checkpoints all start from weights at or after this step: {restart}")
             raise FloatingPointError(
                 f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
                 f"{where}{', or --precision no' if self.config.precision != 'no' else ''}")
@@ -414,21 +358,29 @@ class Trainer:
         logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
         logs["loss/generator"] = g_loss.detach()
 
-        # 2. discriminator (from the step the adversarial term is on)
+        # 2. discriminator (from the step the adversarial term is on). D sees the real images once per step: on R1
+        # steps that one forward is R1's (fp32, autocast off, the input requiring grad) and its logits serve the
+        # logistic loss too, which then runs on fp32 logits whatever the precision; bCR reuses both logits.
         if adv_on:
             fake = fake.detach()
-            with self.autocast():
-                real_logits, fake_logits = self.D(real), self.D(fake)
+            r1_schedule = R1Schedule(cfg.r1_weight, cfg.r1_interval)
+            if r1_schedule.due(step):
+                r1, real_logits = r1_penalty(self.D, real, weight=r1_schedule.scaled_weight, return_logits=True)
+                with self.autocast():
+                    fake_logits = self.D(fake)
+            else:
+                with self.autocast():
+                    real_logits, fake_logits = self.D(real), self.D(fake)
             real_logits, fake_logits = real_logits.float(), fake_logits.float()
             d_loss = d_logistic_loss(real_logits, fake_logits)
             logs.update({"loss/discriminator": d_loss.detach(), "D/real_logits": real_logits.detach().mean(),
                          "D/fake_logits": fake_logits.detach().mean()})
-            if cfg.r1_weight > 0 and step % cfg.r1_interval == 0:
-                r1 = r1_penalty(self.D, real, weight=cfg.r1_weight * cfg.r1_interval)  # fp32 inside
+            if r1_schedule.due(step):
                 d_loss = d_loss + r1
                 logs["loss/r1"] = r1.detach()
             if cfg.bcr_weight > 0:
-                bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight)
+                bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight, real_logits=real_logits,
+                                  fake_logits=fake_logits)
                 d_loss = d_loss + bcr
                 logs["loss/bcr"] = bcr.detach()
             if cfg.lecam_weight > 0:
@@ -459,47 +411,71 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         if self.resume_path is not None:
             self.resume(self.resume_path)
+        start_step = self.state.step
         if acc.is_main_process:
             print(f"effective config ({SCRIPT[self.task]}):\n{describe(cfg)}", flush=True)
             global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
             print(f"global batch {global_batch} = {cfg.batch_size} per process x {acc.num_processes} processes x "
                   f"{cfg.grad_accum} accumulation steps", flush=True)
             save_config(cfg, self.output_dir / "train_config.yaml")
-        acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
+            self._forget_logs_after(start_step)
+        # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
+        acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
+                          init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"train {self.task}", dynamic_ncols=True)
-        batches = self._batches(self.state.micro_batches)
         seen, t0 = 0, time.perf_counter()
+        last_checkpoint = time.monotonic()
+        window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
-        while self.state.step < cfg.steps:
-            for _ in range(cfg.grad_accum):
-                real = self._next_batch(batches)["image"].to(acc.device, non_blocking=True)
-                with acc.accumulate(self.model, self.D):
-                    logs = self.train_step(real)
-                seen += real.shape[0]
-            self.state.step += 1
-            step = self.state.step
-            distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same statistics
-            self.ema.update(unwrapped, step)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
-                logs["images_per_second"] = distributed.all_reduce_sum(torch.tensor([float(seen)])).item() / (
-                    time.perf_counter() - t0)
-                logs["lr"] = self.opt_g.param_groups[0]["lr"]
-                seen, t0 = 0, time.perf_counter()
-                if self.task == "vqhit":
-                    quantize = unwrapped.quantize
-                    logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
-                    quantize.reset_usage()
-                acc.log(logs, step=step)
-                self._log_line(step, logs)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
-                                 if k in ("loss/generator", "loss/discriminator", "loss/l2", "codebook/usage")})
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                self.save_samples(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                self.save_checkpoint()
+        with StopSignals(parse_signals(cfg.stop_signals)) as stop:
+            while self.state.step < cfg.steps:
+                for _ in range(cfg.grad_accum):
+                    real = next(self.batches)["image"].to(acc.device, non_blocking=True)
+                    with acc.accumulate(self.model, self.D):
+                        logs = self.train_step(real)
+                    seen += real.shape[0]
+                self.state.step += 1
+                step = self.state.step
+                distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same stats
+                self.ema.update(unwrapped, step)
+                for key in BAR_LOSSES:
+                    if key in logs:  # summed as tensors: no device sync per step
+                        total, count = window.get(key, (0.0, 0))
+                        window[key] = (total + logs[key], count + 1)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
+                    logs["images_per_second"] = distributed.all_reduce_sum(torch.tensor([float(seen)])).item() / (
+                        time.perf_counter() - t0)
+                    logs["lr"] = self.opt_g.param_groups[0]["lr"]
+                    seen, t0 = 0, time.perf_counter()
+                    if self.task == "vqhit":
+                        quantize = unwrapped.quantize
+                        logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
+                        quantize.reset_usage()
+                    acc.log(logs, step=step)
+                    self._log_line(step, logs)
+                    bar.set_postfix_str(self._bar_text(window, logs))
+                    window = {}
+                if step % cfg.sample_every == 0 or step == cfg.steps:
+                    self.save_samples(step)
+                # One collective a step: whether any process got a stop signal or is due a timed checkpoint.
+                timed = cfg.checkpoint_every_minutes > 0 and \
+                    time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_every_minutes
+                flags = distributed.all_reduce_sum(torch.tensor([float(stop.received is not None), float(timed)]))
+                stopping = bool(flags[0])
+                if stopping or flags[1] or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    checkpoint = self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+                if stopping and step < cfg.steps:
+                    bar.close()
+                    acc.end_training()
+                    by = stop.received or "a signal to another process"
+                    message = (f"stopped at step {step} of {cfg.steps} by {by}: {checkpoint} is written. Run the same "
+                               f"command with --resume auto to continue (exit status {EXIT_PREEMPTED})")
+                    acc.print(message, flush=True)
+                    raise Preempted(message)
         bar.close()
         if acc.is_main_process:
             self.export()  # also when a resume found the run already finished
@@ -507,7 +483,36 @@ class Trainer:
         if self.task == "vqhit" and cfg.heldout_data:
             self.heldout_report()
         acc.end_training()
+        if acc.is_main_process:
+            model = self.output_dir / "model"
+            print(f"finished at step {self.state.step}: the EMA model is in {model} "
+                  f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
         return self.ema.model
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Drop the logs.jsonl lines a killed run wrote after the checkpoint this run starts from, so that after any
+        number of kills and resumes each step appears once."""
+        path = self.output_dir / "logs.jsonl"
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    pass
+            path.write_text("".join(kept))
+
+    def _bar_text(self, window: dict, logs: dict) -> str:
+        """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
+        around), and how many codes of the codebook those steps used."""
+        means = distributed.reduce_scalars({k: total / count for k, (total, count) in window.items()})
+        steps = max((count for _, count in window.values()), default=0)
+        text = f"mean of {steps} steps: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in means.items())
+        if "codebook/codes_used" in logs:
+            size = self.accelerator.unwrap_model(self.model).config.codebook_size
+            text += f"; codes used {int(logs['codebook/codes_used'])} of {size}"
+        return text
 
     def _log_line(self, step: int, logs: dict) -> None:
         """The logged scalars also as one JSON line per log step (logs.jsonl): easy to read without TensorBoard."""

@@ -129,8 +129,8 @@ class MultiAxisAttention(QKVProjection):
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention itself, between the projections: q (B, H, W, C), k, v (B, H, W, kv width) -> (B, H, W, C)
-        with the heads concatenated, regional first. The eval-mode fast path (`vqhit.models.hit`) calls it with
-        q, k, v from one fused projection, so both paths share this definition."""
+        with the heads concatenated, regional first. The eval-mode inference path (`vqhit.models.inference`)
+        calls it with q, k, v from one fused projection, so both paths share this definition."""
         _, h, w, _ = q.shape
         p = self.block_size
         if self.mode in ("multi_axis", "regional", "dilated") and (h % p or w % p):

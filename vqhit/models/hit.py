@@ -7,18 +7,8 @@ High-resolution stages emit RGB, summed over stages with nearest upsampling. No 
 
 All tensors inside are channels-last, (B, H, W, C) or (B, N, C): every Linear acts on the last axis.
 
-Inference path. In eval mode without autograd, `HiTStages` runs the same function through fewer, larger
-operations (`forward_folded` of each module; `HiTStages.fast_inference` switches it off):
-- every BatchNorm is then a fixed per-channel affine map, so it is folded into the Linear that follows it,
-  and a self-attention block's q, k, v become one Linear;
-- the memory's K and V are computed once per stage;
-- a high-resolution stage is a per-pixel function of (pixel, Z), so on CPU it runs over chunks of pixels
-  small enough that every intermediate (the 4C-wide MLP hidden layer above all) stays in cache. Run over
-  the whole 256x256 map, each of those intermediates is 64 MB, and the time goes into memory traffic and
-  page faults rather than arithmetic.
-The folded weights are cached and re-folded whenever a parameter or buffer changes (checked through
-autograd's version counters), so loading weights or training a step never leaves them stale.
-Training runs the plain modules only.
+In eval mode without autograd, `HiTStages` runs the same function through the inference path of
+`vqhit.models.inference` (folded BatchNorm, fused projections, pixel chunks); training runs these modules.
 """
 from __future__ import annotations
 
@@ -31,16 +21,13 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..presets import GENERATOR_PRESETS
-from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, attend, check_heads
+from . import inference
+from .attention import ATTENTION_MODES, CrossAttention, MultiAxisAttention, check_heads
 from .pretrained import ConfigMixin, PretrainedMixin
 
 NORMS = ("batch", "syncbatch", "layer")
 # The release's Keras BatchNorm: momentum 0.99 (PyTorch counts the other way) and eps 1e-3.
 BN_MOMENTUM, BN_EPS = 0.01, 1e-3
-# Inference path on CPU: floats of MLP hidden layer (rows x 4C) one chunk of pixels holds per thread. 4 MiB stays
-# in the last-level cache and under glibc's 32 MiB mmap threshold (larger buffers are page-faulted in afresh on
-# every call); 0.5 to 4 MiB measured the same on one thread, and fewer chunks mean fewer OpenMP barriers.
-CHUNK_FLOATS = 2**20
 
 
 class ChannelBatchNorm(nn.BatchNorm1d):
@@ -74,39 +61,6 @@ def norm_factory(kind: str, momentum: float = BN_MOMENTUM):
     return partial(make_norm, kind, momentum=momentum)
 
 
-class FoldError(Exception):
-    """A module that the inference path cannot fold (e.g. LayerNorm); the plain path runs instead."""
-
-
-def fold_linear(linears, norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of one Linear equal to Linear(norm(x)) for the `linears` side by side (their outputs
-    concatenated), with `norm` an eval-mode BatchNorm: norm(x) = x * s + t, so W(x * s + t) + b =
-    (W * s) x + (W t + b). A lone Linear without a norm is returned as it is (its live parameters)."""
-    weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-    bias = torch.cat([lin.bias for lin in linears]) if len(linears) > 1 else linears[0].bias
-    if norm is None:
-        return weight, bias
-    if not isinstance(norm, nn.modules.batchnorm._NormBase) or norm.running_mean is None:
-        raise FoldError(f"{type(norm).__name__} normalises each token by its own statistics; only an eval-mode "
-                        f"BatchNorm is a fixed affine map that folds into a Linear")
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    shift = -norm.running_mean * scale
-    if norm.affine:
-        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
-    return weight * scale, torch.addmv(bias, weight, shift)
-
-
-def cache_rows(width: int, hidden: int, device: torch.device) -> int | None:
-    """Rows per chunk for an MLP of `width` -> `hidden` -> `width` on CPU: each thread's share of the (rows, hidden)
-    activation stays in its core's cache, but a chunk has at least 4 * width rows, because the weights (width x
-    hidden) are read again for every chunk and must stay small beside it: at 16x16 (width 512) nothing is
-    chunked, at 256x256 (width 64) chunks of 1024 pixels run. None = no chunking (GPU, where one large kernel
-    beats many small ones)."""
-    if device.type != "cpu":
-        return None
-    return max(CHUNK_FLOATS * torch.get_num_threads() // hidden, 4 * width)
-
-
 class MLPBlock(nn.Module):
     """x + FC2(GELU(FC1(Norm(x)))): the high-resolution layer and the second half of every attention block.
 
@@ -130,22 +84,6 @@ class MLPBlock(nn.Module):
             return x + torch.utils.checkpoint.checkpoint(self.hidden, h, use_reentrant=False)
         return x + self.hidden(h)
 
-    def fold(self) -> dict:
-        return {"fc1": fold_linear([self.fc1], self.norm), "fc2": fold_linear([self.fc2])}
-
-    def forward_folded(self, x: torch.Tensor, f: dict) -> torch.Tensor:
-        """The eval-mode forward with the norm folded into FC1; on CPU in chunks of rows that stay in cache."""
-        def mlp(rows):
-            hidden = F.linear(rows, *f["fc1"])
-            torch.ops.aten.gelu_(hidden)  # in place: a second 4C-wide buffer per chunk can cost more than the GELU
-            return rows + F.linear(hidden, *f["fc2"])
-
-        rows = x.reshape(-1, x.shape[-1])
-        chunk = cache_rows(self.fc1.in_features, self.fc1.out_features, x.device)
-        if chunk is None or rows.shape[0] <= chunk:
-            return mlp(x)
-        return torch.cat([mlp(part) for part in rows.split(chunk)]).view(x.shape)
-
 
 class SelfAttentionBlock(nn.Module):
     """Pre-norm multi-axis self-attention block on a map (B, H, W, C)."""
@@ -159,17 +97,6 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x + self.attn(self.norm(x)))
-
-    def fold(self) -> dict:
-        a = self.attn
-        return {"qkv": fold_linear([a.q, a.k, a.v], self.norm), "out": fold_linear([a.out]), "mlp": self.mlp.fold()}
-
-    def forward_folded(self, x: torch.Tensor, f: dict) -> torch.Tensor:
-        """The eval-mode forward: the norm folded into one fused q, k, v projection."""
-        kv_width = self.attn.k.out_features
-        q, k, v = F.linear(x, *f["qkv"]).split([x.shape[-1], kv_width, kv_width], dim=-1)
-        x = x + F.linear(self.attn.mix(q, k, v), *f["out"])
-        return self.mlp.forward_folded(x, f["mlp"])
 
 
 class CrossAttentionBlock(nn.Module):
@@ -189,20 +116,6 @@ class CrossAttentionBlock(nn.Module):
         b, h, w, c = x.shape
         x = x + self.attn(self.norm(x).reshape(b, h * w, c), memory).view(b, h, w, c)
         return self.mlp(x)
-
-    def fold(self) -> dict:
-        a = self.attn
-        return {"q": fold_linear([a.q], self.norm), "kv": fold_linear([a.k, a.v]), "out": fold_linear([a.out]),
-                "mlp": self.mlp.fold()}
-
-    def memory_kv(self, memory: torch.Tensor, f: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the memory (B, M, E), from one fused projection: computed once per stage and forward."""
-        return F.linear(memory, *f["kv"]).chunk(2, dim=-1)
-
-    def forward_folded(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f: dict) -> torch.Tensor:
-        """The eval-mode forward on tokens x (B, N, C) against the memory's K, V (B, M, kv width)."""
-        x = x + F.linear(attend(F.linear(x, *f["q"]), k, v, self.attn.num_heads), *f["out"])
-        return self.mlp.forward_folded(x, f["mlp"])
 
 
 class Memory(nn.Module):
@@ -266,7 +179,7 @@ class HiTStage(nn.Module):
         super().__init__()
         check_heads(dim, num_heads, f"stage {resolution}x{resolution}")
         self.resolution = resolution
-        self.hidden_width = mlp_ratio * dim  # the widest activation of the stage, which sets its chunk size
+        self.hidden_width = mlp_ratio * dim  # the widest activation: the inference path's chunks and folding
         self.pos_embed = nn.Parameter(torch.zeros(resolution, resolution, dim))
         checkpoint_mlp = checkpoint_mlp and block_size is None  # attention stages are low-resolution
         self.cross = (CrossAttentionBlock(dim, num_heads, memory_dim, norm_layer, multi_query, mlp_ratio,
@@ -302,74 +215,6 @@ class HiTStage(nn.Module):
             x = self.upsample(pixel_shuffle(x))
         return x, img
 
-    def fold(self) -> dict:
-        return {"cross": self.cross.fold() if self.cross is not None else None,
-                "blocks": [block.fold() for block in self.blocks],
-                "to_rgb": fold_linear([self.to_rgb[1]], self.to_rgb[0]) if self.to_rgb is not None else None,
-                "upsample": fold_linear([self.upsample]) if isinstance(self.upsample, nn.Linear) else None}
-
-    def forward_folded(self, x: torch.Tensor, memory: torch.Tensor | None, img: torch.Tensor | None, f: dict,
-                       x_proj: tuple | None = None):
-        """The eval-mode forward with folded weights `f` (from `fold`): the same function as `forward`.
-
-        The Linear after the pixel shuffle acts on each pixel alone, so it is deferred to the next stage, which
-        applies it chunk by chunk: `x_proj` is the previous stage's (weight, bias) still to apply to x (None: x is
-        ready), and this stage returns (pixel-shuffled features, its own deferred Linear, image)."""
-        b, h, w, _ = x.shape
-        k = v = None
-        if self.cross is not None:
-            k, v = self.cross.memory_kv(memory, f["cross"])
-        if self.to_rgb is None:  # attention stage: self-attention mixes pixels, so the map is processed whole
-            x = (F.linear(x, *x_proj) if x_proj is not None else x) + self.pos_embed
-            c = x.shape[-1]
-            if self.cross is not None:
-                x = self.cross.forward_folded(x.reshape(b, h * w, c), k, v, f["cross"]).view(b, h, w, c)
-            for block, fb in zip(self.blocks, f["blocks"]):
-                x = block.forward_folded(x, fb)
-        else:
-            x, rgb = self.pixelwise(x.reshape(b, h * w, -1), k, v, f, x_proj)
-            x, rgb = x.view(b, h, w, -1) if x is not None else None, rgb.view(b, h, w, 3)
-            img = rgb if img is None else upsample2x(img) + rgb
-        if self.upsample is None:
-            return x, None, img
-        x = pixel_shuffle(x)
-        if f["upsample"] is None:  # nn.Identity: the shuffled map is the next stage's input
-            return x, None, img
-        return x, f["upsample"], img
-
-    def pixelwise(self, x: torch.Tensor, k, v, f: dict, x_proj: tuple | None):
-        """An MLP stage on tokens x (B, N, C_in): (features (B, N, C), or None for the last stage; rgb (B, N, 3)).
-
-        Every operation here acts on each pixel alone (BatchNorm is folded; the memory's K, V are fixed), so on
-        CPU the pixels run in chunks whose 4C-wide hidden layer stays in cache, written out once at the end."""
-        pos = self.pos_embed.reshape(-1, self.pos_embed.shape[-1])
-
-        def run(xs, pos, k=None, v=None):
-            xs = (F.linear(xs, *x_proj) if x_proj is not None else xs) + pos
-            if self.cross is not None:
-                xs = self.cross.forward_folded(xs, k, v, f["cross"])
-            for block, fb in zip(self.blocks, f["blocks"]):
-                xs = block.forward_folded(xs, fb)
-            return xs, F.linear(xs, *f["to_rgb"])
-
-        chunk = cache_rows(pos.shape[-1], self.hidden_width, x.device)
-        if chunk is None or x.shape[1] <= chunk:
-            x, rgb = run(x, pos, k, v)
-            return (x if self.upsample is not None else None), rgb
-        out = rgb = None
-        for i in range(x.shape[0]):
-            image = slice(i, i + 1)
-            for start in range(0, x.shape[1], chunk):
-                rows = slice(start, start + chunk)
-                xs, rgbs = run(x[image, rows], pos[rows], *([] if k is None else [k[image], v[image]]))
-                if rgb is None:
-                    rgb = rgbs.new_empty(x.shape[0], x.shape[1], 3)
-                    out = xs.new_empty(x.shape[0], x.shape[1], xs.shape[-1]) if self.upsample is not None else None
-                rgb[image, rows] = rgbs
-                if out is not None:
-                    out[image, rows] = xs
-        return out, rgb
-
 
 class HiTStages(nn.Module):
     """The stage list shared by the HiT generator and the VQ-HiT decoder.
@@ -377,8 +222,8 @@ class HiTStages(nn.Module):
     Takes the first feature map (B, R0, R0, C0) and the memory Z (B, M, E) and returns the image
     (B, 3, R0 * 2^(S-1), ...) as an NCHW tensor (channels-last in memory).
 
-    In eval mode without autograd it runs the folded inference path (see the module docstring); set
-    `fast_inference = False` to run the plain modules instead.
+    In eval mode without autograd it runs the inference path of `vqhit.models.inference`, the same function
+    through fewer operations; set `fast_inference = False` to run these modules instead.
     """
 
     def __init__(self, start_resolution: int, widths, heads, blocks, block_sizes, memory_dim: int, *,
@@ -402,51 +247,15 @@ class HiTStages(nn.Module):
                      attention_mode=attention_mode, cross_attention=cross_attention, mlp_ratio=mlp_ratio,
                      checkpoint_mlp=checkpoint_mlp)
             for i in range(n))
-        self.fast_inference = True
-        self._folded = None  # (weights version, folded weights per stage), or None: see `folded`
+        self.fast_inference = True  # False: eval mode runs these modules too, not the inference path
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        folded = self.folded() if self.use_fast_path() else None
-        img = x_proj = None
-        for i, stage in enumerate(self.stages):
-            if folded is None:
-                x, img = stage(x, memory, img)
-            else:
-                x, x_proj, img = stage.forward_folded(x, memory, img, folded[i], x_proj)
+        if inference.applies(self):
+            return inference.forward(self, x, memory)
+        img = None
+        for stage in self.stages:
+            x, img = stage(x, memory, img)
         return img.permute(0, 3, 1, 2)
-
-    def use_fast_path(self) -> bool:
-        """Eval mode everywhere and no autograd: then the folded path computes the same function. Training
-        (and anything that needs gradients, or torch.compile's tracing) runs the plain modules."""
-        return (self.fast_inference and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not any(m.training for m in self.modules()))
-
-    def weights_version(self) -> tuple | None:
-        """Identifies the current weights: every parameter's and buffer's storage and version counter. Autograd
-        bumps the counter on each in-place write (optimizer steps, `load_state_dict`, EMA updates, BatchNorm
-        running statistics), and a replaced tensor has new storage. None if it cannot be known (tensors made
-        under `torch.inference_mode` have no counter): then the weights are folded on every call."""
-        tensors = [*self.parameters(), *self.buffers()]
-        if any(t.is_inference() for t in tensors):
-            return None
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-
-    def folded(self) -> list[dict] | None:
-        """Folded weights of every stage, re-folded whenever `weights_version` changes; None when a module cannot
-        be folded (LayerNorm), and then the plain path runs."""
-        version = self.weights_version()
-        if self._folded is None or version is None or self._folded[0] != version:
-            try:
-                with torch.no_grad():
-                    folded = [stage.fold() for stage in self.stages]
-            except FoldError:
-                folded = None
-            self._folded = (version, folded)
-        return self._folded[1]
-
-    def train(self, mode: bool = True):
-        self._folded = None  # do not keep a copy of the weights while training
-        return super().train(mode)
 
 
 @dataclass

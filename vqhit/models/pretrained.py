@@ -6,7 +6,8 @@ huggingface_hub `PyTorchModelHubMixin`s, so `push_to_hub` uploads that folder as
 loading are written here rather than taken from the mixin, because the mixin would lose guarantees we keep:
 
 - every file is written under a temporary name and renamed, so a kill never leaves a half-written file
-  (the mixin deletes config.json first and writes in place);
+  (the mixin deletes config.json first and writes in place), with the mode the user's umask gives new files
+  (`vqhit.files.atomic_write`);
 - loading is strict, and a config that describes another architecture is refused with the differing keys
   (the mixin loads non-strictly and builds whatever the config says);
 - a local path that does not exist is an error, never a Hub request (`vqhit.downloads.local_or_hub`);
@@ -21,29 +22,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..downloads import local_or_hub
+from ..errors import UsageError
+from ..files import atomic_write
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 PAPER_URL = "https://arxiv.org/abs/2106.07631"
 LIBRARY = "vqhit"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
@@ -55,7 +54,7 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
 
     folder = local_or_hub(path_or_id, "model folder", fetch=download)
     if folder.is_file():
-        raise ValueError(f"{folder} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise UsageError(f"{folder} is a file; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     return folder
 
 
@@ -139,7 +138,9 @@ class ConfigMixin:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
+            close = [match for key in sorted(unknown) for match in difflib.get_close_matches(key, known, n=1)]
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}; known keys are {sorted(known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -169,15 +170,26 @@ from vqhit import {{ class_name }}
 model = {{ class_name }}.from_pretrained("<this folder or Hub repository>")
 ```
 """
+# The figures of one set of weights, between markers that record which: save_pretrained removes the section when
+# the weights it writes are others (a resumed run's new export), and keeps the rest of the card.
 EVALUATION_SECTION = """
+<!-- vqhit-evaluation weights-sha256: {{ sha256 }} -->
 ## Evaluation
+
+Measured on the weights `model.safetensors` with sha256 `{{ sha256[:16] }}`{% if step is not none %} (after
+{{ step }} training steps){% endif %}, on the data and with the protocol below. A later save of other weights into
+this folder removes these figures.
 
 {{ metrics }}
 
 ## Measured with
 
 {{ settings }}
+<!-- end vqhit-evaluation -->
 """
+_EVALUATION = re.compile(r"\n*<!-- vqhit-evaluation weights-sha256: (\w+) -->.*?<!-- end vqhit-evaluation -->\n?",
+                         re.DOTALL)
+TRAINING_STEP_KEY = "training_step"  # in model.safetensors' metadata, when a training run exported the weights
 TAGS = ["vqhit", "image-generation"]
 
 
@@ -207,28 +219,41 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         return cls(cls.config_class.from_preset(name, **overrides))
 
     # -- saving -------------------------------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
+    def _save_pretrained(self, save_directory: Path, training_step: int | None = None) -> None:
         """The mixin's hook: the weights, under a temporary name then renamed."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        metadata = {"format": "pt"}
+        if training_step is not None:
+            metadata[TRAINING_STEP_KEY] = str(training_step)
+        atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=metadata))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, config=None, push_to_hub: bool = False,
-                        repo_id: str | None = None, model_card_kwargs: dict | None = None, **push_to_hub_kwargs):
+                        repo_id: str | None = None, model_card_kwargs: dict | None = None,
+                        training_step: int | None = None, **push_to_hub_kwargs):
         """Write model.safetensors, config.json and (unless the folder has one) a README.md model card, each
-        atomically. Returns the folder; with `push_to_hub=True` also uploads it (to `repo_id`, default the
-        folder's name) and returns the commit URL, as the mixin does."""
+        atomically. An existing card is kept, except its evaluation figures when they belong to other weights
+        (`write_model_card` records which). `training_step`: the step of a training run these weights are from,
+        kept in model.safetensors' metadata and named on evaluated cards. Returns the folder; with
+        `push_to_hub=True` also uploads it (to `repo_id`, default the folder's name) and returns the commit URL,
+        as the mixin does."""
         if config is not None:
             raise ValueError("a vqhit model saves its own config (model.config); build the model from the config "
                              "you want instead of passing config=")
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._save_pretrained(directory)
+        self._save_pretrained(directory, training_step)
         meta = {"model_type": self.model_type, **self.config.to_dict()}
         atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        if not (directory / CARD_NAME).exists():  # an evaluated card (write_model_card) is kept, as the mixin does
+        card_path = directory / CARD_NAME
+        if not card_path.exists():
             card = self.generate_model_card(model_type=self.model_type, preset=self.config.preset,
                                             class_name=type(self).__name__, **(model_card_kwargs or {}))
-            atomic_write(directory / CARD_NAME, lambda p: card.save(p))
+            atomic_write(card_path, lambda p: card.save(p))
+        else:  # kept, as the mixin does; figures of other weights are not
+            text = card_path.read_text()
+            evaluated = _EVALUATION.search(text)
+            if evaluated and evaluated.group(1) != weights_sha256(directory):
+                atomic_write(card_path, lambda p: p.write_text(_EVALUATION.sub("\n", text, count=1)))
         if push_to_hub:
             return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
                                     **push_to_hub_kwargs)
@@ -241,23 +266,23 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         directory = resolve_pretrained(path_or_id, **hub_kwargs)
         file = directory / CONFIG_NAME
         if not file.exists():
-            raise ValueError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
+            raise UsageError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
         try:
             meta = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
+            raise UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
                              f"model again or download it again") from None
         if not isinstance(meta, dict):
-            raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
+            raise UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
                              f"not written by save_pretrained; save the model again")
         model_type = meta.pop("model_type", None)
         if model_type != cls.model_type:
-            raise ValueError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "
+            raise UsageError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "
                              f"load it with the matching class")
         try:
             config = cls.config_class.from_dict(meta)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
+            raise UsageError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
         return directory, config
 
     @classmethod
@@ -276,7 +301,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         config = cls.make_config(saved, **overrides)
         changed = _differences(config.architecture_dict(), saved.architecture_dict())
         if changed:
-            raise ValueError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
+            raise UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
                              f"weights in {directory} fit only their own architecture; overrides may set only "
                              f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
         model = cls(config)
@@ -289,7 +314,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         directory, config = self.read_config(path_or_id, **hub_kwargs)
         changed = _differences(self.config.architecture_dict(), config.architecture_dict())
         if changed:
-            raise ValueError(f"checkpoint {directory} was saved for another configuration (preset "
+            raise UsageError(f"checkpoint {directory} was saved for another configuration (preset "
                              f"{config.preset!r}, this model {self.config.preset!r}); differing architecture keys "
                              f"(checkpoint vs this model): {changed}. Build the model with the checkpoint's "
                              f"preset and options, or load it with {type(self).__name__}.from_pretrained")
@@ -298,12 +323,12 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
     def _load_weights_file(self, directory: Path, map_location) -> None:
         file = directory / WEIGHTS_NAME
         if not file.exists():
-            raise ValueError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
+            raise UsageError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
                              f"save_pretrained folder; save the model again")
         try:
             state = load_file(str(file), device=str(map_location))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
+            raise UsageError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
                              f"again") from None
         ours, buffers = self.state_dict(), dict(self.named_buffers())
         optional = self.optional_state_prefixes  # runtime-option buffers: absent on one side is fine
@@ -312,15 +337,33 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         wrong = [f"{k}: {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items()
                  if k in ours and v.shape != ours[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
+            raise UsageError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
                              f"was not written with its config.json: save the model again")
         self.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of a saved model's model.safetensors: which weights a model card's figures belong to."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_step(folder: str | os.PathLike) -> int | None:
+    """The training step a saved model's weights come from (None when no training run exported them)."""
+    with safe_open(str(Path(folder) / WEIGHTS_NAME), framework="pt") as f:
+        step = (f.metadata() or {}).get(TRAINING_STEP_KEY)
+    return int(step) if step is not None and step.isdigit() else None
+
+
 def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -> Path:
     """Write `folder/README.md`: a Hub model card holding evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...})
-    and the settings they were measured with (e.g. {"data": ..., "images": 50000}). Atomic; replaces the card."""
+    and the settings they were measured with (e.g. {"data": ..., "images": 50000}), naming the weights they
+    belong to: the sha256 of the folder's model.safetensors and, for a training run's export, its step (the
+    caller checks that the file is still the one it evaluated). Atomic; replaces the card."""
     folder = Path(folder)
     try:  # the card names the model when the folder's config says what it is; it is written either way
         meta = json.loads((folder / CONFIG_NAME).read_text())
@@ -338,6 +381,7 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -
 
     card = ModelCard.from_template(data, template_str=DEFAULT_CARD + EVALUATION_SECTION, model_type=model_type,
                                    preset=meta.get("preset"), metrics=table(metrics), settings=table(settings),
-                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"))
+                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"),
+                                   sha256=weights_sha256(folder), step=training_step(folder))
     atomic_write(folder / CARD_NAME, lambda p: card.save(p))
     return folder / CARD_NAME

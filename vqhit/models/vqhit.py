@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..presets import TOKENIZER_PRESETS
 from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
@@ -224,19 +225,22 @@ class VQHiT(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, R, R) in [-1, 1] -> token indices (B, h, w) int64."""
+        """Images (B, 3, R, R) in [-1, 1] -> token indices (B, h, w) int64. Inference: runs without autograd."""
         return self.quantize.encode(self.encode_latents(images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R)."""
+        """Quantized code vectors (B, code_dim, h, w) (taming's layout) -> images (B, 3, R, R). Differentiable
+        (autograd as the caller has it): `decode(get_codebook_entry(indices))` is decode_indices with gradients."""
         d, g = self.config.code_dim, self.config.grid
         if latents.dim() != 4 or tuple(latents.shape[1:]) != (d, g, g):
             raise ValueError(f"expected code vectors of shape (B, {d}, {g}, {g}) (taming's layout, as "
                              f"get_codebook_entry returns them), got {tuple(latents.shape)}")
         return self.decoder(latents.permute(0, 2, 3, 1))
 
+    @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Token indices (B, h, w) -> images (B, 3, R, R), unbounded (clamp to [-1, 1] to show)."""
+        """Token indices (B, h, w) -> images (B, 3, R, R), unbounded (clamp to [-1, 1] to show). Inference: runs
+        without autograd (for gradients into the decoder, use `decode(get_codebook_entry(indices))`)."""
         self._check_indices(indices)
         return self.decoder(self.quantize.lookup(indices.long()))
 
@@ -276,14 +280,14 @@ class VQHiT(PretrainedMixin, nn.Module):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as err:  # pickle.UnpicklingError and friends
-            raise ValueError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
+            raise UsageError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
                              f"file, pass weights_only=False") from err
         if not isinstance(ckpt, dict):
-            raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
+            raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
                              f"checkpoint (a Lightning .ckpt, or a saved state dict)")
         state = ckpt.get("state_dict", ckpt)
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
+            raise UsageError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
                              f"taming VQGAN checkpoint")
         prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
         if self.config.decoder == "conv":
@@ -294,10 +298,10 @@ class VQHiT(PretrainedMixin, nn.Module):
         ours = self.state_dict()
         missing = sorted(t for t in wanted.values() if t not in state)
         if missing:
-            raise ValueError(f"{path} is not a taming VQGAN checkpoint for this model "
+            raise UsageError(f"{path} is not a taming VQGAN checkpoint for this model "
                              f"(decoder={self.config.decoder!r}): missing keys {missing[:5]}")
         wrong = [f"{t}: {tuple(state[t].shape)} vs {tuple(ours[k].shape)}" for k, t in wanted.items()
                  if state[t].shape != ours[k].shape]
         if wrong:
-            raise ValueError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
+            raise UsageError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
         self.load_state_dict({k: state[t] for k, t in wanted.items()}, strict=False)

@@ -1,0 +1,22 @@
+"""The user's mistakes, told apart from bugs.
+
+A check of something the user chose (an option's value, a file or folder they named, a run folder in use, a
+download their machine cannot make) raises a `UsageError` whose message names the setting as the user typed it
+(`--data`, `--batch-size`) and the fix. The scripts print it as one line, `error: ...`, and exit with status 2
+(`vqhit.cli.run`); any other exception is a bug and keeps its traceback.
+
+`UsageError` is a `ValueError`, so library callers catch it as they always did. `NotFoundError` and
+`UnavailableError` are also the built-in types those checks raised before (`FileNotFoundError`, `RuntimeError`).
+"""
+
+
+class UsageError(ValueError):
+    """Something the user asked for cannot be done as asked; the message says what to change."""
+
+
+class NotFoundError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class UnavailableError(UsageError, RuntimeError):
+    """Something the command needs is not available now: a folder another run holds, a download with no network."""

@@ -1,0 +1,78 @@
+"""Stopping a run cleanly when a cluster asks it to: preemption signals and checkpoints by wall-clock time.
+
+Schedulers announce a kill with a signal some seconds ahead: Slurm (`--signal=USR1@300`, and SIGTERM on
+preemption), Kubernetes and cloud spot instances (SIGTERM). `StopSignals` turns the first such signal into a
+flag; the training loop reads the flags of every process once a step (one collective) and, as soon as any
+process has one, every process finishes the step, one checkpoint is written collectively at the step reached,
+and the run exits with `EXIT_PREEMPTED`. The same command line with `--resume auto` then continues it.
+
+Signals after the first one are acknowledged and ignored, so a second SIGTERM during the checkpoint cannot
+interrupt it (only SIGKILL can, and a checkpoint is written to a temporary folder renamed when complete).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from .errors import UsageError
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose; run the same command again to continue
+DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
+
+
+class Preempted(SystemExit):
+    """Raised (on every process) after the checkpoint that a stop signal asked for: the process exits with
+    `EXIT_PREEMPTED` and prints no traceback. Catch it to keep a Python session alive."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_signals(names: str | None) -> list[signal.Signals]:
+    """'SIGTERM,SIGUSR1' (or 'TERM,USR1') as signals; '' or 'none' for none."""
+    if names is None or names.strip().lower() in ("", "none"):
+        return []
+    found = []
+    for name in names.split(","):
+        name = name.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise UsageError(f"--stop-signals: {name} is not a signal a process can catch; give a comma-separated "
+                             f"list such as {DEFAULT_STOP_SIGNALS}, or none")
+        found.append(sig)
+    return found
+
+
+class StopSignals:
+    """While active (a `with` block), the first of `signals` sets `received` instead of killing the process."""
+
+    def __init__(self, signals: list[signal.Signals]):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            print(f"received {name}: finishing this step, then writing a checkpoint and exiting "
+                  f"(status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        else:
+            print(f"received {name} again: still writing the checkpoint", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
