@@ -215,6 +215,25 @@ def test_center_crops_keep_the_middle():
         assert torch.allclose(out["image"], green.expand(3, 64, 64), atol=0.02), transform
 
 
+def test_random_crop_with_min_crop_area_sees_several_scales():
+    ramp = np.repeat(np.linspace(0, 255, 256).round().astype(np.uint8)[None, :, None], 3, axis=2)
+    image = np.repeat(ramp, 256, axis=0)  # left-to-right black-to-white: a crop's span of grey is its width
+    source = table([(png(image), "ramp.png")])
+    spans = []
+    for min_crop_area in (1.0, 0.1):
+        dataset = from_hf_dataset(source, DataConfig(resolution=16, flip=False, min_crop_area=min_crop_area))
+        crops = []
+        for epoch in range(40):
+            dataset.set_epoch(epoch)
+            crops.append(dataset[0]["image"][0])
+        spans.append(torch.stack([c[:, -1].mean() - c[:, 0].mean() for c in crops]) / 2)  # in [0, 1] of the width
+    whole, several = spans
+    assert whole.min() > 0.9  # min_crop_area=1: the whole short side every time
+    assert several.min() < 0.5 and several.max() > 0.85  # from about sqrt(0.1) of the side to all of it
+    with pytest.raises(ValueError, match="min_crop_area"):
+        DataConfig(min_crop_area=0.0)
+
+
 def test_builtin_photos_are_many_real_distinct_tiles():
     dataset = build_dataset(DataConfig(resolution=32))
     assert len(dataset) > 50

@@ -7,37 +7,72 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqhit.data import BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, DataConfig, build_dataset
-from vqhit.evaluation import eval_dataset, heldout_report
+from vqhit.data import (BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, BUILTIN_SOURCES, PACKAGED_PHOTOS, DataConfig,
+                        build_dataset)
+from vqhit.evaluation import eval_dataset, grid_cell, heldout_report
 from vqhit.metrics import codebook_usage, psnr, ssim, to_uint8
 from vqhit.models.vqhit import VQHiT
 from vqhit.train_config import parse_config
 
+def _package_file(name: str) -> Path:
+    import importlib.util
+    package, file, _ = PACKAGED_PHOTOS[name]
+    return Path(importlib.util.find_spec(package).submodule_search_locations[0]) / file
+
+
 
 def _photo(item: dict) -> str:
-    return item["id"].split("/")[0]  # "skimage:astronaut/y0000_x0064.png" -> "skimage:astronaut"
+    return item["id"].split("/")[0].split(":")[1]  # "skimage:astronaut/y0000_x0064.png" -> "astronaut"
 
 
-def test_heldout_photos_are_other_photographs_than_the_training_ones():
-    train = build_dataset(DataConfig(source="builtin:photos", resolution=16, flip=False, transform="center_crop"))
-    heldout = build_dataset(DataConfig(source="builtin:photos-heldout", resolution=16, flip=False,
+def _images(source: str, resolution: int = 16) -> tuple[torch.Tensor, set[str]]:
+    dataset = build_dataset(DataConfig(source=source, resolution=resolution, flip=False, transform="center_crop"))
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([item["image"] for item in items]), {_photo(item) for item in items}
+
+
+def test_heldout_photos_are_whole_colour_photographs_never_trained_on():
+    heldout, heldout_photos = _images("builtin:photos-heldout")
+    assert heldout_photos == set(BUILTIN_HELDOUT_PHOTOS) and len(heldout_photos) >= 4
+    assert len(heldout) >= 3 * len(heldout_photos)  # the centre and corner squares of each 3:2 or 4:3 photograph
+    training_sources = [source for source, (photos, _) in BUILTIN_SOURCES.items()
+                        if photos is not BUILTIN_HELDOUT_PHOTOS]
+    trained_on = set()
+    for source in training_sources:
+        train, train_photos = _images(source)
+        trained_on |= train_photos
+        assert not train_photos & heldout_photos, source  # no source photograph in both, by name ...
+        # ... nor by content: every held-out thumbnail is far from every training image at the same size
+        distance = torch.cdist(heldout.flatten(1), train.flatten(1)).min() / heldout[0].numel() ** 0.5
+        assert distance > 0.1, source  # RMS difference in [-1, 1] units; a re-encoded copy would be ~0.01
+    # The stereo pair's other view is the held-out motorcycle seen from beside it: never a training photograph.
+    assert "motorcycle_right" not in trained_on and trained_on >= set(BUILTIN_PHOTOS)
+    # Colour photographs, not grey ones repeated into RGB: every held-out image has chroma.
+    chroma = (heldout - heldout.mean(dim=1, keepdim=True)).abs().mean(dim=(1, 2, 3))
+    assert chroma.min() > 0.02
+
+
+def test_whole_photo_squares_are_the_centre_and_corners_of_the_short_side():
+    dataset = build_dataset(DataConfig(source="builtin:photos-heldout", resolution=64, flip=False,
                                        transform="center_crop"))
-    train_photos = {_photo(train[i]) for i in range(len(train))}
-    heldout_photos = {_photo(heldout[i]) for i in range(len(heldout))}
-    assert train_photos == {f"skimage:{name}" for name in BUILTIN_PHOTOS}
-    assert heldout_photos == {f"skimage:{name}" for name in BUILTIN_HELDOUT_PHOTOS}
-    assert not train_photos & heldout_photos  # no source photograph in both
-    assert len(heldout) >= 100  # enough tiles for a stable mean
-    # And by content, not only by name: no held-out tile equals a training tile.
-    a = torch.stack([train[i]["image"] for i in range(len(train))]).flatten(1)
-    b = torch.stack([heldout[i]["image"] for i in range(len(heldout))]).flatten(1)
-    assert torch.cdist(b, a).min() > 1.0
+    names = [dataset[i]["id"] for i in range(len(dataset))]
+    assert "sklearn:china/centre.png" in names and "sklearn:china/top-right.png" in names
+    assert len(names) == len(set(names))
+    china = [name for name in names if name.startswith("sklearn:china/")]
+    assert len(china) == 3  # a landscape photograph: its four corner squares are two distinct ones, plus the centre
+    photo = np.asarray(Image.open(_package_file("china")).convert("RGB"))
+    side = min(photo.shape[:2])
+    centre = photo[:, (photo.shape[1] - side) // 2:][:, :side]
+    expected = Image.fromarray(centre).resize((64, 64), Image.BICUBIC)
+    got = to_uint8(dataset[names.index("sklearn:china/centre.png")]["image"][None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - np.asarray(expected).astype(int)).max() <= 1
 
 
 def test_heldout_report_equals_the_metrics_computed_directly(tmp_path):
     torch.manual_seed(0)
     model = VQHiT.from_preset("vqhit-tiny")
     dataset = eval_dataset("builtin:photos-heldout", 64, max_images=6, label_column=None)
+    assert len(dataset) == 6
     model.train()  # the report must switch to eval mode itself (BatchNorm running statistics) and switch back
     report = heldout_report(model, dataset, batch_size=4, device="cpu", grid_path=tmp_path / "grid.png",
                             grid_images=6)
@@ -56,10 +91,13 @@ def test_heldout_report_equals_the_metrics_computed_directly(tmp_path):
     assert abs(report["codebook_perplexity"] - usage["perplexity"]) < 1e-6
 
     grid = np.asarray(Image.open(report["grid"]))
-    assert grid.shape == (2 * 64, 8 * 64, 3)  # 6 pairs, four (original, reconstruction) pairs per row
-    first = to_uint8(torch.stack([x[0], rec[0]]))
-    assert np.array_equal(grid[:64, :64], first[0].permute(1, 2, 0).numpy())    # the original ...
-    assert np.array_equal(grid[:64, 64:128], first[1].permute(1, 2, 0).numpy())  # ... beside its reconstruction
+    for k in range(6):  # each original above its reconstruction
+        for image, below in ((x[k], False), (rec[k], True)):
+            left, top = grid_cell(k, below, 64, columns=8)
+            assert np.array_equal(grid[top:top + 64, left:left + 64], to_uint8(image[None])[0].permute(1, 2, 0).numpy())
+    left, top = grid_cell(1, False, 64, columns=8)
+    assert (grid[top:top + 64, left - 2:left] == 255).all()  # a white gap between neighbours
+    assert (grid[top:top + 64, :80] < 128).any() and (grid[top + 66:top + 130, :80] < 128).any()  # the row labels
 
 
 def test_the_default_tokenizer_run_is_a_16x16_tokenizer_judged_on_heldout_photos():

@@ -289,7 +289,7 @@ def test_recipe_configs_agree_with_the_recipe_defaults(path):
         assert values[key] == expected, f"{path.name}: {key} = {values[key]!r}, the recipe says {expected!r}"
 
 
-def test_tokenizer_run_ends_with_a_heldout_report(tmp_path):
+def test_tokenizer_run_ends_with_a_heldout_report(tmp_path, capsys):
     from vqhit.evaluation import eval_dataset, heldout_report
     trainer = make_trainer(tmp_path, "vqhit", steps=1, adv_start=10, heldout_data="builtin:photos-heldout")
     ema = trainer.fit()
@@ -299,6 +299,13 @@ def test_tokenizer_run_ends_with_a_heldout_report(tmp_path):
     direct = heldout_report(ema, eval_dataset("builtin:photos-heldout", 64))
     assert logged[0]["heldout/psnr"] == pytest.approx(direct["psnr"])
     assert logged[0]["heldout/codebook_usage"] == pytest.approx(direct["codebook_usage"])
+    # The training photographs, seen the same way (whole), for the generalisation gap
+    train = heldout_report(ema, eval_dataset("builtin:photos-whole", 64))
+    assert logged[0]["train_source/psnr"] == pytest.approx(train["psnr"])
+    assert logged[0]["heldout/gap_psnr"] == pytest.approx(train["psnr"] - direct["psnr"])
+    out = capsys.readouterr().out
+    assert "builtin:photos-heldout (12 images, never trained on)" in out
+    assert "builtin:photos-whole (11 images, the training images)" in out and "generalisation gap" in out
     assert (tmp_path / "run" / "samples" / "heldout-step-0000001.png").is_file()
 
 

@@ -6,11 +6,16 @@ Three kinds of source share one decode-and-transform path:
   inside its wheel (no network). The photographs are public domain or CC0:
   astronaut (NASA, public domain), coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0),
   rocket (SpaceX, public domain), immunohistochemistry (CMMI, no known copyright restrictions).
-  ``"builtin:photos-heldout"`` -- the same tiling of three *other* photographs from the same wheel, for
-  measuring reconstruction on images a demo never trained on: motorcycle (the left view of
-  ``stereo_motorcycle``, from the Middlebury 2014 stereo benchmark, distributed for research), camera
-  (Lav Varshney, CC0; grey, repeated into RGB) and coins (Brooklyn Museum, no known copyright restrictions;
-  grey, repeated into RGB).
+  ``"builtin:photos-whole"`` -- the same photographs whole: the centre square of the short side and the four
+  corner squares (each distinct square once), each one image that a transform downsamples whole.
+  ``"builtin:photos-heldout"`` -- those squares of four *other* colour photographs of everyday scenes, for
+  measuring reconstruction on what a tokenizer meets in use (whole photographs, downsampled) and never
+  trained on: motorcycle (the left view of scikit-image's ``stereo_motorcycle``, from the Middlebury 2014
+  stereo benchmark, distributed for research), china (a temple; shipped in scikit-learn's wheel, by Daniel
+  Buechele, CC BY 2.0) and flower (shipped in scikit-learn's wheel, by vultilion on Flickr, CC BY 2.0), and
+  grace_hopper (a portrait of Grace Hopper shipped in matplotlib's wheel; an official U.S. Navy photograph,
+  public domain). scikit-learn and matplotlib are dependencies for these files alone: they are read from the
+  installed packages without importing them (no network).
 * a local folder -- loaded with ``datasets.load_dataset("imagefolder", data_dir=...)`` (sub-folders
   become a ``label`` column).
 * a Hub dataset id -- ``datasets.load_dataset(id, split=..., streaming=...)``.
@@ -31,6 +36,7 @@ training can resume exactly.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import os
@@ -52,12 +58,21 @@ from . import distributed
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
 IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
-# Held out from training: different photographs, not other tiles of the training ones (neighbouring tiles of one
-# photo share content, so they would flatter a tokenizer). These are the remaining bundled photographs of everyday
-# scenes; the bundled scientific images (hubble_deep_field, mostly black sky; retina; moon) and textures/text are
-# left out because they would say little about photographs (a black sky alone would inflate PSNR).
-BUILTIN_HELDOUT_PHOTOS = ("motorcycle", "camera", "coins")
-BUILTIN_SOURCES = {"builtin:photos": BUILTIN_PHOTOS, "builtin:photos-heldout": BUILTIN_HELDOUT_PHOTOS}
+# Held out from training: other photographs, not other crops of the training ones (neighbouring crops of one photo
+# share content, so they would flatter a tokenizer), all colour photographs of everyday scenes (grey ones are the
+# easy case). The other bundled scikit-image images are left out: scientific ones (hubble_deep_field, mostly black
+# sky; retina; moon) and textures/text would say little about photographs (a black sky alone would inflate PSNR),
+# and motorcycle_right is the held-out motorcycle seen from beside it (the stereo pair's other view).
+BUILTIN_HELDOUT_PHOTOS = ("motorcycle", "china", "flower", "grace_hopper")
+# source -> (photographs, how they become images): "tiles" of 128 pixels, or "whole" (the short side's squares)
+BUILTIN_SOURCES = {"builtin:photos": (BUILTIN_PHOTOS, "tiles"), "builtin:photos-whole": (BUILTIN_PHOTOS, "whole"),
+                   "builtin:photos-heldout": (BUILTIN_HELDOUT_PHOTOS, "whole")}
+# The training photographs whole, as the held-out ones are seen: what a tiled source is scored on for the gap
+BUILTIN_WHOLE_VIEW = {"builtin:photos": "builtin:photos-whole"}
+# Photographs that ship inside other installed packages: name -> (package, file inside it, pip name)
+PACKAGED_PHOTOS = {"china": ("sklearn", "datasets/images/china.jpg", "scikit-learn"),
+                   "flower": ("sklearn", "datasets/images/flower.jpg", "scikit-learn"),
+                   "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "matplotlib")}
 
 from .downloads import local_or_hub
 from .errors import UsageError
@@ -84,6 +99,9 @@ class DataConfig:
     resolution: int = 64
     transform: str = "random_crop"  # one of TRANSFORMS
     flip: bool = True  # random horizontal flip with probability 1/2
+    # random_crop: the square covers a random fraction, uniform in [min_crop_area, 1], of the area of the short
+    # side's square (torchvision's RandomResizedCrop scale, at aspect 1): several scales. 1: the whole short side.
+    min_crop_area: float = 1.0
     bad_images: str = "skip"  # "skip" (count + warn once per file) | "raise" (ValueError naming the file)
     min_size: int = 0  # short side below this is a bad image; 0 keeps all (smaller than resolution: upsampled)
     max_images: int | None = None  # keep only the first max_images (quick runs)
@@ -95,6 +113,9 @@ class DataConfig:
             raise ValueError(f"DataConfig.transform={self.transform!r} is unknown; use one of {TRANSFORMS}.")
         if self.bad_images not in ("skip", "raise"):
             raise ValueError(f"DataConfig.bad_images={self.bad_images!r}; use 'skip' or 'raise'.")
+        if not 0 < self.min_crop_area <= 1:
+            raise ValueError(f"DataConfig.min_crop_area={self.min_crop_area} must be in (0, 1]: the smallest random "
+                             "crop as a fraction of the short side's square (1 keeps the whole short side).")
         if self.resolution < 1:
             raise ValueError(f"DataConfig.resolution={self.resolution} must be a positive number of pixels.")
         if self.min_size < 0:
@@ -116,7 +137,8 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     """
     dangling = {}
     if cfg.source in BUILTIN_SOURCES:
-        table = builtin_photos(tile=max(128, cfg.resolution), photos=BUILTIN_SOURCES[cfg.source])
+        photos, cut = BUILTIN_SOURCES[cfg.source]
+        table = builtin_photos(tile=max(128, cfg.resolution), photos=photos) if cut == "tiles" else whole_photos(photos)
         if cfg.streaming:
             table = table.to_iterable_dataset()
     elif cfg.source.startswith("builtin:"):
@@ -599,6 +621,9 @@ def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) 
         side = min(width, height)
         if kind.startswith("imagenet_gan"):
             side = round(IMAGENET_GAN_CROP * side)  # round half to even, as the release's tf.math.rint
+        if kind == "random_crop" and cfg.min_crop_area < 1:
+            area = cfg.min_crop_area + (1 - cfg.min_crop_area) * float(torch.rand(1, generator=generator))
+            side = max(1, round(side * area ** 0.5))
         if kind in ("random_crop", "imagenet_gan"):
             left = _randint(width - side + 1, generator)
             top = _randint(height - side + 1, generator)
@@ -683,33 +708,76 @@ def _scan_folder(folder: str) -> tuple[int, dict[str, str]]:
 
 @lru_cache(maxsize=4)
 def builtin_photos(tile: int = 128, photos: tuple[str, ...] = BUILTIN_PHOTOS) -> datasets.Dataset:
-    """Tiles of ``tile`` pixels, stride ``tile // 2``, cut from scikit-image's bundled photographs.
+    """Tiles of ``tile`` pixels, stride ``tile // 2``, cut from the bundled photographs.
 
-    The training photos (BUILTIN_PHOTOS) give 201 tiles at tile=128 (resolution <= 128), 34 at 256; the held-out
-    ones (BUILTIN_HELDOUT_PHOTOS) 124 at 128. Deterministic and offline: the photographs are files inside the
-    scikit-image wheel (see the module docstring for their licences). Stored as PNG bytes so they go through the
-    same decode path as any other dataset.
+    The training photos (BUILTIN_PHOTOS) give 201 tiles at tile=128 (resolution <= 128), 34 at 256. Deterministic
+    and offline: the photographs are files inside installed wheels (see the module docstring for their licences).
+    Stored as PNG bytes so they go through the same decode path as any other dataset.
     """
-    paths, encoded = [], []
+    crops = []
     for name in photos:
-        photo = _skimage_photo(name)
+        photo = _photo(name)
         height, width = photo.shape[:2]
         stride = tile // 2
         for top in range(0, height - tile + 1, stride):
             for left in range(0, width - tile + 1, stride):
-                buffer = io.BytesIO()
-                Image.fromarray(photo[top:top + tile, left:left + tile]).save(buffer, format="PNG", compress_level=1)
-                paths.append(f"skimage:{name}/y{top:04d}_x{left:04d}.png")
-                encoded.append(buffer.getvalue())
-    if not paths:
+                crops.append((f"{name}/y{top:04d}_x{left:04d}.png", photo[top:top + tile, left:left + tile]))
+    if not crops:
         raise ValueError(f"builtin photos: tile={tile} is larger than every photograph; use a resolution <= 400.")
-    images = [{"bytes": data, "path": path} for data, path in zip(encoded, paths)]
+    return _png_table(crops)
+
+
+SQUARES = ("centre", "top-left", "top-right", "bottom-left", "bottom-right")
+
+
+@lru_cache(maxsize=4)
+def whole_photos(photos: tuple[str, ...]) -> datasets.Dataset:
+    """Each photograph as the squares of its short side: the centre one (ADM's evaluation crop) and the four
+    corners, each square once (a square photo is one image). A transform then downsamples each square whole,
+    which is how a photograph reaches a tokenizer in use. A landscape photograph gives three squares (its
+    corners coincide in pairs): left, centre, right; the held-out photographs give 12 images."""
+    crops = []
+    for name in photos:
+        photo = _photo(name)
+        height, width = photo.shape[:2]
+        side = min(height, width)
+        corners = {"centre": ((height - side) // 2, (width - side) // 2), "top-left": (0, 0),
+                   "top-right": (0, width - side), "bottom-left": (height - side, 0),
+                   "bottom-right": (height - side, width - side)}
+        seen = set()
+        for square in SQUARES:
+            top, left = corners[square]
+            if (top, left) not in seen:
+                seen.add((top, left))
+                crops.append((f"{name}/{square}.png", photo[top:top + side, left:left + side]))
+    return _png_table(crops)
+
+
+def _png_table(crops: list[tuple[str, np.ndarray]]) -> datasets.Dataset:
+    """A table of PNG-encoded (path, pixels) crops, its paths prefixed by the package that ships the photograph."""
+    images = []
+    for path, pixels in crops:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        name = path.split("/")[0]
+        package = PACKAGED_PHOTOS[name][0] if name in PACKAGED_PHOTOS else "skimage"
+        images.append({"bytes": buffer.getvalue(), "path": f"{package}:{path}"})
     features = datasets.Features({"image": datasets.Image(decode=False)})
     return datasets.Dataset.from_dict({"image": images}, features=features)
 
 
-def _skimage_photo(name: str) -> np.ndarray:
-    """One of scikit-image's bundled photographs as (H, W, 3) uint8; grey ones are repeated into RGB."""
+def _photo(name: str) -> np.ndarray:
+    """One of the bundled photographs as (H, W, 3) uint8; grey ones are repeated into RGB."""
+    if name in PACKAGED_PHOTOS:
+        package, file, pip_name = PACKAGED_PHOTOS[name]
+        # find_spec locates the installed package without importing it (importing scikit-learn takes seconds)
+        spec = importlib.util.find_spec(package)
+        path = Path(spec.submodule_search_locations[0]) / file if spec is not None else None
+        if path is None or not path.is_file():
+            raise ValueError(f"the built-in photograph {name!r} ships inside {pip_name}, which is not installed; "
+                             f"install it (pip install {pip_name}) or reinstall vqhit, which depends on it.")
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
     import skimage.data
 
     photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()

@@ -497,16 +497,15 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
                    grid_images: int = 16) -> dict:
     """Reconstruct every image of a held-out `dataset` through the tokens and measure it; save a grid.
 
-    Returns {"psnr", "ssim" (means over images), "codebook_usage", "codebook_perplexity" (over all the tokens
-    of the set), "num_images", "grid" (the PNG's path, or None)}. The numbers use the same conventions as
-    `evaluate_tokenizer` (uint8-rounded reconstructions; PSNR/SSIM from vqhit.metrics) but need no Inception
-    or LPIPS weights, so a training run can end with them offline. Pass the EMA model: it is put in eval mode
-    (its BatchNorm uses running statistics) and left as it was found.
+    Returns {"psnr", "ssim" (means over images), "psnr_std" (over images), "codebook_usage",
+    "codebook_perplexity" (over all the tokens of the set), "num_images", "grid" (the PNG's path, or None)}. The
+    numbers use the same conventions as `evaluate_tokenizer` (uint8-rounded reconstructions; PSNR/SSIM from
+    vqhit.metrics) but need no Inception or LPIPS weights, so a training run can end with them offline. Pass the
+    EMA model: it is put in eval mode (its BatchNorm uses running statistics) and left as it was found.
 
     Runs on the calling process alone over the whole set (call it on the main process only): held-out sets
-    are small, and no process waits on another. The grid has `grid_images` images spread evenly over the
-    set (every source photograph appears when the set is ordered by photo), each original beside its
-    reconstruction, four pairs per row.
+    are small, and no process waits on another. The grid (`save_reconstruction_grid`) has `grid_images` images
+    spread evenly over the set (every source photograph appears when the set is ordered by photo).
     """
     check_eval_dataset(dataset, model.config.resolution)
     if len(dataset) == 0:
@@ -516,7 +515,7 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
     was_training = model.training
     model.eval()
     shown = set(np.linspace(0, len(dataset) - 1, min(grid_images, len(dataset))).round().astype(int).tolist())
-    psnrs, ssims, codes, pairs = [], [], [], []
+    psnrs, ssims, codes, originals, reconstructions = [], [], [], [], []
     for start in range(0, len(dataset), batch_size):  # by index, unsharded: this process sees every image
         items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
         items = [(i, item) for i, item in items if item is not None]  # unreadable files are skipped (and counted)
@@ -528,15 +527,57 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
         psnrs.append(psnr(x, reconstruction).cpu())
         ssims.append(ssim(x, reconstruction).cpu())
         codes.append(indices.cpu())
-        pairs += [torch.stack([x[k], reconstruction[k]]).cpu() for k, (i, _) in enumerate(items) if i in shown]
+        keep = [k for k, (i, _) in enumerate(items) if i in shown]
+        originals.append(x[keep].cpu())
+        reconstructions.append(reconstruction[keep].cpu())
     model.train(was_training)
     if not codes:
         raise UsageError("heldout_report: every image of the held-out set was unreadable.")
     usage = codebook_usage(torch.cat(codes), model.config.codebook_size, all_reduce=False)
     grid = None
     if grid_path is not None:
-        grid = _save_png(to_uint8(torch.cat(pairs)), 8, grid_path)  # 8 columns: four (original, reconstruction)
+        grid = save_reconstruction_grid(torch.cat(originals), torch.cat(reconstructions), grid_path)
     psnrs = torch.cat(psnrs)
-    return {"psnr": float(psnrs.mean()), "ssim": float(torch.cat(ssims).mean()),
-            "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"],
-            "num_images": len(psnrs), "grid": None if grid is None else str(grid)}
+    return {"psnr": float(psnrs.mean()), "psnr_std": float(psnrs.std()) if len(psnrs) > 1 else 0.0,
+            "ssim": float(torch.cat(ssims).mean()), "codebook_usage": usage["usage"],
+            "codebook_perplexity": usage["perplexity"], "num_images": len(psnrs),
+            "grid": None if grid is None else str(grid)}
+
+
+GRID_GAP = 2  # pixels of white between images
+GRID_ROW_GAP = 8  # between one (originals, reconstructions) pair of rows and the next
+GRID_LABELS = ("original", "reconstruction")
+GRID_LABEL_WIDTH = 90  # the left strip holding the labels (PIL's default font: "reconstruction" is 84 pixels)
+
+
+def grid_cell(index: int, reconstruction: bool, size: int, columns: int) -> tuple[int, int]:
+    """(x, y) of the top-left pixel of image `index` (or of its reconstruction) in `save_reconstruction_grid`."""
+    pair, column = divmod(index, columns)
+    y = pair * (2 * (size + GRID_GAP) + GRID_ROW_GAP) + int(reconstruction) * (size + GRID_GAP)
+    return GRID_LABEL_WIDTH + column * (size + GRID_GAP), y
+
+
+def save_reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path, *,
+                             columns: int = 8) -> Path:
+    """A PNG comparing images with their reconstructions: rows of `columns` originals, each row above the row of
+    their reconstructions, white gaps between images, and the two rows labelled on the left ("original",
+    "reconstruction"). Images are (N, 3, R, R) in [-1, 1]; reconstructions are clamped."""
+    from PIL import ImageDraw
+
+    n, size = len(originals), originals.shape[-1]
+    columns = min(columns, n)
+    pairs = [to_uint8(originals.float()), to_uint8(reconstructions.float().clamp(-1, 1))]
+    width = grid_cell(columns - 1, True, size, columns)[0] + size
+    height = grid_cell(n - 1, True, size, columns)[1] + size
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for index in range(n):
+        for row, label in enumerate(GRID_LABELS):
+            x, y = grid_cell(index, bool(row), size, columns)
+            canvas.paste(Image.fromarray(pairs[row][index].permute(1, 2, 0).numpy()), (x, y))
+            if index % columns == 0:
+                draw.text((4, y + size // 2 - 5), label, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

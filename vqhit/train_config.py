@@ -68,6 +68,9 @@ class TrainConfig:
     transform: str = opt("random_crop", "Training transform",
                          ["random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "resize"])
     flip: bool = opt(True, "Random horizontal flips")
+    min_crop_area: float = opt(1.0, "random_crop: each crop covers a random fraction, uniform in [N, 1], of the area "
+                               "of the short side's square, so the model sees several scales; 1 = the whole short "
+                               "side")
     bad_images: str = opt("skip", "Unreadable images: skip them (counted, warned with the file name) or raise",
                           ["skip", "raise"])
     min_size: int = opt(0, "Images whose short side is below N are bad images (skipped or raised); 0 = keep every "

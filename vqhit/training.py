@@ -33,10 +33,10 @@ from . import distributed
 from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
 from .cli import naming
-from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
+from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset
 from .ema import EMA
 from .errors import UsageError
-from .evaluation import eval_dataset, heldout_report
+from .evaluation import eval_dataset, heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
@@ -86,8 +86,10 @@ class GANObjective:
         return 1.0
 
     @torch.no_grad()
-    def sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor) -> torch.Tensor:
-        return ema_model(self.sample_latents)
+    def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:
+        """Samples of the fixed latents, in a square grid."""
+        samples = ema_model(self.sample_latents).float().clamp(-1, 1)
+        save_image((samples + 1) / 2, path, nrow=int(math.sqrt(len(samples)) + 0.5))
 
 
 class TokenizerObjective:
@@ -121,10 +123,10 @@ class TokenizerObjective:
         return adaptive_adversarial_weight(rec, adv_loss, model.last_decoder_layer())
 
     @torch.no_grad()
-    def sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor) -> torch.Tensor:
+    def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:
+        """The fixed training images above their reconstructions, as the held-out grid."""
         reconstruction, _ = ema_model(fixed_real)
-        pairs = torch.stack([fixed_real, reconstruction.clamp(-1, 1)], dim=1)  # original beside reconstruction
-        return pairs.flatten(0, 1)
+        save_reconstruction_grid(fixed_real.cpu(), reconstruction.cpu(), path)
 
 
 # -- building -------------------------------------------------------------------------------------------
@@ -247,8 +249,8 @@ class Trainer:
         c = self.config
         return DataConfig(source=c.data, split=c.data_split, image_column=c.image_column,
                           label_column=c.label_column, streaming=c.streaming, resolution=resolution,
-                          transform=c.transform, flip=c.flip, bad_images=c.bad_images, min_size=c.min_size,
-                          max_images=c.max_images)
+                          transform=c.transform, flip=c.flip, min_crop_area=c.min_crop_area, bad_images=c.bad_images,
+                          min_size=c.min_size, max_images=c.max_images)
 
     def _on_main(self, fn) -> None:
         """Run `fn` on the main process only; if it fails there, every process stops (none waits forever)."""
@@ -524,29 +526,54 @@ class Trainer:
             return None
         path = self.output_dir / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid = self.objective.sample_grid(self.ema.model, self.fixed_real).float().clamp(-1, 1)
-        save_image((grid + 1) / 2, path, nrow=8 if self.task == "vqhit" else int(math.sqrt(len(grid)) + 0.5))
+        self.objective.save_sample_grid(self.ema.model, self.fixed_real, path)
         return path
 
     def heldout_report(self) -> dict | None:
-        """Reconstruct the held-out images (`heldout_data`) with the EMA model on the main process: PSNR, SSIM and
-        codebook usage are printed, logged and written to logs.jsonl; the grid goes beside the training grids."""
-        acc, step = self.accelerator, self.state.step
-        report = None
+        """Reconstruct the held-out images (`heldout_data`) with the EMA model on the main process, and, for the
+        generalisation gap, the training photographs seen the same way (`train_source_view`): PSNR, SSIM and codebook
+        usage of each set are printed, logged and written to logs.jsonl; the grid goes beside the training grids."""
+        acc, step, cfg = self.accelerator, self.state.step, self.config
+        reports = None
         if acc.is_main_process:
-            dataset = eval_dataset(self.config.heldout_data, self.ema.model.config.resolution,
-                                   min_size=self.config.min_size)
-            grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png"
-            report = heldout_report(self.ema.model, dataset, device=acc.device, grid_path=grid)
-            figures = {f"heldout/{k}": v for k, v in report.items() if isinstance(v, (int, float))}
+            model, resolution = self.ema.model, self.ema.model.config.resolution
+            sets = {"heldout": cfg.heldout_data, "train_source": train_source_view(cfg.data)}
+            reports, lines = {}, []
+            for name, source in sets.items():
+                if source is None:
+                    continue
+                dataset = eval_dataset(source, resolution, min_size=cfg.min_size, max_images=MAX_TRAIN_SOURCE_IMAGES
+                                       if name == "train_source" else None)
+                grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png" if name == "heldout" else None
+                reports[name] = report = heldout_report(model, dataset, device=acc.device, grid_path=grid)
+                what = "never trained on" if name == "heldout" else "the training images"
+                lines.append(f"  {source} ({report['num_images']} images, {what}): PSNR {report['psnr']:.2f} dB "
+                             f"(std {report['psnr_std']:.2f} over images), SSIM {report['ssim']:.3f}, codebook usage "
+                             f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f})")
+            figures = {f"{name}/{k}": v for name, report in reports.items() for k, v in report.items()
+                       if isinstance(v, (int, float))}
+            if "train_source" in reports:
+                figures["heldout/gap_psnr"] = reports["train_source"]["psnr"] - reports["heldout"]["psnr"]
+                lines.append(f"  generalisation gap: {figures['heldout/gap_psnr']:.2f} dB PSNR (training photographs "
+                             "minus held-out)")
             acc.log(figures, step=step)
             self._log_line(step, figures)
-            print(f"held-out reconstruction ({report['num_images']} images of {self.config.heldout_data}, never "
-                  f"trained on): PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.3f}, codebook usage "
-                  f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f}); "
-                  f"grid: {grid}", flush=True)
+            print(f"reconstruction at step {step} (EMA model, {resolution}x{resolution}, every image downsampled whole "
+                  f"by a centre crop of its short side):\n" + "\n".join(lines) +
+                  f"\n  grid: {reports['heldout']['grid']}", flush=True)
         acc.wait_for_everyone()
-        return report
+        return reports
+
+
+MAX_TRAIN_SOURCE_IMAGES = 256  # the training set's figure, for the gap: a sample is enough, and a large set is slow
+
+
+def train_source_view(data: str) -> str | None:
+    """The training images as the held-out report reads them (whole, centre-cropped): the whole photographs of a
+    built-in tiled source, a local folder itself; None for a Hub dataset (scoring it would download it)."""
+    if data in BUILTIN_WHOLE_VIEW:
+        return BUILTIN_WHOLE_VIEW[data]
+    return data if data.startswith("builtin:") or Path(data).expanduser().is_dir() else None
 
 
 def _grad_norm(model: nn.Module) -> float:
