@@ -5,6 +5,10 @@ GAN (`--presets`): one full step as `vqhit.training.Trainer.train_step` runs it 
     G step: fake = G(z); loss = g_nonsaturating(D(fake)) with D frozen; backward; Adam step
     D step: r1, D(real) = r1_penalty(D, real) (fp32); d_logistic(D(real), D(fake.detach())) + r1; backward; Adam
 
+The D step runs D on the real images once: R1's forward (fp32, the input requiring grad) also gives the logits of
+the logistic loss. `--d-step-presets` times that D step beside the same step with D run on the reals twice (once
+under autocast for the loss, once inside R1), in interleaved rounds, and reports the gain.
+
 Reports images/s, peak memory (CUDA: torch.cuda.max_memory_allocated) and the bytes autograd keeps for the
 backward of the G step, with and without `checkpoint_mlp`. Those bytes are counted by running the G step on
 the meta device (exact, no compute), so they are given for every preset in `--memory-presets`, even where
@@ -18,7 +22,7 @@ allocator's peak; CPU: the process's peak resident set) holds that trainer only 
 data). The step with R1 and the same step with `r1_weight` 0 alternate in interleaved rounds; R1's share of the step
 is 1 - (without) / (with).
 
-    python benchmarks/train_step.py                        # CPU: hit-b-256 and the two tokenizers, batch 1
+    python benchmarks/train_step.py                        # CPU: hit-b-256, its D step, the two tokenizers, batch 1
     python benchmarks/train_step.py --presets hit-b-256 hit-b-1024 --batch-size 8 --repeats 5   # a GPU
 """
 from __future__ import annotations
@@ -76,6 +80,32 @@ def make_step(G, D, batch: int, precision: str, device):
         opt_d.zero_grad(set_to_none=True)
 
     return step
+
+
+def make_d_steps(D, resolution: int, batch: int, precision: str, device) -> dict:
+    """The discriminator's step with R1, as the trainer runs it (D on the reals once) and as it would run with D on
+    the reals twice; same D, same images, same losses."""
+    opt_d = torch.optim.Adam(D.parameters(), lr=5e-5, betas=(0.0, 0.99))
+    real = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    fake = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+
+    def update(d_loss):
+        d_loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+
+    def once():
+        r1, real_logits = r1_penalty(D, real, weight=10.0, return_logits=True)
+        with autocast(device, precision):
+            fake_logits = D(fake)
+        update(d_logistic_loss(real_logits.float(), fake_logits.float()) + r1)
+
+    def twice():
+        with autocast(device, precision):
+            real_logits, fake_logits = D(real), D(fake)
+        update(d_logistic_loss(real_logits.float(), fake_logits.float()) + r1_penalty(D, real, weight=10.0))
+
+    return {"reals once": once, "reals twice": twice}
 
 
 def g_step_activation_bytes(name: str, batch: int, checkpoint_mlp: bool, channel_multiplier: int | None) -> int:
@@ -144,6 +174,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint-mlp", choices=("off", "on", "both"), default="both")
     parser.add_argument("--channel-multiplier", type=int, default=None,
                         help="discriminator channel multiplier (default: 2 at 256 and above, 1 below)")
+    parser.add_argument("--d-step-presets", nargs="*", default=["hit-b-256"], choices=list_presets("generator"),
+                        help="time the D step with the reals run once against twice, with the D of these presets "
+                             "(none: skip)")
     parser.add_argument("--tokenizer-decoders", nargs="*", default=list(TOKENIZER_DECODERS),
                         choices=list(TOKENIZER_DECODERS),
                         help=f"time {TOKENIZER}'s training step with these decoders (none: skip the tokenizer)")
@@ -181,6 +214,20 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    d_rows = []
+    for name in args.d_step_presets:
+        torch.manual_seed(0)
+        G, D = build(name, False, args.channel_multiplier, device)
+        steps = make_d_steps(D, G.config.resolution, batch, args.precision, device)
+        G = None
+        t = time_calls(steps, device, max(args.repeats, 3), args.min_repeat_s)
+        once, twice = t["reals once"], t["reals twice"]
+        d_rows.append({"preset": name, "batch": batch, "once": once, "twice": twice,
+                       "s_once": once["median_seconds"], "s_twice": twice["median_seconds"],
+                       "gain": twice["median_seconds"] / once["median_seconds"],
+                       "load": f"{min(once['load_1m']):.1f}-{max(once['load_1m']):.1f}"})
+        D = steps = None
+
     tokenizer_rows = []
     spawn = multiprocessing.get_context("spawn")
     for decoder in args.tokenizer_decoders:
@@ -209,14 +256,19 @@ def main(argv=None) -> dict:
         print(format_table(rows, [("preset", "preset"), ("batch", "batch"), ("checkpoint_mlp", "checkpoint_mlp"),
                                   ("ms/step", "ms_per_step"), ("img/s", "images_per_s"), ("peak GB", "peak_gb"),
                                   ("error", "error")]))
+    if d_rows:
+        print("\nD step with R1: the reals run once (R1's forward gives the loss's logits) against twice (median):")
+        print(format_table(d_rows, [("preset", "preset"), ("batch", "batch"), ("s once", "s_once"),
+                                    ("s twice", "s_twice"), ("twice / once", "gain"), ("load 1m", "load")]))
     if tokenizer_rows:
         print(f"\nTokenizer training step (Trainer.train_step, {TOKENIZER}'s recipe; median of the rounds):")
         print(format_table(tokenizer_rows, [
             ("decoder", "decoder"), ("decoder params", "decoder_params"), ("batch", "batch"), ("threads", "threads"),
             ("s/step", "s_per_step"), ("img/s", "images_per_s"), ("s/step without R1", "s_without_r1"),
             ("R1 share", "r1_share"), ("peak GB", "peak_gb"), ("peak of", "peak_kind"), ("load 1m", "load")]))
-    write_json(args.json, info, batch_size=batch, results=rows, activations=memory, tokenizer=tokenizer_rows)
-    return {"results": rows, "activations": memory, "tokenizer": tokenizer_rows}
+    write_json(args.json, info, batch_size=batch, results=rows, activations=memory, d_step=d_rows,
+               tokenizer=tokenizer_rows)
+    return {"results": rows, "activations": memory, "d_step": d_rows, "tokenizer": tokenizer_rows}
 
 
 if __name__ == "__main__":
