@@ -13,8 +13,9 @@ Read the result back with vqhit.tokens.TokenDataset(output_dir) or scripts/decod
 import argparse
 
 from vqhit import cli
-from vqhit.evaluation import DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, process_state
+from vqhit.evaluation import DETERMINISTIC_TRANSFORMS, eval_dataset, process_state
 from vqhit.models.vqhit import VQHiT
+from vqhit.precision import PRECISIONS
 from vqhit.tokens import encode_dataset
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from vqhit import cli
 from vqhit.errors import UsageError
-from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, INTERPOLATIONS, PRECISIONS, eval_dataset, evaluate_generator,
+from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, INTERPOLATIONS, eval_dataset, evaluate_generator,
                               format_report, process_state, save_interpolations, save_sample_grid, write_report)
 from vqhit.models.hit import HiTGenerator
+from vqhit.precision import PRECISIONS
 
 
 def parse_args(argv=None):

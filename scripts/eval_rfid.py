@@ -23,10 +23,11 @@ import argparse
 from pathlib import Path
 
 from vqhit import cli
-from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, flatten,
+from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, eval_dataset, evaluate_tokenizer, flatten,
                               format_report, process_state, write_report)
 from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
 from vqhit.models.vqhit import VQHiT
+from vqhit.precision import PRECISIONS
 
 
 def parse_args(argv=None):

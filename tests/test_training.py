@@ -184,6 +184,16 @@ def test_config_errors_name_the_key(tmp_path):
         make_trainer(tmp_path, model="vqhit-tiny")
 
 
+def test_precision_is_fp32_or_bf16_and_a_saved_no_loads_as_fp32():
+    assert config_from_dict({"precision": "no"}).precision == "fp32"  # Accelerate's name, in saved configs
+    assert parse_config(["--precision", "no"], "test", "gan").precision == "fp32"
+    assert parse_config(["--precision", "bf16"], "test", "gan").precision == "bf16"
+    help_text = " ".join(build_parser("test", "gan").format_help().split())
+    assert "one of fp32, bf16)" in help_text and "fp16" not in help_text
+    with pytest.raises(UsageError, match="argument --precision: invalid choice: 'fp16'"):
+        parse_config(["--precision", "fp16"], "test", "gan")
+
+
 def test_numbers_parse_as_numbers_in_yaml_and_on_the_command_line(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nlr: 1e-4\nadam_betas: [0, 9e-1]\n")  # YAML 1.1 reads 1e-4 as a string

@@ -29,6 +29,7 @@ import yaml
 from .cli import ArgumentParser
 from .errors import NotFoundError, UsageError
 from .models.pretrained import convert_value
+from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
 
@@ -102,9 +103,8 @@ class TrainConfig:
     lecam_decay: float = opt(0.99, "EMA decay of LeCam's anchors (the running means of D's real and fake logits)")
     ema_decay: float = opt(0.999, "EMA decay of the generator/decoder (parameters and BatchNorm statistics)")
     ema_start: int = opt(10, "Step at which the EMA starts averaging (before it, it copies)")
-    precision: str = opt("no", "Mixed precision: 'no' (fp32) or 'bf16' autocast (networks in bf16, R1 in fp32). "
-                         "fp16 is refused: R1's double backward needs more range than fp16 has",
-                         ["no", "bf16", "fp16"])
+    precision: str = opt("fp32", "Precision of the networks: 'fp32', or 'bf16' autocast (R1 stays in fp32); see "
+                         "vqhit.precision", list(PRECISIONS))
     compile: bool = opt(False, "torch.compile the generator/decoder (never the discriminator: R1 needs double "
                         "backward)")
     seed: int = opt(0, "Random seed (latents are seeded per process)")
@@ -146,13 +146,14 @@ class TrainConfig:
     num_samples: int = opt(16, "Images in each sample / reconstruction grid")
 
     def __post_init__(self):
+        if self.precision == "fp16":
+            raise UsageError("--precision fp16 is not supported: R1's double backward overflows fp16's range and a "
+                             "grad scaler does not cover it; use --precision bf16 (or fp32)")
+        self.precision = normalize_precision(self.precision)  # a saved config may say 'no'
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        if self.precision == "fp16":
-            raise UsageError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
-                             "grad scaler does not cover it; use --precision bf16 (or --precision no)")
         for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
                                                     "sample_every", "checkpoint_every", "keep_checkpoints",
                                                     "num_samples", "max_images")),
@@ -280,8 +281,8 @@ def build_parser(description: str, task: str) -> argparse.ArgumentParser:
         elif t is list:
             parser.add_argument(flag, nargs="+", type=yaml.safe_load, metavar="X", **kwargs)
         else:
-            parser.add_argument(flag, type=_cli_type(t, optional=f.default is None), metavar=t.__name__.upper(),
-                                choices=choices, **kwargs)
+            parse = normalize_precision if f.name == "precision" else _cli_type(t, optional=f.default is None)
+            parser.add_argument(flag, type=parse, metavar=t.__name__.upper(), choices=choices, **kwargs)
     return parser
 
 
