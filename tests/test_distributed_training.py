@@ -116,11 +116,11 @@ def test_two_process_rehearsal(tmp_path, task):
             assert row[key] == pytest.approx((per_rank[0][key] + per_rank[1][key]) / 2, rel=1e-6)
         assert per_rank[0]["loss/generator"] != per_rank[1]["loss/generator"]  # the ranks saw different data
     if task == "vqhit":
-        num_codes = 256
+        codebook_size = 256
         for step in logged:  # usage over the logging window (the 2 steps up to `step`), over both ranks
             window = [i for r in (0, 1) for s in (step - 1, step) for i in records[r]["indices"][str(s)]]
             rank0_only = {i for s in (step - 1, step) for i in records[0]["indices"][str(s)]}
-            assert logged[step]["codebook/usage"] == pytest.approx(len(set(window)) / num_codes)
+            assert logged[step]["codebook/usage"] == pytest.approx(len(set(window)) / codebook_size)
             assert len(set(window)) > len(rank0_only)  # so the check above tells the union from rank 0 alone
         assert records[0]["restarts"] > 0 and records[0]["restarts"] == records[1]["restarts"]
         codebook = "quantize.embedding.weight"
