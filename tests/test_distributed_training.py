@@ -9,13 +9,14 @@ and is resumed. The test asserts what users rely on under DDP:
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,6 @@ state = {"model": model.state_dict(), "D": t.accelerator.unwrap_model(t.D).state
 torch.save(state, f"{out}/rank{rank}-{sys.argv[4]}.pt")
 json.dump(record, open(f"{out}/rank{rank}-{sys.argv[4]}.json", "w"))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(task: str, out: Path, steps: int, mode: str) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from .cli import ArgumentParser
+from .config_values import convert_value
 from .errors import NotFoundError, UsageError
-from .models.pretrained import convert_value
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind

@@ -38,6 +38,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, PyTorchModelHubMixi
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config_values import convert_value
 from ..downloads import local_or_hub
 from ..errors import UsageError
 from ..files import atomic_write
@@ -62,30 +63,6 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
 
 # -- configs ------------------------------------------------------------------------------------------------
 _TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string", list: "a list"}
-
-
-def convert_value(value, kind: type):
-    """`value` as `kind`, or raise TypeError. Numbers may arrive as strings: YAML reads `1e-2` (no dot) and
-    every `--model-option` value it cannot type as a string, so a string that parses as the number is one."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind in (int, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
-            return kind(value)  # an int is a float too; a float is not an int
-        if isinstance(value, str):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    elif kind is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-    elif isinstance(value, kind):
-        return value
-    raise TypeError
 
 
 class ConfigMixin:
