@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips (SPEC §6).
+"""Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips.
 
     python scripts/eval_gan.py --model runs/gan-demo/model --data builtin:photos --num-samples 1000
     accelerate launch --num_processes 8 scripts/eval_gan.py --model runs/ffhq256/model \\

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a VQ-HiT tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity (SPEC §6).
+"""Evaluate a VQ-HiT tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity.
 
     python scripts/eval_rfid.py --model runs/vqhit-demo/model --data builtin:photos --num-images 64
     accelerate launch --num_processes 8 scripts/eval_rfid.py --model runs/vqhit/model \\

@@ -1,4 +1,4 @@
-"""Evaluation protocols (SPEC §6): rFID and friends for a tokenizer, FID and IS for a generator.
+"""Evaluation protocols: rFID and friends for a tokenizer, FID and IS for a generator.
 
     report = evaluate_tokenizer(VQHiT.from_pretrained("runs/vqhit-demo/model"),
                                 eval_dataset("/data/imagenet/val", 256, transform="adm_center_crop"),

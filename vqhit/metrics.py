@@ -1,4 +1,4 @@
-"""Evaluation metrics: FID / rFID, Inception Score, PSNR, SSIM, LPIPS, codebook usage (SPEC section 6).
+"""Evaluation metrics: FID / rFID, Inception Score, PSNR, SSIM, LPIPS, codebook usage.
 
 The building blocks here are deliberately small so the evaluation protocol is visible in the scripts
 that use them:

@@ -112,8 +112,8 @@ class TrainConfig:
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
                           "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"])
     perceptual_weight: float | None = opt(None, "Weight of the perceptual loss; default: follows --perceptual, the "
-                                          "paper's 5e-5 for vgg_l2 (raw VGG feature distances are large), 1.0 for "
-                                          "lpips (normalised distances), 0 for none")
+                                          "paper's 5e-5 for vgg_l2, 1.0 for lpips, 0 for none (the scales are "
+                                          "explained in vqhit/losses.py: every squared norm is a per-element mean)")
     perceptual_pretrained: bool = opt(True, "Use ImageNet-pretrained VGG (downloaded when online, or from "
                                       "--vgg-weights); false = random VGG (tests, offline demos)")
     vgg_weights: str | None = opt(None, "Local torchvision vgg16 state dict, for offline machines")

@@ -1,4 +1,4 @@
-"""Vector quantization for the VQ-HiT tokenizer (SPEC §2.2).
+"""Vector quantization for the VQ-HiT tokenizer.
 
 Every token vector z of the encoder (channels-last, (B, h, w, code_dim)) is replaced by its nearest
 codebook entry e. The gradient skips the non-differentiable lookup (straight-through estimator), and two
