@@ -149,7 +149,8 @@ def test_the_scripts_share_one_definition_of_their_common_options(monkeypatch):
     for option in shared:
         assert len(helps[option]) >= 2 and len(set(helps[option].values())) == 1, helps[option]
     assert set(helps["--precision"]) == {"encode", "eval_rfid", "eval_gan"}
-    assert set(helps["--data"]) == {"encode", "eval_rfid", "eval_gan"} and set(helps["--model"]) == set(helps["--no-progress"])
+    assert set(helps["--data"]) == {"encode", "eval_rfid", "eval_gan"}
+    assert set(helps["--model"]) == set(helps["--no-progress"]) == {"encode", "decode", "eval_rfid", "eval_gan"}
 
 
 def test_readme_launch_command_prints_only_the_error(tmp_path):
