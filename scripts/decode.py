@@ -19,28 +19,24 @@ from vqhit.tokens import NAME_BY, decode_tokens
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="The tokenizer whose decoder renders the tokens: a "
-                   "save_pretrained folder or a Hugging Face Hub repository id (its codebook size and grid must "
-                   "match the tokens')")
+    cli.add_model_option(p, "The tokenizer whose decoder renders the tokens", "runs/vqhit-demo/model",
+                         note=" (its codebook size and grid must match the tokens')")
     p.add_argument("--tokens", required=True, help="A folder written by scripts/encode.py (tokens.json + shards)")
     p.add_argument("--output-dir", required=True, help="Folder for the PNG files")
     p.add_argument("--name-by", default="index", choices=NAME_BY, help="File names: 'index' = the image's "
                    "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "
                    ".png suffix (a.jpg beside a.png becomes a.jpg.png: no image overwrites another) "
                    "(default: %(default)s)")
-    p.add_argument("--batch-size", type=cli.int_at_least(1), default=32, help="Token grids per forward pass "
-                   "(default: %(default)s)")
     p.add_argument("--allow-other-tokenizer", action="store_true", help="Decode even though --model's encoder or "
                    "codebook differs from the one that made the tokens (only for a decoder trained on these codes; "
                    "otherwise the images are meaningless)")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    cli.add_run_options(p, batch_size=32, batch_of="token grids", workers=False)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    with cli.naming("--model", args.model):
-        model = VQHiT.from_pretrained(args.model)
+    model = cli.load_model(VQHiT, args)
     written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,
                             allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.no_progress)
     state = process_state()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips (SPEC §6).
+"""Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips.
 
     python scripts/eval_gan.py --model runs/gan-demo/model --data builtin:photos --num-samples 1000
     accelerate launch --num_processes 8 scripts/eval_gan.py --model runs/ffhq256/model \\
@@ -18,43 +18,27 @@ from pathlib import Path
 
 from vqhit import cli
 from vqhit.errors import UsageError
-from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, INTERPOLATIONS, PRECISIONS, eval_dataset, evaluate_generator,
-                              format_report, process_state, save_interpolations, save_sample_grid, write_report)
+from vqhit.evaluation import (INTERPOLATIONS, evaluate_generator, format_report, process_state, save_interpolations,
+                              save_sample_grid, write_report)
 from vqhit.models.hit import HiTGenerator
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="The generator: a save_pretrained folder (use the EMA export, "
-                   "e.g. runs/gan-demo/model) or a Hugging Face Hub repository id")
-    p.add_argument("--data", default=None, help="Reference images for FID: a local image folder, a Hub dataset id "
-                   "or 'builtin:photos'; needed unless --ref-stats names an existing file")
+    cli.add_model_option(p, "The generator", "runs/gan-demo/model")
+    cli.add_dataset_options(p, "Reference images for FID", transform="center_crop", required=False,
+                            data_note="; needed unless --ref-stats names an existing file")
     p.add_argument("--ref-stats", default=None, help="Reference Inception statistics (.npz with mu and sigma; "
                    "vqhit, pytorch-fid and torch-fidelity files work): loaded if it exists, else computed from "
                    "--data and saved here")
-    p.add_argument("--split", default="train", help="Dataset split of --data (default: %(default)s)")
-    p.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: %(default)s)")
-    p.add_argument("--transform", default="center_crop", choices=DETERMINISTIC_TRANSFORMS,
-                   help="How reference images are brought to the generator's resolution (default: %(default)s; "
-                   "'resize' for square datasets such as FFHQ)")
     p.add_argument("--num-ref-images", type=cli.int_at_least(1), default=None, help="Use only the first N reference "
                    "images (default: all)")
-    p.add_argument("--min-size", type=cli.int_at_least(0), default=0, help="Skip reference images whose short side "
-                   "is below N pixels; 0 keeps every image, upsampling those smaller than the resolution as ADM's "
-                   "protocol does (default: %(default)s)")
     p.add_argument("--num-samples", type=cli.int_at_least(1), default=50_000, help="Generated samples for FID and IS "
                    "(default: %(default)s; the paper uses 30000 for CelebA-HQ)")
     p.add_argument("--is-split-size", type=cli.int_at_least(1), default=5000, help="Samples per Inception Score "
                    "split (default: %(default)s)")
     p.add_argument("--seed", type=cli.int_at_least(0), default=0, help="Seed of the latents (default: %(default)s)")
-    p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
-                   "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
-    p.add_argument("--batch-size", type=cli.int_at_least(1), default=50, help="Samples per process per batch "
-                   "(default: %(default)s)")
-    p.add_argument("--num-workers", type=cli.int_at_least(0), default=cli.default_num_workers(), help="DataLoader "
-                   "workers for the reference images (default: %(default)s here: up to 4, one fewer than the cores)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Generator precision: fp32 or bf16 "
-                   "autocast; Inception always runs in float32 (default: %(default)s)")
+    cli.add_inception_weights_option(p)
     p.add_argument("--grid-size", type=cli.int_at_least(0), default=8, help="The sample grid is N x N images; 0 "
                    "skips it (default: %(default)s)")
     p.add_argument("--interp-rows", type=cli.int_at_least(0), default=4, help="Interpolation strips (rows), each "
@@ -65,7 +49,8 @@ def parse_args(argv=None):
                    "z0 + t (z1 - z0), or spherical (slerp) (default: %(default)s)")
     p.add_argument("--output-dir", default="eval", help="Where eval_gan.json, samples.png and interpolation.png "
                    "are written (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    cli.add_run_options(p, batch_size=50, batch_of="samples (and reference images)", precision_note="for the "
+                        "generator; Inception always runs in float32")
     return p.parse_args(argv)
 
 
@@ -73,13 +58,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.data is None and (args.ref_stats is None or not os.path.exists(args.ref_stats)):
         raise UsageError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
-    with cli.naming("--model", args.model):
-        generator = HiTGenerator.from_pretrained(args.model)
+    generator = cli.load_model(HiTGenerator, args)
     dataset = None
     if args.data is not None:
-        dataset = eval_dataset(args.data, generator.config.resolution, transform=args.transform, split=args.split,
-                               image_column=args.image_column, label_column=None, max_images=args.num_ref_images,
-                               min_size=args.min_size)
+        dataset = cli.eval_dataset_from_args(args, generator.config.resolution, max_images=args.num_ref_images)
     report = evaluate_generator(generator, num_samples=args.num_samples, dataset=dataset, ref_stats=args.ref_stats,
                                 model_id=args.model, inception_weights=args.inception_weights,
                                 batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,

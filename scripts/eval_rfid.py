@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a VQ-HiT tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity (SPEC §6).
+"""Evaluate a VQ-HiT tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity.
 
     python scripts/eval_rfid.py --model runs/vqhit-demo/model --data builtin:photos --num-images 64
     accelerate launch --num_processes 8 scripts/eval_rfid.py --model runs/vqhit/model \\
@@ -23,50 +23,31 @@ import argparse
 from pathlib import Path
 
 from vqhit import cli
-from vqhit.evaluation import (DETERMINISTIC_TRANSFORMS, PRECISIONS, eval_dataset, evaluate_tokenizer, flatten,
-                              format_report, process_state, write_report)
+from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, process_state, write_report
 from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
 from vqhit.models.vqhit import VQHiT
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="The tokenizer: a save_pretrained folder (use the EMA export, "
-                   "e.g. runs/vqhit-demo/model) or a Hugging Face Hub repository id; evaluated in eval mode")
-    p.add_argument("--data", required=True, help="Evaluation images: a local image folder, a Hub dataset id, or "
-                   "'builtin:photos'")
-    p.add_argument("--split", default="train", help="Dataset split: 'validation' for Hub ImageNet; a plain image "
-                   "folder's only split is 'train' (default: %(default)s)")
-    p.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: %(default)s)")
-    p.add_argument("--transform", default="adm_center_crop", choices=DETERMINISTIC_TRANSFORMS,
-                   help="Crop protocol to the model's resolution (default: %(default)s, the ADM protocol)")
+    cli.add_model_option(p, "The tokenizer", "runs/vqhit-demo/model", note="; evaluated in eval mode")
+    cli.add_dataset_options(p, "Evaluation images", transform="adm_center_crop")
     p.add_argument("--num-images", type=cli.int_at_least(1), default=None, help="Evaluate only the first N images "
                    "(quick runs; the paper protocol uses all 50k ImageNet validation images)")
-    p.add_argument("--min-size", type=cli.int_at_least(0), default=0, help="Skip images whose short side is below N "
-                   "pixels (counted as skipped); 0 keeps every image, upsampling those smaller than the resolution "
-                   "as ADM's protocol does (default: %(default)s)")
     p.add_argument("--no-fid", action="store_true", help="Skip rFID: no Inception network or weights. LPIPS "
                    "still needs its AlexNet backbone (downloaded, or --lpips-backbone); with --no-lpips too, no metric "
                    "needs downloaded weights: PSNR, SSIM, codebook usage and perplexity")
     p.add_argument("--ref-stats", default=None, help="Cache of the originals' Inception statistics (.npz): loaded "
                    "if the file exists (and must match this data/crop/#images/Inception), else computed and saved")
-    p.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's Inception weights "
-                   "(weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
+    cli.add_inception_weights_option(p)
     p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
                    "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
     p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS: no AlexNet backbone needed")
-    p.add_argument("--batch-size", type=cli.int_at_least(1), default=32, help="Images per process per batch "
-                   "(default: %(default)s)")
-    p.add_argument("--num-workers", type=cli.int_at_least(0), default=cli.default_num_workers(), help="DataLoader "
-                   "workers per process (default: %(default)s here: up to 4, one fewer than the cores)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="Tokenizer precision: fp32 or bf16 "
-                   "autocast; Inception always runs in float32 (default: %(default)s)")
-    p.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable images (and those "
-                   "below --min-size): skip (counted in the report) or stop (default: %(default)s)")
     p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written (default: %(default)s)")
     p.add_argument("--no-model-card", action="store_true", help="Leave the model folder's README.md alone (by "
                    "default a local --model folder gets a model card with these figures and settings)")
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+    cli.add_run_options(p, batch_size=32, batch_of="images", precision_note="for the tokenizer; Inception always "
+                        "runs in float32")
     return p.parse_args(argv)
 
 
@@ -75,11 +56,8 @@ def main(argv=None):
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
         if local else {}
-    with cli.naming("--model", args.model):
-        model = VQHiT.from_pretrained(args.model)
-    dataset = eval_dataset(args.data, model.config.resolution, transform=args.transform, split=args.split,
-                           image_column=args.image_column, label_column=None, max_images=args.num_images,
-                           bad_images=args.bad_images, min_size=args.min_size)
+    model = cli.load_model(VQHiT, args)
+    dataset = cli.eval_dataset_from_args(args, model.config.resolution, max_images=args.num_images)
     report = evaluate_tokenizer(model, dataset, model_id=args.model, fid=not args.no_fid, ref_stats=args.ref_stats,
                                 inception_weights=args.inception_weights, lpips=not args.no_lpips,
                                 lpips_backbone=args.lpips_backbone, batch_size=args.batch_size,

@@ -1,4 +1,6 @@
-"""Shared fixtures: offline stand-ins for downloaded weights, and small image folders made on the spot."""
+"""Shared fixtures and helpers: offline stand-ins for downloaded weights, small image folders made on the spot, and
+a free port for multi-process tests."""
+import socket
 from pathlib import Path
 from unittest import mock
 
@@ -76,3 +78,10 @@ def make_image_folder(folder: Path, counts: dict[str, int], size=(80, 70), seed:
 def make_images():
     """The `make_image_folder` function, for tests and module fixtures."""
     return make_image_folder
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous port of a multi-process test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

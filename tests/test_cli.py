@@ -127,6 +127,32 @@ def test_default_dataloader_workers_leave_a_core_to_the_main_process(script, mon
     assert parse_args(argv + ["--num-workers", "3"]).num_workers == 3
 
 
+def script_parser(script: str, monkeypatch) -> cli.ArgumentParser:
+    """The argument parser a script builds (its `parse_args` stopped before parsing)."""
+    parse_args = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"), run_name="script")["parse_args"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cli.ArgumentParser, "parse_args", lambda self, argv=None: self)
+        return parse_args([])
+
+
+def test_the_scripts_share_one_definition_of_their_common_options(monkeypatch):
+    """Every option of the four scripts has a help text, and an option two scripts share is explained the same way
+    in both (it comes from vqhit.cli)."""
+    helps = {}
+    for script in ("encode", "decode", "eval_rfid", "eval_gan"):
+        for action in script_parser(script, monkeypatch)._actions:
+            if action.dest != "help":
+                assert action.help and len(action.help) > 15, f"{script} {action.option_strings}"
+                helps.setdefault(action.option_strings[0], {})[script] = action.help % {"default": action.default}
+    shared = ["--split", "--image-column", "--min-size", "--bad-images", "--num-workers", "--no-progress",
+              "--inception-weights"]
+    for option in shared:
+        assert len(helps[option]) >= 2 and len(set(helps[option].values())) == 1, helps[option]
+    assert set(helps["--precision"]) == {"encode", "eval_rfid", "eval_gan"}
+    assert set(helps["--data"]) == {"encode", "eval_rfid", "eval_gan"}
+    assert set(helps["--model"]) == set(helps["--no-progress"]) == {"encode", "decode", "eval_rfid", "eval_gan"}
+
+
 def test_readme_launch_command_prints_only_the_error(tmp_path):
     """The README's command, `accelerate launch -q --config_file accelerate.yaml scripts/...`, through the real
     launcher: a mistake prints exactly its one line (no launcher warning, no CalledProcessError traceback)."""

@@ -1,4 +1,4 @@
-"""Discriminator: exact parameter counts (SPEC §3), blur kernel, shapes, init, input checks."""
+"""Discriminator: exact parameter counts, blur kernel, shapes, init, input checks."""
 import math
 
 import pytest
@@ -52,14 +52,14 @@ def lrelu(x):
 
 
 def blur_down(x):
-    """SPEC §3's BlurDown2 written out: depthwise [1,3,3,1]x[1,3,3,1]/64, zero padding 1, stride 2."""
+    """BlurDown2 written out: depthwise [1,3,3,1]x[1,3,3,1]/64, zero padding 1, stride 2."""
     taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype)
     kernel = (taps[:, None] * taps[None, :] / 64).expand(x.shape[1], 1, 4, 4)
     return F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, stride=2, groups=x.shape[1])
 
 
 def test_residual_block_follows_the_spec_equations():
-    """SPEC §3: main = lrelu(Conv3x3(BlurDown2(lrelu(Conv3x3(x))))), skip = Conv1x1(BlurDown2(x)) without bias,
+    """main = lrelu(Conv3x3(BlurDown2(lrelu(Conv3x3(x))))), skip = Conv1x1(BlurDown2(x)) without bias,
     out = (main + skip) / sqrt(2); written with functional ops and the block's weights only."""
     torch.manual_seed(0)
     block = DiscriminatorBlock(4, 6).double()

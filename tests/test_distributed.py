@@ -222,7 +222,7 @@ def test_lecam_anchors_agree_across_ranks(ranks):
 
 
 def test_broadcast_buffers_true_would_lose_rank_statistics(ranks):
-    """Accelerate's default copies rank 0's buffers over rank 1 before each forward (issue 10, point 1): the
+    """Accelerate's default copies rank 0's buffers over rank 1 before each forward: the
     usage no longer counts rank 1's codes. This is why ddp_kwargs() exists, and it shows that the usage test
     above can fail."""
     default = [r["default"] for r in ranks]

@@ -9,13 +9,14 @@ and is resumed. The test asserts what users rely on under DDP:
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,6 @@ state = {"model": model.state_dict(), "D": t.accelerator.unwrap_model(t.D).state
 torch.save(state, f"{out}/rank{rank}-{sys.argv[4]}.pt")
 json.dump(record, open(f"{out}/rank{rank}-{sys.argv[4]}.json", "w"))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(task: str, out: Path, steps: int, mode: str) -> None:
@@ -116,11 +111,11 @@ def test_two_process_rehearsal(tmp_path, task):
             assert row[key] == pytest.approx((per_rank[0][key] + per_rank[1][key]) / 2, rel=1e-6)
         assert per_rank[0]["loss/generator"] != per_rank[1]["loss/generator"]  # the ranks saw different data
     if task == "vqhit":
-        num_codes = 256
+        codebook_size = 256
         for step in logged:  # usage over the logging window (the 2 steps up to `step`), over both ranks
             window = [i for r in (0, 1) for s in (step - 1, step) for i in records[r]["indices"][str(s)]]
             rank0_only = {i for s in (step - 1, step) for i in records[0]["indices"][str(s)]}
-            assert logged[step]["codebook/usage"] == pytest.approx(len(set(window)) / num_codes)
+            assert logged[step]["codebook/usage"] == pytest.approx(len(set(window)) / codebook_size)
             assert len(set(window)) > len(rank0_only)  # so the check above tells the union from rank 0 alone
         assert records[0]["restarts"] > 0 and records[0]["restarts"] == records[1]["restarts"]
         codebook = "quantize.embedding.weight"

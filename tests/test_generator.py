@@ -14,7 +14,7 @@ def test_preset_parameter_counts_are_exact(name):
 
 
 def test_hit_b_256_per_stage_breakdown():
-    """SPEC §1.4 lists where HiT-B's parameters go; a miscounted stage shows up here by name."""
+    """Where HiT-B's parameters go, stage by stage; a miscounted stage shows up here by name."""
     with torch.device("meta"):
         G = HiTGenerator.from_preset("hit-b-256")
     count = lambda m: sum(p.numel() for p in m.parameters())

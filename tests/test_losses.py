@@ -1,4 +1,4 @@
-"""Losses (SPEC §4): GAN losses, R1 and its lazy schedule, DiffAugment and bCR, reconstruction,
+"""Losses: GAN losses, R1 and its lazy schedule, DiffAugment and bCR, reconstruction,
 perceptual losses (random backbones, offline), adaptive adversarial weight, LeCam.
 LeCam across processes: tests/test_distributed.py."""
 import copy
@@ -300,7 +300,7 @@ class Taps(nn.Module):
 def test_pixel_and_feature_terms_share_one_reduction(perceptual_losses):
     """Eq. 5's two squared norms under one convention: were F the identity, ||F(x) - F(x_hat)||^2 would be
     the pixel term itself, so lambda1 weighs feature differences exactly as the pixel term weighs pixel ones.
-    A per-image sum beside a per-element mean (the old bug) gives a ratio of C*H*W instead of 1."""
+    A per-image sum beside a per-element mean would give a ratio of C*H*W instead of 1."""
     loss_fn = copy.deepcopy(perceptual_losses["vgg_l2"])
     loss_fn.scaling, loss_fn.vgg = nn.Identity(), Taps(lambda img: [img])  # F = identity, one "tap"
     torch.manual_seed(2)

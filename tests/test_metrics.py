@@ -103,7 +103,7 @@ def _distributed_worker(rank, world_size, init_file, shards, index_shards, out_d
         stats = FeatureStatistics(shards[rank].shape[1])
         stats.update(torch.from_numpy(shards[rank]))
         mu, sigma = stats.all_reduce().mean_cov()
-        usage = codebook_usage(torch.from_numpy(index_shards[rank]), num_codes=16)
+        usage = codebook_usage(torch.from_numpy(index_shards[rank]), codebook_size=16)
         np.savez(f"{out_dir}/rank{rank}.npz", mu=mu, sigma=sigma, n=stats.n, counts=usage["counts"].numpy(),
                  usage=usage["usage"], perplexity=usage["perplexity"])
     finally:
@@ -131,7 +131,7 @@ def test_all_reduce_over_two_processes_equals_one_process(tmp_path):
     single = FeatureStatistics(6)
     single.update(torch.from_numpy(feats))
     mu, sigma = single.mean_cov()
-    expected_usage = codebook_usage(torch.from_numpy(indices), num_codes=16)
+    expected_usage = codebook_usage(torch.from_numpy(indices), codebook_size=16)
     for rank in range(2):
         out = np.load(tmp_path / f"rank{rank}.npz")
         assert int(out["n"]) == 20
@@ -343,12 +343,12 @@ def test_inception_builds_with_pytorchs_no_weights_only_override(random_inceptio
 
 def test_codebook_usage_closed_form():
     indices = torch.tensor([[0, 1], [2, 3]]).repeat(5, 1)  # 4 of 8 codes, uniformly
-    out = codebook_usage(indices, num_codes=8)
+    out = codebook_usage(indices, codebook_size=8)
     assert out["usage"] == 0.5
     assert out["perplexity"] == pytest.approx(4.0)
     assert out["counts"].tolist() == [5, 5, 5, 5, 0, 0, 0, 0]
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        codebook_usage(torch.tensor([8]), num_codes=8)
+        codebook_usage(torch.tensor([8]), codebook_size=8)
 
 
 def _adm_center_crop_arr(pil_image, image_size):

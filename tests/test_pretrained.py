@@ -1,6 +1,7 @@
 """Configs, save/load and sharing: runtime vs architecture keys, type-checked configs, local path vs Hub id,
 damaged files, atomic writes, the model card and push_to_hub (with the Hub API faked: no network here)."""
 import ast
+import fnmatch
 import inspect
 import json
 from pathlib import Path
@@ -239,24 +240,56 @@ def test_model_card_is_written_and_kept(tmp_path):
     assert "| rFID | 6.371 |" in path.read_text()
 
 
-def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
-    uploaded = {}
+class FakeHubApi:
+    """The Hub API push_to_hub talks to (no network here): records what one upload_folder would send."""
+    uploads: list = []
 
-    class FakeApi:  # the Hub API the mixin's push_to_hub talks to
-        def __init__(self, token=None):
-            pass
+    def __init__(self, token=None):
+        pass
 
-        def create_repo(self, repo_id, **kwargs):
-            return type("Repo", (), {"repo_id": repo_id})()
+    def create_repo(self, repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            uploaded.update(repo_id=repo_id, files=sorted(p.name for p in Path(folder_path).iterdir()),
-                            config=json.loads((Path(folder_path) / "config.json").read_text()))
-            return "https://huggingface.co/me/tok/commit/0"
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()
+                 if allow_patterns is None or any(fnmatch.fnmatch(p.name, a) for a in allow_patterns)}
+        self.uploads.append(dict(repo_id=repo_id, files=files))
+        return f"https://huggingface.co/{repo_id}/commit/{len(self.uploads) - 1}"
 
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.setattr(FakeHubApi, "uploads", [])
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeHubApi)
+    monkeypatch.setattr(pretrained, "HfApi", FakeHubApi)
+    return FakeHubApi.uploads
+
+
+def test_push_to_hub_uploads_the_saved_folder(hub):
     model = VQHiT.from_preset("vqhit-tiny")
     assert model.push_to_hub("me/tok") == "https://huggingface.co/me/tok/commit/0"
-    assert uploaded["repo_id"] == "me/tok"
-    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
-    assert uploaded["config"]["model_type"] == "vqhit" and uploaded["config"]["preset"] == "vqhit-tiny"
+    assert hub[0]["repo_id"] == "me/tok"
+    assert sorted(hub[0]["files"]) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads(hub[0]["files"]["config.json"])
+    assert config["model_type"] == "vqhit" and config["preset"] == "vqhit-tiny"
+    assert b"VQHiT.from_pretrained" in hub[0]["files"]["README.md"]
+
+
+def test_push_to_hub_uploads_the_folders_evaluated_model_card(tmp_path, hub):
+    torch.manual_seed(0)
+    folder = VQHiT.from_preset("vqhit-tiny").eval().save_pretrained(tmp_path / "tok")
+    write_model_card(folder, {"rFID": 6.371234}, {"data": "imagenet/val"})  # what scripts/eval_rfid.py does
+    (folder / "notes.txt").write_text("not part of the model")
+    model = VQHiT.from_pretrained(folder)
+    model.push_to_hub("me/tok")
+    assert hub[-1]["files"] == {name: (folder / name).read_bytes()
+                                for name in ("README.md", "config.json", "model.safetensors")}
+    assert b"| rFID | 6.371 |" in hub[-1]["files"]["README.md"]
+
+    with torch.no_grad():  # trained on: the folder's figures are not this model's
+        next(model.parameters()).add_(1.0)
+    model.push_to_hub("me/tok")
+    card = hub[-1]["files"]["README.md"].decode()
+    assert "VQHiT.from_pretrained" in card and "rFID" not in card
+    assert hub[-1]["files"]["model.safetensors"] != (folder / "model.safetensors").read_bytes()
+    assert "| rFID | 6.371 |" in (folder / "README.md").read_text()  # the folder itself is left alone

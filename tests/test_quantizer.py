@@ -14,7 +14,7 @@ def brute_force_nearest(z_flat, codebook):
 
 
 def test_shapes_dtypes_and_taming_layout():
-    vq = VectorQuantizer(num_codes=16, code_dim=8)
+    vq = VectorQuantizer(codebook_size=16, code_dim=8)
     z = torch.randn(2, 3, 4, 8)
     out = vq(z)
     assert isinstance(out, QuantizerOutput)
@@ -31,7 +31,7 @@ def test_shapes_dtypes_and_taming_layout():
 
 def test_nearest_code_matches_brute_force():
     torch.manual_seed(0)
-    vq = VectorQuantizer(num_codes=64, code_dim=5)
+    vq = VectorQuantizer(codebook_size=64, code_dim=5)
     vq.embedding.weight.data.normal_()
     z = torch.randn(3, 7, 6, 5)
     expected = brute_force_nearest(z.reshape(-1, 5), vq.embedding.weight).view(3, 7, 6)
@@ -39,7 +39,7 @@ def test_nearest_code_matches_brute_force():
 
 
 def test_straight_through_gradient_reaches_z():
-    vq = VectorQuantizer(num_codes=8, code_dim=4)
+    vq = VectorQuantizer(codebook_size=8, code_dim=4)
     z = torch.randn(2, 2, 2, 4, requires_grad=True)
     weights = torch.randn(2, 2, 2, 4)
     (vq(z).quantized * weights).sum().backward()
@@ -50,7 +50,7 @@ def test_beta_multiplies_the_commitment_term_not_the_codebook_term():
     """d loss/dz = 2*beta*(z-e)/numel and d loss/de = 2*(e-z)/numel. taming's original (beta on the codebook
     term) gives 2*(z-e)/numel and 2*beta*(e-z)/numel instead, and fails both assertions."""
     beta = 0.25
-    vq = VectorQuantizer(num_codes=2, code_dim=3, beta=beta)
+    vq = VectorQuantizer(codebook_size=2, code_dim=3, beta=beta)
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
     # Two vectors near code 0, one near code 1 (so code 1's gradient has one term, code 0's two).
@@ -70,7 +70,7 @@ def test_beta_multiplies_the_commitment_term_not_the_codebook_term():
 
 def test_l2_normalize_uses_unit_codes_and_cosine_search():
     torch.manual_seed(1)
-    vq = VectorQuantizer(num_codes=32, code_dim=6, l2_normalize=True)
+    vq = VectorQuantizer(codebook_size=32, code_dim=6, l2_normalize=True)
     vq.embedding.weight.data.normal_().mul_(torch.rand(32, 1) * 5)  # codes of very different norms
     z = torch.randn(2, 4, 4, 6) * 3
     out = vq(z)
@@ -83,7 +83,7 @@ def test_l2_normalize_uses_unit_codes_and_cosine_search():
 
 def test_lookup_dim_searches_in_the_low_dimensional_space():
     torch.manual_seed(2)
-    vq = VectorQuantizer(num_codes=32, code_dim=16, lookup_dim=4)
+    vq = VectorQuantizer(codebook_size=32, code_dim=16, lookup_dim=4)
     assert vq.embedding.weight.shape == (32, 4)
     assert vq.in_proj.in_features == 16 and vq.in_proj.out_features == 4
     z = torch.randn(2, 3, 3, 16, requires_grad=True)
@@ -101,7 +101,7 @@ def test_lookup_dim_searches_in_the_low_dimensional_space():
 
 def test_dead_code_restart_revives_unused_codes():
     torch.manual_seed(3)
-    vq = VectorQuantizer(num_codes=8, code_dim=2, restart_dead_codes=True, dead_code_steps=3,
+    vq = VectorQuantizer(codebook_size=8, code_dim=2, restart_dead_codes=True, dead_code_steps=3,
                          restart_buffer_size=64)
     with torch.no_grad():  # code 0 sits on the data; codes 1..7 are far away and never chosen
         vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0]] + [[100.0 + i, 100.0] for i in range(7)]))
@@ -124,7 +124,7 @@ def test_dead_code_restart_revives_unused_codes():
 
 
 def test_usage_stats_and_reset():
-    vq = VectorQuantizer(num_codes=4, code_dim=1)
+    vq = VectorQuantizer(codebook_size=4, code_dim=1)
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[0.0], [10.0], [20.0], [30.0]]))
     assert vq.usage_stats() == {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
@@ -140,7 +140,7 @@ def test_usage_stats_and_reset():
 
 
 def test_bad_input_raises():
-    vq = VectorQuantizer(num_codes=4, code_dim=3)
+    vq = VectorQuantizer(codebook_size=4, code_dim=3)
     with pytest.raises(ValueError, match="channels-last"):
         vq(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
@@ -151,7 +151,7 @@ def test_bad_input_raises():
 
 def test_frozen_codebook_never_restarts():
     """A frozen codebook (freeze_codebook, decoder-only fine-tuning) keeps its codes: token ids stay valid."""
-    vq = VectorQuantizer(num_codes=4, code_dim=2, restart_dead_codes=True, dead_code_steps=1, restart_buffer_size=8)
+    vq = VectorQuantizer(codebook_size=4, code_dim=2, restart_dead_codes=True, dead_code_steps=1, restart_buffer_size=8)
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]]))
     vq.embedding.weight.requires_grad_(False)
@@ -176,21 +176,21 @@ def entropy_by_hand(z_flat, codebook, temperature):
 
 def test_entropy_loss_value_and_weight():
     torch.manual_seed(4)
-    vq = VectorQuantizer(num_codes=6, code_dim=3, entropy_loss_weight=0.3, entropy_temperature=2.0)
+    vq = VectorQuantizer(codebook_size=6, code_dim=3, entropy_loss_weight=0.3, entropy_temperature=2.0)
     vq.embedding.weight.data.normal_()
     z = torch.randn(2, 2, 2, 3)
     out = vq(z)
     expected = entropy_by_hand(z.reshape(-1, 3), vq.embedding.weight.detach(), 2.0)
     torch.testing.assert_close(out.entropy_loss, expected)
     torch.testing.assert_close(out.loss, out.codebook_loss + 0.25 * out.commitment_loss + 0.3 * expected)
-    assert VectorQuantizer(num_codes=6, code_dim=3)(z).entropy_loss is None  # off: not even computed
+    assert VectorQuantizer(codebook_size=6, code_dim=3)(z).entropy_loss is None  # off: not even computed
     with pytest.raises(ValueError, match="entropy_temperature"):
-        VectorQuantizer(num_codes=6, code_dim=3, entropy_temperature=0.0)
+        VectorQuantizer(codebook_size=6, code_dim=3, entropy_temperature=0.0)
 
 
 def test_entropy_loss_prefers_confident_and_diverse_assignments():
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    vq = VectorQuantizer(num_codes=4, code_dim=2, entropy_loss_weight=1.0, entropy_temperature=0.01)
+    vq = VectorQuantizer(codebook_size=4, code_dim=2, entropy_loss_weight=1.0, entropy_temperature=0.01)
     vq.embedding.weight.data.copy_(codebook)
     diverse = vq(codebook.view(1, 2, 2, 2)).entropy_loss            # each token on its own code
     collapsed = vq(codebook[:1].expand(4, 2).reshape(1, 2, 2, 2)).entropy_loss  # every token on code 0
@@ -203,7 +203,8 @@ def test_entropy_loss_prefers_confident_and_diverse_assignments():
 
 def test_entropy_loss_gradient_reaches_encoder_and_codebook():
     torch.manual_seed(5)
-    vq = VectorQuantizer(num_codes=8, code_dim=4, l2_normalize=True, entropy_loss_weight=1.0, entropy_temperature=0.5)
+    vq = VectorQuantizer(codebook_size=8, code_dim=4, l2_normalize=True, entropy_loss_weight=1.0,
+                         entropy_temperature=0.5)
     z = torch.randn(2, 3, 3, 4, requires_grad=True)
     vq(z).entropy_loss.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0

@@ -3,7 +3,6 @@ resumes shard by shard, and covers every image exactly once with two processes."
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import free_port
 
 from vqhit.evaluation import eval_dataset
 from vqhit.metrics import to_uint8
@@ -180,17 +181,11 @@ def test_random_transforms_are_refused(setup):
         eval_dataset(str(setup["root"] / "images"), 64, transform="random_crop")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_encode_every_image_exactly_once(setup, encoded, tmp_path):
     out = tmp_path / "tokens"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "scripts" / "encode.py"), "--model", str(setup["model_dir"]),
+           "--master_port", str(free_port()), str(ROOT / "scripts" / "encode.py"), "--model", str(setup["model_dir"]),
            "--data", str(setup["root"] / "images"), "--output-dir", str(out), "--shard-size", "1",
            "--batch-size", "2", "--num-workers", "0", "--no-progress"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

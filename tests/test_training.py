@@ -184,6 +184,16 @@ def test_config_errors_name_the_key(tmp_path):
         make_trainer(tmp_path, model="vqhit-tiny")
 
 
+def test_precision_is_fp32_or_bf16_and_a_saved_no_loads_as_fp32():
+    assert config_from_dict({"precision": "no"}).precision == "fp32"  # Accelerate's name, in saved configs
+    assert parse_config(["--precision", "no"], "test", "gan").precision == "fp32"
+    assert parse_config(["--precision", "bf16"], "test", "gan").precision == "bf16"
+    help_text = " ".join(build_parser("test", "gan").format_help().split())
+    assert "one of fp32, bf16)" in help_text and "fp16" not in help_text
+    with pytest.raises(UsageError, match="argument --precision: invalid choice: 'fp16'"):
+        parse_config(["--precision", "fp16"], "test", "gan")
+
+
 def test_numbers_parse_as_numbers_in_yaml_and_on_the_command_line(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: hit-tiny\nlr: 1e-4\nadam_betas: [0, 9e-1]\n")  # YAML 1.1 reads 1e-4 as a string
@@ -245,6 +255,53 @@ def test_command_line_overrides_yaml_and_model_options(tmp_path):
     assert parse_config(["--max-images", "none", "--adam-betas", "0.5", "0.9"], "test", "gan").adam_betas == [0.5, 0.9]
     with pytest.raises(UsageError, match="argument --steps: invalid int value: 'ten'"):  # one line, not a usage block
         parse_config(["--steps", "ten"], "test", "gan")
+
+
+def test_empty_model_options_in_yaml_are_no_options(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: hit-tiny\nmodel_options:\n")  # the key left empty: YAML reads None
+    config = parse_config(["--config", str(yaml_file)], "test", "gan")
+    assert config.model_options == {}
+    from vqhit.training import build_model
+    assert build_model(config, "gan").config.preset == "hit-tiny"
+    assert parse_config(["--config", str(yaml_file), "--model-option", "mlp_ratio=2"], "test",
+                        "gan").model_options == {"mlp_ratio": 2}
+    yaml_file.write_text("model: hit-tiny\nmodel_options: [norm, layer]\n")
+    with pytest.raises(UsageError, match=r"^--model-option must be of type dict"):
+        parse_config(["--config", str(yaml_file)], "test", "gan")
+
+
+def _checkpoint(output_dir: Path, argv: list[str]) -> Path:
+    """A checkpoint folder as a resume reads it first: the run's saved config and its step."""
+    from vqhit.train_config import save_config
+    checkpoint = output_dir / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    save_config(parse_config([*argv, "--output-dir", str(output_dir)], "test", "vqhit"),
+                checkpoint / "train_config.yaml")
+    (checkpoint / "train_state.json").write_text('{"step": 10}\n')
+    return checkpoint
+
+
+def test_a_derived_perceptual_weight_follows_the_perceptual_loss_on_resume(tmp_path, recwarn):
+    out = tmp_path / "run"
+    _checkpoint(out, ["--perceptual", "vgg_l2"])
+    resume = ["--output-dir", str(out), "--resume", "auto"]
+    assert parse_config(resume, "test", "vqhit").perceptual_weight == 5e-5
+    assert parse_config([*resume, "--perceptual", "lpips"], "test", "vqhit").perceptual_weight == 1.0
+    fresh = parse_config(["--perceptual", "lpips"], "test", "vqhit")
+    assert fresh.perceptual_weight == 1.0
+    assert not recwarn.list
+
+
+def test_an_explicit_perceptual_weight_is_kept_on_resume_and_said(tmp_path):
+    out = tmp_path / "run"
+    _checkpoint(out, ["--perceptual", "vgg_l2", "--perceptual-weight", "2e-5"])
+    resume = ["--output-dir", str(out), "--resume", "auto"]
+    with pytest.warns(UserWarning, match=r"--perceptual lpips: keeping --perceptual-weight 2e-05, .* give "
+                                         r"--perceptual-weight to change it"):
+        assert parse_config([*resume, "--perceptual", "lpips"], "test", "vqhit").perceptual_weight == 2e-5
+    assert parse_config([*resume, "--perceptual", "lpips", "--perceptual-weight", "0.5"], "test",
+                        "vqhit").perceptual_weight == 0.5
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -7,6 +7,10 @@
     if __name__ == "__main__":
         cli.run(main)
 
+The scripts that read a saved model and a dataset (encode, decode, eval_rfid, eval_gan) take their common options
+from the `add_*_options` functions below, and build the model and the dataset from them with `load_model` and
+`eval_dataset_from_args`: an option they share is written once, here.
+
 `run` calls `main`. A `UsageError` (`vqhit.errors`: raised where the library checks what the user chose, and by
 `ArgumentParser` for a malformed command line) prints one line, `error: <message>`, from the first process only,
 and exits with status 2. Any other exception is a bug and propagates with its traceback.
@@ -60,6 +64,76 @@ def default_num_workers() -> int:
     may use to the main process (1 worker on 2 cores, none on 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(4, max(0, cores - 1))
+
+
+# -- the options of the scripts that read a saved model and a dataset ----------------------------------------
+def add_model_option(parser: argparse.ArgumentParser, what: str, example: str, note: str = "") -> None:
+    """--model: `what` ("The tokenizer", ...) as a save_pretrained folder or a Hub repository id."""
+    parser.add_argument("--model", required=True, help=f"{what}: a save_pretrained folder (use a training run's EMA "
+                        f"export, e.g. {example}) or a Hugging Face Hub repository id{note}")
+
+
+def load_model(model_class, args: argparse.Namespace):
+    """The `--model` of `args` as a `model_class` (in eval mode); a mistake names --model."""
+    with naming("--model", args.model):
+        return model_class.from_pretrained(args.model)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser, what: str, transform: str, *, required: bool = True,
+                        data_note: str = "") -> None:
+    """--data, --split, --image-column, --transform, --min-size, --bad-images: which images, read how
+    (`eval_dataset_from_args` builds the dataset from them)."""
+    from .evaluation import DETERMINISTIC_TRANSFORMS  # here: most importers of this module never read a dataset
+
+    parser.add_argument("--data", required=required, default=None, help=f"{what}: a local image folder (sub-folders "
+                        f"become labels), a Hugging Face Hub dataset id, or 'builtin:photos'{data_note}")
+    parser.add_argument("--split", default="train", help="Dataset split: e.g. 'validation' for Hub ImageNet; a plain "
+                        "image folder's only split is 'train' (default: %(default)s)")
+    parser.add_argument("--image-column", default="image", help="Image column of a Hub dataset (default: "
+                        "%(default)s)")
+    parser.add_argument("--transform", default=transform, choices=DETERMINISTIC_TRANSFORMS, help="Deterministic "
+                        "preprocessing to the model's resolution, never flipped: center_crop (short side, bicubic), "
+                        "adm_center_crop (ADM's evaluation protocol), imagenet_gan_eval, or resize (the whole image: "
+                        "for square datasets such as FFHQ) (default: %(default)s)")
+    parser.add_argument("--min-size", type=int_at_least(0), default=0, help="Treat images whose short side is below "
+                        "N pixels as bad images (see --bad-images); 0 keeps every image, upsampling those smaller "
+                        "than the resolution as ADM's protocol does (default: %(default)s)")
+    parser.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable images (and "
+                        "those below --min-size): skip them (the script's output counts them) or stop (default: "
+                        "%(default)s)")
+
+
+def eval_dataset_from_args(args: argparse.Namespace, resolution: int, *, max_images: int | None,
+                           label_column: str | None = None):
+    """The dataset that `add_dataset_options`' options describe, at `resolution` (`vqhit.evaluation.eval_dataset`)."""
+    from .evaluation import eval_dataset
+
+    return eval_dataset(args.data, resolution, transform=args.transform, split=args.split,
+                        image_column=args.image_column, label_column=label_column, max_images=max_images,
+                        bad_images=args.bad_images, min_size=args.min_size)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, batch_size: int, batch_of: str, workers: bool = True,
+                    precision_note: str | None = None) -> None:
+    """--batch-size (of `batch_of`: "images", ...), --num-workers, --precision (when `precision_note` is given:
+    what it applies to and what stays fp32), --no-progress."""
+    from .precision import PRECISIONS
+
+    parser.add_argument("--batch-size", type=int_at_least(1), default=batch_size, help=f"{batch_of.capitalize()} "
+                        f"per forward pass, per process (default: %(default)s)")
+    if workers:
+        parser.add_argument("--num-workers", type=int_at_least(0), default=default_num_workers(), help="DataLoader "
+                            "worker processes per process (default: %(default)s here: up to 4, one fewer than the "
+                            "cores)")
+    if precision_note is not None:
+        parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=f"fp32, or bf16 autocast "
+                            f"{precision_note} (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+
+
+def add_inception_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception-weights", default=None, help="Local file of torch-fidelity's FID Inception "
+                        "weights (weights-inception-2015-12-05-6726825d.pth) for offline use; default: downloaded once")
 
 
 def _rank() -> int:

@@ -1,4 +1,4 @@
-"""Evaluation protocols (SPEC §6): rFID and friends for a tokenizer, FID and IS for a generator.
+"""Evaluation protocols: rFID and friends for a tokenizer, FID and IS for a generator.
 
     report = evaluate_tokenizer(VQHiT.from_pretrained("runs/vqhit-demo/model"),
                                 eval_dataset("/data/imagenet/val", 256, transform="adm_center_crop"),
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +39,10 @@ from .errors import UsageError
 from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
                       inception_score, psnr, ssim, to_uint8)
+from .precision import autocast, check_precision
 
 # Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
 DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
-PRECISIONS = ("fp32", "bf16")
 INTERPOLATIONS = ("linear", "slerp")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID network
 
@@ -221,7 +220,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     ImageNet weights (downloaded once).
     """
     check_eval_dataset(dataset, model.config.resolution)
-    _check_precision(precision)
+    precision = check_precision(precision)
     if not fid and (ref_stats is not None or inception_weights is not None):
         raise UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
                          "off; drop them, or drop --no-fid.")
@@ -240,7 +239,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
         if batch is None:  # every image of the batch was unreadable (counted as skipped below)
             continue
         x = batch["image"].to(device)
-        with _autocast(precision, device):
+        with autocast(precision, device):
             indices = model.encode(x)
             reconstruction = model.decode_indices(indices)
         x8, rec8 = to_uint8(x), to_uint8(reconstruction.float())
@@ -324,7 +323,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
         raise UsageError(f"num_samples={num_samples} (--num-samples): FID needs at least 2 samples.")
     if dataset is not None:
         check_eval_dataset(dataset, generator.config.resolution)
-    _check_precision(precision)
+    precision = check_precision(precision)
     state, device = _runtime(device)
     generator = generator.to(device).eval()
     inception = InceptionFeatures(inception_weights, device=device)
@@ -338,7 +337,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
     logits = [torch.zeros(0, 1008)]
     for start in _bar(range(0, mine, batch_size), "FID samples", progress):
         z = torch.randn(min(batch_size, mine - start), latent_dim, generator=rng).to(device)
-        with _autocast(precision, device):
+        with autocast(precision, device):
             images = generator(z)
         pool, batch_logits = inception(to_uint8(images.float()))
         stats.update(pool)
@@ -459,15 +458,6 @@ def _runtime(device) -> tuple[PartialState, torch.device]:
     """The process state and the device to run on."""
     state = process_state()
     return state, torch.device(device) if device is not None else state.device
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}.")
-
-
-def _autocast(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _bar(iterable, desc: str, progress: bool):

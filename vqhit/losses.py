@@ -1,4 +1,4 @@
-"""Every loss of HiT and VQ-HiT training (SPEC §4), as small functions the training code assembles.
+"""Every loss of HiT and VQ-HiT training, as small functions the training code assembles.
 
 - GAN: non-saturating logistic loss for D and G.
 - R1 on real images, with the paper's convention: `weight * E_x ||grad_x D(x)||^2`, weight 10
@@ -248,7 +248,7 @@ class LeCam:
 
 
 # ------------------------------------------------------------------------------------ reconstruction
-# One reduction for the whole VQ-HiT objective (SPEC §4, Eq. 5): every squared norm is a per-element mean.
+# One reduction for the whole VQ-HiT objective (the paper's Eq. 5): every squared norm is a per-element mean.
 #   pixel term       ||x - x_hat||^2      -> mean over the B*3*H*W pixel values
 #   feature term     ||F(x) - F(x_hat)||^2 -> mean over all B*N_F feature values (five VGG taps together)
 #   codebook/commit  ||sg[z] - e||^2 ...   -> mean over the B*h*w*D code values (the quantizer)

@@ -1,4 +1,4 @@
-"""Evaluation metrics: FID / rFID, Inception Score, PSNR, SSIM, LPIPS, codebook usage (SPEC section 6).
+"""Evaluation metrics: FID / rFID, Inception Score, PSNR, SSIM, LPIPS, codebook usage.
 
 The building blocks here are deliberately small so the evaluation protocol is visible in the scripts
 that use them:
@@ -369,20 +369,20 @@ class LPIPSMetric(nn.Module):
 # tokenizer and data protocol helpers
 
 
-def codebook_usage(indices: torch.Tensor, num_codes: int, all_reduce: bool = True) -> dict:
+def codebook_usage(indices: torch.Tensor, codebook_size: int, all_reduce: bool = True) -> dict:
     """Codebook usage over a whole evaluation set from its token indices (any shape).
 
     Returns {"usage": fraction of codes used at least once, "perplexity": exp(entropy of the code
-    histogram), "counts": the (num_codes,) int64 histogram}. With all_reduce (default) the histogram is
+    histogram), "counts": the (codebook_size,) int64 histogram}. With all_reduce (default) the histogram is
     summed over processes first, so each process passes only its own indices.
     """
     if indices.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
         raise ValueError(f"codebook_usage expects integer code indices; got {indices.dtype}.")
     flat = indices.detach().flatten().long()
-    if flat.numel() and (flat.min() < 0 or flat.max() >= num_codes):
-        raise ValueError(f"Code indices must lie in [0, {num_codes}); got range "
-                         f"[{flat.min().item()}, {flat.max().item()}]. Is num_codes right?")
-    counts = torch.bincount(flat, minlength=num_codes)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= codebook_size):
+        raise ValueError(f"Code indices must lie in [0, {codebook_size}); got range "
+                         f"[{flat.min().item()}, {flat.max().item()}]. Is codebook_size right?")
+    counts = torch.bincount(flat, minlength=codebook_size)
     if all_reduce:
         distributed.all_reduce_sum(counts)
     total = counts.sum()

@@ -1,4 +1,5 @@
-"""Every named preset, as plain data. Parameter counts are the acceptance test (SPEC §1.4, §2.3).
+"""Every named preset, as plain data. The paper presets have exactly the paper's parameter counts
+(tests/test_generator.py and tests/test_vqhit.py check them).
 
 Generator presets are keyword arguments of `HiTConfig`; tokenizer presets of `VQHiTConfig`. Build them with
 `HiTConfig.from_preset(name, **overrides)` / `HiTGenerator.from_preset(...)` (and the VQHiT equivalents).

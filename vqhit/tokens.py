@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import warnings
-from contextlib import nullcontext
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,10 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, collate_images
 from .errors import UsageError
-from .evaluation import PRECISIONS, check_eval_dataset, data_settings, process_state
+from .evaluation import check_eval_dataset, data_settings, process_state
 from .files import atomic_write
 from .metrics import to_uint8
+from .precision import autocast, check_precision
 
 FORMAT, VERSION = "vqhit-tokens", 1
 MANIFEST_NAME = "tokens.json"
@@ -127,8 +127,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
     check_eval_dataset(dataset, model.config.resolution)
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}.")
+    precision = check_precision(precision)
     state = process_state()
     device = torch.device(device) if device is not None else state.device
     output_dir = Path(output_dir)
@@ -151,7 +150,6 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
             for k in todo for start in range(k * shard_size, min((k + 1) * shard_size, n), batch_size)]
     loader = DataLoader(dataset, batch_sampler=[positions for _, positions in plan], num_workers=num_workers,
                         collate_fn=collate_images)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     bar = tqdm(total=sum(len(p) for _, p in plan), desc=f"encode (process {state.process_index} of "
                f"{state.num_processes})", disable=not (progress and state.is_main_process), dynamic_ncols=True)
     current, parts = None, []
@@ -161,7 +159,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
                 _write_shard(output_dir, current, parts, manifest)
             current, parts = k, []
         if batch is not None:
-            with autocast:
+            with autocast(precision, device):
                 indices = model.encode(batch["image"].to(device))
             batch = {**batch, "indices": indices.to("cpu", dtype)}
         parts.append((positions, batch))

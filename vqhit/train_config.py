@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .cli import ArgumentParser
+from .config_values import convert_value
 from .errors import NotFoundError, UsageError
-from .models.pretrained import convert_value
+from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
 
@@ -41,6 +43,11 @@ def opt(default, help: str, choices=None):
 
 def opt_factory(factory, help: str):
     return field(default_factory=factory, metadata={"help": help})
+
+
+# Defaults that follow another choice: key -> (the key it follows, its value for each choice). Left unset, such a
+# key gets the value of its choice; it is saved unset, so a resume that changes the choice gets the new value.
+DERIVED_DEFAULTS = {"perceptual_weight": ("perceptual", {"vgg_l2": 5e-5, "lpips": 1.0, "none": 0.0})}
 
 
 @dataclass
@@ -99,17 +106,17 @@ class TrainConfig:
     lecam_decay: float = opt(0.99, "EMA decay of LeCam's anchors (the running means of D's real and fake logits)")
     ema_decay: float = opt(0.999, "EMA decay of the generator/decoder (parameters and BatchNorm statistics)")
     ema_start: int = opt(10, "Step at which the EMA starts averaging (before it, it copies)")
-    precision: str = opt("no", "Mixed precision: 'no' (fp32) or 'bf16' autocast (networks in bf16, R1 in fp32). "
-                         "fp16 is refused: R1's double backward needs more range than fp16 has",
-                         ["no", "bf16", "fp16"])
+    precision: str = opt("fp32", "Precision of the networks: 'fp32', or 'bf16' autocast (R1 stays in fp32); see "
+                         "vqhit.precision", list(PRECISIONS))
     compile: bool = opt(False, "torch.compile the generator/decoder (never the discriminator: R1 needs double "
                         "backward)")
     seed: int = opt(0, "Random seed (latents are seeded per process)")
     # -- tokenizer losses (train_vqhit.py) --------------------------------------------------------------
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
                           "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"])
-    perceptual_weight: float | None = opt(None, "Weight of the perceptual loss; default: the paper's 5e-5 for "
-                                          "vgg_l2, 1.0 for lpips (see README, 'Loss scales')")
+    perceptual_weight: float | None = opt(None, "Weight of the perceptual loss; default: follows --perceptual, the "
+                                          "paper's 5e-5 for vgg_l2, 1.0 for lpips, 0 for none (the scales are "
+                                          "explained in vqhit/losses.py: every squared norm is a per-element mean)")
     perceptual_pretrained: bool = opt(True, "Use ImageNet-pretrained VGG (downloaded when online, or from "
                                       "--vgg-weights); false = random VGG (tests, offline demos)")
     vgg_weights: str | None = opt(None, "Local torchvision vgg16 state dict, for offline machines")
@@ -142,13 +149,14 @@ class TrainConfig:
     num_samples: int = opt(16, "Images in each sample / reconstruction grid")
 
     def __post_init__(self):
+        if self.precision == "fp16":
+            raise UsageError("--precision fp16 is not supported: R1's double backward overflows fp16's range and a "
+                             "grad scaler does not cover it; use --precision bf16 (or fp32)")
+        self.precision = normalize_precision(self.precision)  # a saved config may say 'no'
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        if self.precision == "fp16":
-            raise UsageError("precision fp16 is not supported: R1's double backward overflows fp16's range and a "
-                             "grad scaler does not cover it; use --precision bf16 (or --precision no)")
         for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
                                                     "sample_every", "checkpoint_every", "keep_checkpoints",
                                                     "num_samples", "max_images")),
@@ -173,8 +181,10 @@ class TrainConfig:
             raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}"
-        if self.perceptual_weight is None:
-            self.perceptual_weight = {"vgg_l2": 5e-5, "lpips": 1.0, "none": 0.0}[self.perceptual]
+        self.derived_keys = tuple(key for key in DERIVED_DEFAULTS if getattr(self, key) is None)
+        for key in self.derived_keys:
+            choice, values = DERIVED_DEFAULTS[key]
+            setattr(self, key, values[getattr(self, choice)])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,7 +210,9 @@ def _field_type(f: dataclasses.Field):
 def _coerce(name: str, value, f: dataclasses.Field):
     """The value as the field's type ('1e-4' for a float key is the number), or an error naming the key."""
     t = _field_type(f)
-    if value is None and (f.default is None or t in (dict, list)):
+    if value is None and t is dict:  # `model_options:` left empty in a YAML file: no options
+        return {}
+    if value is None and (f.default is None or t is list):
         return value
     try:
         return convert_value(value, t)  # the one conversion the model configs use too
@@ -272,8 +284,8 @@ def build_parser(description: str, task: str) -> argparse.ArgumentParser:
         elif t is list:
             parser.add_argument(flag, nargs="+", type=yaml.safe_load, metavar="X", **kwargs)
         else:
-            parser.add_argument(flag, type=_cli_type(t, optional=f.default is None), metavar=t.__name__.upper(),
-                                choices=choices, **kwargs)
+            parse = normalize_precision if f.name == "precision" else _cli_type(t, optional=f.default is None)
+            parser.add_argument(flag, type=parse, metavar=t.__name__.upper(), choices=choices, **kwargs)
     return parser
 
 
@@ -316,6 +328,8 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
+    if "model_options" in given:  # checked before a resume merges them with the saved ones
+        given = {**given, "model_options": _coerce("model_options", given["model_options"], FIELDS["model_options"])}
     resume = given.get("resume")
     checkpoint = None
     if resume:
@@ -331,6 +345,7 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
         given = {k: v for k, v in given.items() if k not in ("overwrite", "init_from", "taming_checkpoint")}
         for key in ("overwrite", "init_from", "taming_checkpoint"):
             base.pop(key, None)
+        _warn_kept_weights(base, given, checkpoint)
     else:
         base = task_defaults(task, given.get("model"))
     values = {**base, **given}
@@ -339,8 +354,20 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     return config_from_dict(values, source=source)
 
 
+def _warn_kept_weights(saved: dict, given: dict, checkpoint: Path) -> None:
+    """A resume that changes a choice keeps a value the run set explicitly for the key that follows it: say so."""
+    for key, (choice, _) in DERIVED_DEFAULTS.items():
+        if key not in given and saved.get(key) is not None and choice in given and given[choice] != saved.get(choice):
+            warnings.warn(f"{flag(choice)} {given[choice]}: keeping {flag(key)} {saved[key]}, which "
+                          f"{checkpoint}/train_config.yaml sets for {flag(choice)} {saved.get(choice)}; give "
+                          f"{flag(key)} to change it")
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the config as YAML; keys left to follow another choice (`DERIVED_DEFAULTS`) are written unset."""
+    values = config.to_dict()
+    values.update({key: None for key in getattr(config, "derived_keys", ())})
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def describe(config: TrainConfig) -> str:

@@ -19,7 +19,6 @@ import difflib
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_wei
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
+from .precision import autocast
 from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
@@ -217,8 +217,7 @@ class Trainer:
     def _build(self, config: TrainConfig, task: str) -> None:
         acc = self.accelerator
         set_seed(config.seed, device_specific=True)  # per-process streams: different latents on every rank
-        self.autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) \
-            if config.precision == "bf16" else nullcontext
+        self.autocast = lambda: autocast(config.precision, acc.device)
 
         model = build_model(config, task)
         resolution = model.config.resolution
@@ -336,7 +335,7 @@ class Trainer:
                      f"The run's checkpoints all start from weights at or after this step: {restart}")
             raise FloatingPointError(
                 f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
-                f"{where}{', or --precision no' if self.config.precision != 'no' else ''}")
+                f"{where}{', or --precision fp32' if self.config.precision != 'fp32' else ''}")
 
     def train_step(self, real: torch.Tensor) -> dict:
         cfg, acc, step = self.config, self.accelerator, self.state.step

@@ -1,4 +1,4 @@
-"""The HiT release's "StyleGAN discriminator": a ResNet of blurred-downsampling residual blocks (SPEC §3).
+"""The HiT release's "StyleGAN discriminator": a ResNet of blurred-downsampling residual blocks.
 
     fromRGB:   Conv3x3(3 -> ch[R]) + LeakyReLU(0.2)
     r = R ... 8:   main = Conv3x3(in -> in), lrelu, BlurDown2, Conv3x3(in -> out), lrelu

@@ -11,7 +11,7 @@ from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
 class VQGANEncoder(TamingEncoder):
     """Images (B, 3, R, R) -> features (B, z_channels, R/f, R/f) with f = 2^(len(channel_mult) - 1).
 
-    With the VQGAN ImageNet f16 settings (the defaults) it has 29,298,176 parameters (SPEC §2.1).
+    With the VQGAN ImageNet f16 settings (the defaults) it has 29,298,176 parameters, as taming's.
     """
 
     def __init__(self, resolution: int = 256, channels: int = 128, channel_mult=(1, 1, 2, 2, 4),

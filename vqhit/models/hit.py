@@ -1,6 +1,6 @@
 """The HiT generator (Zhao et al., NeurIPS 2021) and the stage stack it shares with the VQ-HiT decoder.
 
-Shape of the network (SPEC §1): a first feature map and a memory Z of tokens enter a list of stages,
+Shape of the network: a first feature map and a memory Z of tokens enter a list of stages,
 each doubling the resolution. Every stage adds a positional table, cross-attends to Z, then runs either
 multi-axis blocked self-attention blocks (low resolution) or per-pixel MLP layers (high resolution).
 High-resolution stages emit RGB, summed over stages with nearest upsampling. No tanh.
@@ -120,7 +120,7 @@ class CrossAttentionBlock(nn.Module):
 
 class Memory(nn.Module):
     """The memory Z every cross-attention block attends to: inputs projected to `num_tokens` tokens of width
-    E, plus a learned positional table, normalised once (SPEC §1.1, §2.3).
+    E, plus a learned positional table, normalised once.
 
     `tokens_per_input` tokens come out of each input vector: 16 from the one latent of the generator,
     1 from each code vector of the tokenizer's grid.
@@ -152,7 +152,7 @@ def upsample2x(img: torch.Tensor) -> torch.Tensor:
 
 
 def trunc_normal_init(module: nn.Module) -> None:
-    """SPEC §1.3: Linear weights and positional tables ~ truncated normal(0.02, ±0.04), biases 0, norms 1/0."""
+    """HiT's initialisation: Linear weights and positional tables ~ truncated normal(0.02, ±0.04), biases 0, norms 1/0."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)

@@ -27,15 +27,18 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import types
 import typing
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
+from huggingface_hub import HfApi, ModelCard, ModelCardData, PyTorchModelHubMixin
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config_values import convert_value
 from ..downloads import local_or_hub
 from ..errors import UsageError
 from ..files import atomic_write
@@ -60,30 +63,6 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
 
 # -- configs ------------------------------------------------------------------------------------------------
 _TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string", list: "a list"}
-
-
-def convert_value(value, kind: type):
-    """`value` as `kind`, or raise TypeError. Numbers may arrive as strings: YAML reads `1e-2` (no dot) and
-    every `--model-option` value it cannot type as a string, so a string that parses as the number is one."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind in (int, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
-            return kind(value)  # an int is a float too; a float is not an int
-        if isinstance(value, str):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    elif kind is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-    elif isinstance(value, kind):
-        return value
-    raise TypeError
 
 
 class ConfigMixin:
@@ -240,6 +219,14 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             raise ValueError("a vqhit model saves its own config (model.config); build the model from the config "
                              "you want instead of passing config=")
         directory = Path(save_directory)
+        self._write(directory, training_step, model_card_kwargs)
+        self._pretrained_folder = directory  # what push_to_hub uploads while it holds this model
+        if push_to_hub:
+            return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
+        return directory
+
+    def _write(self, directory: Path, training_step: int | None, model_card_kwargs: dict | None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._save_pretrained(directory, training_step)
         meta = {"model_type": self.model_type, **self.config.to_dict()}
@@ -254,10 +241,55 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             evaluated = _EVALUATION.search(text)
             if evaluated and evaluated.group(1) != weights_sha256(directory):
                 atomic_write(card_path, lambda p: p.write_text(_EVALUATION.sub("\n", text, count=1)))
-        if push_to_hub:
-            return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
-                                    **push_to_hub_kwargs)
-        return directory
+
+    def push_to_hub(self, repo_id: str, *, config=None, commit_message: str = "Push model using huggingface_hub.",
+                    private: bool | None = None, token: str | None = None, branch: str | None = None,
+                    create_pr: bool | None = None, allow_patterns: list[str] | str | None = None,
+                    ignore_patterns: list[str] | str | None = None, delete_patterns: list[str] | str | None = None,
+                    model_card_kwargs: dict | None = None) -> str:
+        """Upload the model to the Hub repository `repo_id` (created if needed); returns the commit URL. The
+        keywords are those of the mixin's `push_to_hub`.
+
+        The folder this model was last saved to or loaded from is uploaded as it is, model card included (with
+        the figures scripts/eval_rfid.py wrote into it), when it still holds exactly this model's config and
+        weights. Otherwise the model is saved afresh and that is uploaded, with the folder's card if it had one,
+        less figures measured on other weights."""
+        if config is not None:
+            raise ValueError("a vqhit model uploads its own config (model.config); build the model from the config "
+                             "you want instead of passing config=")
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+
+        def upload(folder: Path) -> str:
+            return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr,
+                                     allow_patterns=allow_patterns or [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+                                     ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
+
+        folder = getattr(self, "_pretrained_folder", None)
+        if folder is not None and self._holds_this_model(folder):
+            return upload(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = Path(tmp) / "model"
+            fresh.mkdir()
+            if folder is not None and (folder / CARD_NAME).is_file():
+                shutil.copyfile(folder / CARD_NAME, fresh / CARD_NAME)
+            self._write(fresh, None, model_card_kwargs)
+            return upload(fresh)
+
+    def _holds_this_model(self, folder: Path) -> bool:
+        """Whether `folder` holds a model card and exactly this model's config and weights."""
+        if not all((folder / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)):
+            return False
+        ours = json.loads(json.dumps({"model_type": self.model_type, **self.config.to_dict()}))
+        try:
+            if json.loads((folder / CONFIG_NAME).read_text()) != ours:
+                return False
+            saved = load_file(str(folder / WEIGHTS_NAME))
+        except (OSError, ValueError, SafetensorError):
+            return False
+        state = self.state_dict()
+        return saved.keys() == state.keys() and all(torch.equal(saved[k], v.detach().cpu()) for k, v in state.items())
 
     # -- loading ------------------------------------------------------------------------------------------
     @classmethod
@@ -306,6 +338,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
                              f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
         model = cls(config)
         model._load_weights_file(directory, map_location)
+        model._pretrained_folder = directory  # what push_to_hub uploads while it holds this model
         return model.eval()
 
     def load_weights(self, path_or_id, map_location: str | torch.device = "cpu", **hub_kwargs) -> None:

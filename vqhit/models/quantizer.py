@@ -1,4 +1,4 @@
-"""Vector quantization for the VQ-HiT tokenizer (SPEC §2.2).
+"""Vector quantization for the VQ-HiT tokenizer.
 
 Every token vector z of the encoder (channels-last, (B, h, w, code_dim)) is replaced by its nearest
 codebook entry e. The gradient skips the non-differentiable lookup (straight-through estimator), and two
@@ -8,7 +8,7 @@ losses pull codes and encoder outputs together:
            codebook loss        commitment loss (beta on the encoder side, as van den Oord et al.)
 
 taming-transformers' `VectorQuantizer` puts beta on the codebook term instead; this one does not.
-With the defaults the parameter layout is taming's (one `embedding.weight` of shape (num_codes, code_dim)),
+With the defaults the parameter layout is taming's (one `embedding.weight` of shape (codebook_size, code_dim)),
 so a taming VQGAN codebook loads directly.
 
 Options (all off by default):
@@ -63,7 +63,7 @@ class VectorQuantizer(nn.Module):
     """Nearest-code quantizer with a straight-through estimator. Input and output are channels-last.
 
     Args:
-        num_codes: codebook size K.
+        codebook_size: number of codes K.
         code_dim: width of the vectors coming in and going out.
         beta: weight of the commitment loss (the encoder-side term).
         l2_normalize: search and losses on unit vectors (cosine similarity).
@@ -82,13 +82,13 @@ class VectorQuantizer(nn.Module):
     evaluate in eval mode. A restarted code keeps its optimizer state (Adam moments), as in most codebases.
     """
 
-    def __init__(self, num_codes: int = 1024, code_dim: int = 256, beta: float = 0.25, l2_normalize: bool = False,
-                 lookup_dim: int | None = None, restart_dead_codes: bool = False, dead_code_steps: int = 500,
-                 restart_buffer_size: int = 4096, entropy_loss_weight: float = 0.0,
+    def __init__(self, codebook_size: int = 1024, code_dim: int = 256, beta: float = 0.25,
+                 l2_normalize: bool = False, lookup_dim: int | None = None, restart_dead_codes: bool = False,
+                 dead_code_steps: int = 500, restart_buffer_size: int = 4096, entropy_loss_weight: float = 0.0,
                  entropy_temperature: float = 0.01):
         super().__init__()
-        if num_codes < 1 or code_dim < 1:
-            raise ValueError(f"num_codes and code_dim must be positive, got {num_codes} and {code_dim}")
+        if codebook_size < 1 or code_dim < 1:
+            raise ValueError(f"codebook_size and code_dim must be positive, got {codebook_size} and {code_dim}")
         if lookup_dim is not None and lookup_dim < 1:
             raise ValueError(f"lookup_dim must be a positive int or None, got {lookup_dim}")
         if restart_dead_codes and (dead_code_steps < 1 or restart_buffer_size < 1):
@@ -97,24 +97,24 @@ class VectorQuantizer(nn.Module):
         if entropy_loss_weight < 0 or entropy_temperature <= 0:
             raise ValueError(f"entropy_loss_weight must be >= 0 and entropy_temperature > 0, got "
                              f"{entropy_loss_weight} and {entropy_temperature}")
-        self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
+        self.codebook_size, self.code_dim, self.beta = codebook_size, code_dim, beta
         self.entropy_loss_weight, self.entropy_temperature = entropy_loss_weight, entropy_temperature
         self.l2_normalize, self.lookup_dim = l2_normalize, lookup_dim
         self.restart_dead_codes, self.dead_code_steps = restart_dead_codes, dead_code_steps
         search_dim = lookup_dim or code_dim
 
-        self.embedding = nn.Embedding(num_codes, search_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)  # taming's init
+        self.embedding = nn.Embedding(codebook_size, search_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # taming's init
         self.in_proj = nn.Linear(code_dim, lookup_dim) if lookup_dim else None
         self.out_proj = nn.Linear(lookup_dim, code_dim) if lookup_dim else None
 
         # The usage histogram is a logging window: not saved. Without restarts the state dict is taming's
         # single `embedding.weight`.
-        self.register_buffer("code_counts", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+        self.register_buffer("code_counts", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
         if restart_dead_codes:
             # Saved with the model: a resumed run must restart the same codes at the same step as an
             # uninterrupted one.
-            self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.long))
+            self.register_buffer("steps_since_used", torch.zeros(codebook_size, dtype=torch.long))
             self.register_buffer("recent_inputs", torch.zeros(restart_buffer_size, search_dim))
             self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))  # rows holding real data
             self.register_buffer("recent_next", torch.zeros((), dtype=torch.long))    # ring-buffer write position
@@ -190,7 +190,7 @@ class VectorQuantizer(nn.Module):
                 quantized = self.out_proj(quantized)
 
         with torch.no_grad():
-            self.code_counts += torch.bincount(indices, minlength=self.num_codes)
+            self.code_counts += torch.bincount(indices, minlength=self.codebook_size)
             if restarting:
                 self._track_dead_codes(indices, z_search.detach().reshape(-1, z_search.shape[-1]))
         return QuantizerOutput(quantized=quantized, indices=indices.view(z.shape[:-1]), loss=loss,
@@ -211,8 +211,8 @@ class VectorQuantizer(nn.Module):
         """Code vectors (B, h, w, code_dim) of indices (B, h, w): taming's `get_codebook_entry`, channels-last."""
         if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dtype.is_complex:
             raise ValueError(f"indices must be an integer tensor, got {indices.dtype}; use indices.long()")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must lie in [0, {self.num_codes}), got [{int(indices.min())}, "
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, "
                              f"{int(indices.max())}]")
         codes = self._codebook()[indices.long()]
         return self.out_proj(codes) if self.out_proj is not None else codes
@@ -236,7 +236,7 @@ class VectorQuantizer(nn.Module):
             return {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
         p = counts[counts > 0] / total
         entropy = float(-(p * p.log()).sum())
-        return {"usage": codes_used / self.num_codes, "perplexity": math.exp(entropy), "codes_used": codes_used}
+        return {"usage": codes_used / self.codebook_size, "perplexity": math.exp(entropy), "codes_used": codes_used}
 
     # ------------------------------------------------------------------ dead-code restart
     def _track_dead_codes(self, indices: Tensor, z_search: Tensor) -> None:
@@ -246,7 +246,7 @@ class VectorQuantizer(nn.Module):
         buffer holds every process's recent outputs and is the same on every process: the checkpoint (which
         Accelerate writes from rank 0) then resumes every process exactly.
         """
-        hits = distributed.all_reduce_sum(torch.bincount(indices, minlength=self.num_codes))
+        hits = distributed.all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size))
         self.steps_since_used += 1
         self.steps_since_used[hits > 0] = 0  # a code chosen on any process is alive on all
 

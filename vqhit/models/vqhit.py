@@ -30,7 +30,7 @@ INPUT_RANGE_LIMIT = 1.5
 
 
 class HiTDecoder(nn.Module):
-    """Code vectors on a grid (B, h, w, D) -> images (B, 3, R, R), through the HiT stage stack (SPEC §2.3).
+    """Code vectors on a grid (B, h, w, D) -> images (B, 3, R, R), through the HiT stage stack.
 
     The grid enters the stage list at its own resolution: Linear(D -> C0) per token is the first feature map,
     and Linear(D -> E) per token + positional table + norm is the memory Z the cross-attention reads.
