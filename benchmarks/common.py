@@ -11,7 +11,6 @@ at the start of each round, the minimum (`seconds`: other processes only ever ad
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from vqhit.precision import PRECISIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SDPA_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -38,7 +39,7 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.set_defaults(benchmark=name)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                         help="bf16 = autocast to bfloat16 (R1 stays fp32); auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the minimum is reported")
     parser.add_argument("--min-repeat-s", type=float, default=None,
@@ -66,12 +67,6 @@ def setup(args) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True  # what fp32 training on Ampere+ would use
         torch.backends.cudnn.allow_tf32 = True
     return device
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:

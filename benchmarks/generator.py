@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from common import autocast, base_parser, count_flops, fold_all, format_table, machine, setup, time_calls, write_json
+from common import base_parser, count_flops, fold_all, format_table, machine, setup, time_calls, write_json
 
 from vqhit import HiTGenerator, list_presets
+from vqhit.precision import autocast
 
 RATIO_PAIR, RATIO_TARGET = ("hit-b-256", "hit-b-1024"), 20.0
 
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
             z = torch.randn(batch, models[name].config.latent_dim, device=device)
 
             def forward(G=compiled, z=z):
-                with torch.no_grad(), autocast(device, args.precision):
+                with torch.no_grad(), autocast(args.precision, device):
                     return G(z)
 
             def counted_forward(forward=forward, key=(name, batch)):  # names the attention kernel that ran

@@ -137,7 +137,7 @@ def train_segment(preset, overrides, args, steps: int, out_dir: Path, resume: bo
         ema_decay=args.ema_decay, ema_start=args.ema_start, perceptual=args.perceptual,
         perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights,
         adv_weight=args.adv_weight, adv_start=args.adv_start, r1_interval=4,  # lazy R1 (x4): only with --adv-weight
-        disc_max_channels=64 if args.scale == "tiny" else 512, precision="bf16" if args.precision == "bf16" else "no",
+        disc_max_channels=64 if args.scale == "tiny" else 512, precision=args.precision,
         seed=args.seed, num_workers=args.num_workers, output_dir=str(out_dir), log_every=10,
         sample_every=steps, checkpoint_every=steps, keep_checkpoints=1, resume="latest" if resume else None)
     start = time.perf_counter()

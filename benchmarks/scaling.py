@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from common import autocast, base_parser, count_flops, format_table, machine, setup, time_calls, write_json
+from common import base_parser, count_flops, format_table, machine, setup, time_calls, write_json
 
 from vqhit import HiTConfig, HiTGenerator
 from vqhit.presets import GENERATOR_PRESETS
+from vqhit.precision import autocast
 
 RECIPE = GENERATOR_PRESETS["hit-b-1024"]
 VARIANTS = ("hit", "global-low", "global-all")
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
             z = torch.randn(batch, cfg.latent_dim, device=device)
 
             def forward(G=G, z=z):
-                with torch.no_grad(), autocast(device, args.precision):
+                with torch.no_grad(), autocast(args.precision, device):
                     return G(z)
 
             calls[variant, r] = forward

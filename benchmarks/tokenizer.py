@@ -27,11 +27,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import (autocast, base_parser, count_flops, fold_all, format_table, machine, setup, synchronize,
+from common import (base_parser, count_flops, fold_all, format_table, machine, setup, synchronize,
                     time_calls, write_json)
 
 from vqhit import VQHiT
 from vqhit.models import inference
+from vqhit.precision import autocast
 
 PRESET, SPEEDUP_TARGET = "vqhit-b-f16-1024", 8.0
 
@@ -91,7 +92,7 @@ def stage_seconds(model: VQHiT, indices: torch.Tensor, precision: str, repeats: 
     folding included)."""
     decoder, device = model.decoder, indices.device
     best = {}
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), autocast(precision, device):
         codes = model.quantize.lookup(indices)
         b, h, w, d = codes.shape
         for fast in (False, True) * repeats:
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
                 runs["vqhit_decode_plain"] = lambda x=indices, run=plain_decoder(model): run(x)
             for name, run in runs.items():
                 def call(run=run):
-                    with torch.no_grad(), autocast(device, args.precision):
+                    with torch.no_grad(), autocast(args.precision, device):
                         return run()
 
                 calls[name, batch] = call

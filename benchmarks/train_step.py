@@ -34,7 +34,7 @@ import tempfile
 
 import torch
 
-from common import (autocast, base_parser, format_table, load_average, machine, peak_memory_gb, setup, time_calls,
+from common import (base_parser, format_table, load_average, machine, peak_memory_gb, setup, time_calls,
                     write_json)
 
 from vqhit import HiTGenerator, list_presets
@@ -42,6 +42,7 @@ from vqhit.train_config import resolve_config
 from vqhit.training import Trainer
 from vqhit.losses import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from vqhit.models.discriminator import Discriminator
+from vqhit.precision import autocast
 
 
 def build(name: str, checkpoint_mlp: bool, channel_multiplier: int | None, device):
@@ -60,10 +61,10 @@ def make_step(G, D, batch: int, precision: str, device):
 
     def step():
         z = torch.randn(batch, G.config.latent_dim, device=device)
-        with autocast(device, precision):
+        with autocast(precision, device):
             fake = G(z)
         D.requires_grad_(False)
-        with autocast(device, precision):
+        with autocast(precision, device):
             g_loss = g_nonsaturating_loss(D(fake).float())
         D.requires_grad_(True)
         g_loss.backward()
@@ -72,7 +73,7 @@ def make_step(G, D, batch: int, precision: str, device):
 
         fake = fake.detach()
         r1, real_logits = r1_penalty(D, real, weight=10.0, return_logits=True)  # fp32; its logits serve the loss
-        with autocast(device, precision):
+        with autocast(precision, device):
             fake_logits = D(fake)
         d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1
         d_loss.backward()
@@ -96,12 +97,12 @@ def make_d_steps(D, resolution: int, batch: int, precision: str, device) -> dict
 
     def once():
         r1, real_logits = r1_penalty(D, real, weight=10.0, return_logits=True)
-        with autocast(device, precision):
+        with autocast(precision, device):
             fake_logits = D(fake)
         update(d_logistic_loss(real_logits.float(), fake_logits.float()) + r1)
 
     def twice():
-        with autocast(device, precision):
+        with autocast(precision, device):
             real_logits, fake_logits = D(real), D(fake)
         update(d_logistic_loss(real_logits.float(), fake_logits.float()) + r1_penalty(D, real, weight=10.0))
 
@@ -139,7 +140,7 @@ def tokenizer_step(decoder: str, batch: int, precision: str, threads: int | None
     with tempfile.TemporaryDirectory() as output_dir:
         config = resolve_config({"model": TOKENIZER, "model_options": TOKENIZER_DECODERS[decoder],
                                  "batch_size": batch, "num_workers": 0, "max_images": batch, "num_samples": batch,
-                                 "perceptual_pretrained": False, "precision": "bf16" if precision == "bf16" else "no",
+                                 "perceptual_pretrained": False, "precision": precision,
                                  "output_dir": output_dir}, "vqhit")
         trainer = Trainer(config, "vqhit")
         device = trainer.accelerator.device

@@ -8,7 +8,6 @@ only exit codes.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from vqhit.checkpointing import list_checkpoints
 from vqhit.data import DataConfig, TrainingBatches, build_dataloader, build_dataset
 from vqhit.preemption import EXIT_PREEMPTED
@@ -28,12 +28,6 @@ SCRIPT = str(ROOT / "scripts" / "train_gan.py")
 ARGS = ["--num-workers", "0", "--max-images", "8", "--batch-size", "2", "--disc-max-channels", "32",
         "--log-every", "1", "--sample-every", "1000", "--seed", "3", "--checkpoint-every", "4",
         "--r1-interval", "2", "--ema-start", "0", "--resume", "auto"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra) -> dict:

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Sampler, get_worker_info
 from . import distributed
 
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
-IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side (SPEC §5)
+IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 # Held out from training: other photographs, not other crops of the training ones (neighbouring crops of one photo
 # share content, so they would flatter a tokenizer), all colour photographs of everyday scenes (grey ones are the
