@@ -47,6 +47,25 @@ def test_ema_copies_before_start_then_averages_parameters_and_buffers():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_cpu_threads_as_launched_all_cores_or_a_number(tmp_path, monkeypatch):
+    from vqhit.cli import usable_cores
+
+    launched = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what accelerate launch starts
+        make_trainer(tmp_path / "a")
+        assert torch.get_num_threads() == 1  # 0: as launched
+        make_trainer(tmp_path / "b", cpu_threads=-1)
+        assert torch.get_num_threads() == usable_cores()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(usable_cores() * 2))  # more processes than cores: one each
+        make_trainer(tmp_path / "c", cpu_threads=-1)
+        assert torch.get_num_threads() == 1
+        make_trainer(tmp_path / "d", cpu_threads=3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(launched)
+
+
 def test_lazy_r1_runs_every_k_steps_with_weight_times_k(tmp_path):
     trainer = make_trainer(tmp_path, r1_weight=2.0, r1_interval=3)
     real = next(trainer.batches)["image"]

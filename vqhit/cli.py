@@ -59,11 +59,15 @@ def int_at_least(low: int):
     return parse
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """DataLoader workers per process a script starts by default: up to 4, leaving one of the cores this process
     may use to the main process (1 worker on 2 cores, none on 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, max(0, cores - 1))
+    return min(4, max(0, usable_cores() - 1))
 
 
 # -- the options of the scripts that read a saved model and a dataset ----------------------------------------

@@ -111,6 +111,9 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the generator/decoder (never the discriminator: R1 needs double "
                         "backward)")
     seed: int = opt(0, "Random seed (latents are seeded per process)")
+    cpu_threads: int = opt(0, "Threads per process when training on CPU: 0 = as launched (accelerate launch "
+                           "starts one, or OMP_NUM_THREADS), -1 = every core this process may use, shared among "
+                           "this machine's processes, N = N")
     # -- tokenizer losses (train_vqhit.py) --------------------------------------------------------------
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
                           "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"])
@@ -160,7 +163,7 @@ class TrainConfig:
         for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
                                                     "sample_every", "checkpoint_every", "keep_checkpoints",
                                                     "num_samples", "max_images")),
-                          ("num_workers", 0), ("min_size", 0)]:
+                          ("num_workers", 0), ("min_size", 0), ("cpu_threads", -1)]:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise UsageError(f"{flag(name)} must be at least {low}, got {value}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
-from .cli import naming
+from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset
 from .ema import EMA
 from .errors import UsageError
@@ -207,6 +208,8 @@ class Trainer:
                                        project_dir=str(self.output_dir),
                                        kwargs_handlers=[*distributed.ddp_kwargs(),
                                                         *distributed.process_group_kwargs(config.collective_timeout)])
+        if self.accelerator.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(_cpu_threads(config.cpu_threads))
         if self.accelerator.is_main_process:
             resuming = f"resuming {self.resume_path}: " if self.resume_path else ""
             print(resuming + summary(config, task), flush=True)
@@ -573,6 +576,14 @@ def train_source_view(data: str) -> str | None:
     if data in BUILTIN_WHOLE_VIEW:
         return BUILTIN_WHOLE_VIEW[data]
     return data if data.startswith("builtin:") or Path(data).expanduser().is_dir() else None
+
+
+def _cpu_threads(requested: int) -> int:
+    """Threads for `--cpu-threads` (not 0): N, or for -1 the cores this process may run on, shared among the
+    processes on this machine (a launcher starting one thread per process suits GPU training, not CPU training)."""
+    if requested > 0:
+        return requested
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _grad_norm(model: nn.Module) -> float:
