@@ -8,9 +8,9 @@ follows the demo when the demo changes; the recipe flags below override single s
 seed) is a separate training run, scored on held-out photographs it never trained on (other photographs, whole,
 downsampled) and on its training photographs seen the same way (the generalisation gap):
 
-    python benchmarks/reconstruction.py --threads 2      # CPU default: the demo's 16x16 grid, 3 decoders x 3 seeds
-    python benchmarks/reconstruction.py --threads 1 --parallel 2                 # the same, two runs at a time
-    python benchmarks/reconstruction.py --scale tiny --seeds 0                   # the 8x8-grid trio, one seed
+    python benchmarks/reconstruction.py --threads 1 --parallel 2  # the demo's grid, 3 decoders x 3 seeds, 2 at a time
+    python benchmarks/reconstruction.py --threads 2               # the same, one run at a time
+    python benchmarks/reconstruction.py --scale tiny --seeds 0    # the 8x8-grid trio, one seed
     python benchmarks/reconstruction.py --device cuda --scale paper --resolution 128 --steps 3000 --batch-size 32
 
 Scales: `demo` is the no-argument tokenizer demo (`vqhit-demo`: f4 encoder, 1024 codes on a 16x16 grid at 64x64)
@@ -41,10 +41,14 @@ models at `--decode-batch`, the median of interleaved rounds). Writes a markdown
 the JSON (every run's curve, the recipe, the machine) and one PNG: the held-out originals in the top row, one row
 of reconstructions per decoder (the first seed's runs), labelled with that run's held-out PSNR.
 
-Time of the default CPU run (an estimate, extrapolated from 4-step runs of each decoder, not a measurement of the
-whole run): about 55 minutes on 2 CPU cores with `--threads 2` on an otherwise idle machine: 9 runs of 400 steps
-at roughly 0.5 (hit), 0.9 (conv) and 0.4 (vit) s a step, plus about 15 s of start-up, checkpointing and scoring per
-part and run. Other processes on the machine stretch it.
+Time of the default CPU run: an estimate, extrapolated from 4-step runs of each decoder (`--steps 4 --seeds 0
+--segments 2`, one thread per run, 1-minute load average ~2.3 from other processes), not a measurement of the whole
+run. A step took about 1.6 s (hit), 1.9 s (conv) and 1.05 s (vit) on one thread, so the 9 runs of 400 steps are
+about 1.5 hours of one core's work, plus ~5 s of start-up, checkpointing and scoring per part and run (~4 minutes
+in all). On an otherwise idle 2-core machine `--threads 1 --parallel 2` should then take about 50 minutes, and
+`--threads 2` 1.5 hours divided by what a second thread gives a step (not measured: the machine was never idle).
+Two threads per run on a machine busy with other processes are far slower: at load ~3.5, `--threads 2` took ~10 s
+a hit step (threads waiting on each other), so prefer `--threads 1 --parallel 2` there.
 """
 from __future__ import annotations
 
@@ -84,7 +88,7 @@ LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, what 
 
 
 def parse_args():
-    p = base_parser("reconstruction", __doc__)
+    p = base_parser("reconstruction-SCALE", __doc__)  # the name of the default --json, filled in by main()
     p.add_argument("--scale", choices=tuple(VARIANTS), default="demo",
                    help="demo: the tokenizer demo's 16x16 grid (CPU); tiny: the 8x8-grid trio; paper: the paper's")
     p.add_argument("--variants", nargs="+", choices=("hit", "conv", "vit"), default=["hit", "conv", "vit"])
