@@ -1,91 +1,137 @@
-"""Reconstruction bake-off: the HiT decoder against taming's conv decoder and a plain ViT decoder, under one recipe.
+"""Reconstruction bake-off: the HiT decoder against taming's conv decoder and a plain ViT decoder, under one recipe,
+over several seeds.
 
-Every variant has the same encoder and codebook and is trained with the same seed, data, steps, batch and
-losses through the package's own loop (`vqhit.training.train`); only `VQHiTConfig.decoder` differs. Each is
-then scored on held-out photographs that are not in its training set (different photographs, not other tiles):
+Every variant has the same encoder and codebook and is trained with the same recipe, data, steps and losses through
+the package's own loop (`vqhit.training.train`); only `VQHiTConfig.decoder` differs. The recipe is the one
+`train_vqhit.py --model PRESET` runs for the scale's HiT preset (`vqhit.recipes`), read from there, so the bake-off
+follows the demo when the demo changes; the recipe flags below override single settings of it. Each (decoder,
+seed) is a separate training run, scored on held-out photographs it never trained on (other photographs, whole,
+downsampled) and on its training photographs seen the same way (the generalisation gap):
 
-    python benchmarks/reconstruction.py                          # CPU: the tiny trio at 64², <= 30 min on 2 cores
+    python benchmarks/reconstruction.py --threads 1 --parallel 2  # the demo's grid, 3 decoders x 3 seeds, 2 at a time
+    python benchmarks/reconstruction.py --threads 2               # the same, one run at a time
+    python benchmarks/reconstruction.py --scale tiny --seeds 0    # the 8x8-grid trio, one seed
     python benchmarks/reconstruction.py --device cuda --scale paper --resolution 128 --steps 3000 --batch-size 32
 
-Training runs in `--segments` equal parts (each part resumes the previous one's checkpoint; part k of every
-variant runs before part k + 1 of any, so a changing machine load falls on all alike), and the EMA model is
-scored on the held-out images after each part. That gives two comparisons from one run per variant:
-- equal steps: every variant after all `--steps`;
-- equal training wall-clock: every variant at its last part that ended within the time the *fastest* variant
-  took for all its steps (so a slower decoder is scored after fewer steps). Wall-clock is that of
-  `train()`, start-up and checkpointing of each part included, the same machinery for every variant.
+Scales: `demo` is the no-argument tokenizer demo (`vqhit-demo`: f4 encoder, 1024 codes on a 16x16 grid at 64x64)
+with its HiT decoder, with `--model-option decoder=conv` (taming's decoder, mirroring the encoder as in taming's
+configs) and with a ViT decoder sized like the tiny trio's: just under the HiT decoder's FLOPs (3 blocks of width
+180: 0.746 GFLOPs/img against 0.763; `decoder=vit` alone would build the paper-size ViT, 57M parameters). `tiny`
+is the trio of 8x8-grid presets (`vqhit-tiny`, `vqgan-tiny`, `vqvit-tiny`), `paper` the paper's f16 pair and a
+ViT at the HiT decoder's FLOPs.
 
-Metrics (`vqhit.evaluation.evaluate_tokenizer`, on uint8-rounded reconstructions): PSNR and SSIM on [0, 1],
-LPIPS-AlexNet (only when its ImageNet backbone is at hand: `--lpips-backbone` or the torch hub cache), codebook
-usage and perplexity over the held-out set, rFID against the held-out originals (only with Inception weights:
-`--inception-weights` or the torch hub cache; on ~100 images it is a coarse number), decode images/s
-(`decode_indices`, interleaved rounds, median), decoder parameters and GFLOPs per image (FlopCounterMode, meta
-device). Writes a markdown table (stdout and `--markdown`), the JSON (`benchmarks/results/`) and one PNG: the
-held-out originals in the top row, each variant's reconstructions below.
+Training runs in `--segments` equal parts (each part resumes the previous one's checkpoint; part k of every run
+runs before part k + 1 of any, so a changing machine load falls on all runs alike), and the EMA model is scored
+after each part. That gives two comparisons:
+- equal steps: every run after all `--steps`;
+- equal training wall-clock, per seed: each decoder at its last part that ended within the time the *fastest*
+  decoder of that seed took for all its steps (so a slower decoder is scored after fewer steps); then the
+  figures are aggregated over seeds like the equal-steps ones. Wall-clock is that of `train()`, start-up and
+  checkpointing of each part included, the same machinery for every run.
+With `--parallel N`, N runs of a part train at once, each in its own process with `--threads` threads (default:
+the cores divided by N); the next part starts when every run has finished this one.
+
+Metrics (`vqhit.evaluation.evaluate_tokenizer`, on uint8-rounded reconstructions, EMA model): PSNR and SSIM on
+[0, 1] as mean +- std over seeds (sample std, n - 1), LPIPS-AlexNet (only when its ImageNet backbone is at hand:
+`--lpips-backbone` or the torch hub cache), rFID against the held-out originals (only with Inception weights:
+`--inception-weights` or the torch hub cache; on a dozen images it is a coarse number), codebook usage,
+decoder parameters and GFLOPs per image (FlopCounterMode, meta device), train steps/s (steps / wall-clock of
+`train()` over all parts, mean +- std over seeds) and decode ms/img (`decode_indices` of the seed-`--seeds[0]`
+models at `--decode-batch`, the median of interleaved rounds). Writes a markdown file (stdout and `--markdown`),
+the JSON (every run's curve, the recipe, the machine) and one PNG: the held-out originals in the top row, one row
+of reconstructions per decoder (the first seed's runs), labelled with that run's held-out PSNR.
+
+Time of the default CPU run: an estimate, extrapolated from 4-step runs of each decoder (`--steps 4 --seeds 0
+--segments 2`, one thread per run, 1-minute load average ~2.3 from other processes), not a measurement of the whole
+run. A step took about 1.6 s (hit), 1.9 s (conv) and 1.05 s (vit) on one thread, so the 9 runs of 400 steps are
+about 1.5 hours of one core's work, plus ~5 s of start-up, checkpointing and scoring per part and run (~4 minutes
+in all). On an otherwise idle 2-core machine `--threads 1 --parallel 2` should then take about 50 minutes, and
+`--threads 2` 1.5 hours divided by what a second thread gives a step (not measured: the machine was never idle).
+Two threads per run on a machine busy with other processes are far slower: at load ~3.5, `--threads 2` took ~10 s
+a hit step (threads waiting on each other), so prefer `--threads 1 --parallel 2` there.
 """
 from __future__ import annotations
 
-import copy
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from common import RESULTS, base_parser, count_flops, format_table, machine, setup, time_calls, write_json
+from common import RESULTS, base_parser, count_flops, format_table, load_average, machine, setup, time_calls, write_json
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from vqhit import VQHiT
-from vqhit.evaluation import INCEPTION_FILE, eval_dataset, evaluate_tokenizer
+from vqhit.cli import usable_cores
+from vqhit.evaluation import GRID_GAP, GRID_LABEL_WIDTH, INCEPTION_FILE, eval_dataset, evaluate_tokenizer
 from vqhit.metrics import to_uint8
-from vqhit.train_config import TrainConfig
-from vqhit.training import train
+from vqhit.train_config import config_from_dict, task_defaults
+from vqhit.training import MAX_TRAIN_SOURCE_IMAGES, train, train_source_view
 
-# variant -> (preset, config overrides), per scale. The paper scale's vit uses VQHiTConfig's vit defaults, which
-# are sized to the paper HiT decoder's FLOPs.
+# scale -> variant -> (preset, config overrides). The first variant's preset gives the recipe of all of them.
+# A ViT decoder at just under the HiT decoder's FLOPs at each scale, as the paper-scale vit default is.
 VARIANTS = {
+    "demo": {"hit": ("vqhit-demo", {}), "conv": ("vqhit-demo", {"decoder": "conv"}),
+             "vit": ("vqhit-demo", {"decoder": "vit", "vit_decoder_width": 180, "vit_decoder_depth": 3,
+                                    "vit_decoder_heads": 4})},
     "tiny": {"hit": ("vqhit-tiny", {}), "conv": ("vqgan-tiny", {}), "vit": ("vqvit-tiny", {})},
     "paper": {"hit": ("vqhit-b-f16-1024", {}), "conv": ("vqgan-f16-1024", {}),
               "vit": ("vqhit-b-f16-1024", {"decoder": "vit"})},
 }
+# Settings of the recipe a flag may override (None: the recipe's value).
+RECIPE_FLAGS = ("steps", "batch_size", "lr", "adam_betas", "ema_decay", "ema_start", "perceptual", "perceptual_weight",
+                "vgg_weights", "adv_weight", "adv_start", "data", "num_workers")
 LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, what LPIPS loads
 
 
 def parse_args():
-    p = base_parser("reconstruction", __doc__)
-    p.add_argument("--scale", choices=tuple(VARIANTS), default="tiny", help="tiny presets (CPU) or the paper's")
+    p = base_parser("reconstruction-SCALE", __doc__)  # the name of the default --json, filled in by main()
+    p.add_argument("--scale", choices=tuple(VARIANTS), default="demo",
+                   help="demo: the tokenizer demo's 16x16 grid (CPU); tiny: the 8x8-grid trio; paper: the paper's")
     p.add_argument("--variants", nargs="+", choices=("hit", "conv", "vit"), default=["hit", "conv", "vit"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per decoder and seed")
+    p.add_argument("--parallel", type=int, default=1, help="runs of a part trained at once, one process each")
     p.add_argument("--resolution", type=int, default=None, help="override the presets' resolution (e.g. 128)")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per variant")
     p.add_argument("--segments", type=int, default=5, help="parts the training is cut into (held-out curve points)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--adam-betas", type=float, nargs=2, default=[0.0, 0.99])
-    p.add_argument("--ema-decay", type=float, default=0.95, help="short runs: the recipes' 0.999 would still "
-                   "hold mostly the initial weights")
-    p.add_argument("--ema-start", type=int, default=100)
-    p.add_argument("--perceptual", choices=("none", "lpips", "vgg_l2"), default="none",
-                   help="none by default: both need pretrained VGG weights (a download)")
-    p.add_argument("--perceptual-weight", type=float, default=None)
-    p.add_argument("--vgg-weights", default=None, help="local torchvision vgg16 state dict")
-    p.add_argument("--adv-weight", type=float, default=0.0, help="0 = no adversarial term (and no D training)")
-    p.add_argument("--adv-start", type=int, default=0)
-    p.add_argument("--data", default="builtin:photos", help="training images")
+    recipe = p.add_argument_group("recipe", "default: the scale's HiT preset's recipe (vqhit.recipes)")
+    recipe.add_argument("--steps", type=int, default=None, help="optimiser steps per run")
+    recipe.add_argument("--batch-size", type=int, default=None)
+    recipe.add_argument("--lr", type=float, default=None)
+    recipe.add_argument("--adam-betas", type=float, nargs=2, default=None)
+    recipe.add_argument("--ema-decay", type=float, default=None)
+    recipe.add_argument("--ema-start", type=int, default=None)
+    recipe.add_argument("--perceptual", choices=("none", "lpips", "vgg_l2"), default=None,
+                        help="lpips and vgg_l2 need pretrained VGG weights (a download, or --vgg-weights)")
+    recipe.add_argument("--perceptual-weight", type=float, default=None)
+    recipe.add_argument("--vgg-weights", default=None, help="local torchvision vgg16 state dict")
+    recipe.add_argument("--adv-weight", type=float, default=None, help="0 = no adversarial term (and no D training)")
+    recipe.add_argument("--adv-start", type=int, default=None)
+    recipe.add_argument("--data", default=None, help="training images")
+    recipe.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--heldout", default="builtin:photos-heldout", help="held-out images (never trained on)")
+    p.add_argument("--train-view", default=None, help="the training images as scored for the generalisation gap; "
+                   "default: what the training's own report reads (builtin:photos-whole for builtin:photos)")
     p.add_argument("--max-heldout", type=int, default=None, help="score on the first N held-out images only")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file (rFID); default: the "
                    f"torch hub cache's {INCEPTION_FILE} if present, else rFID is n/a")
     p.add_argument("--lpips-backbone", default=None, help=f"torchvision AlexNet state dict for LPIPS; default: "
                    f"the torch hub cache's {LPIPS_BACKBONE_FILE} if present, else LPIPS is n/a")
     p.add_argument("--decode-batch", type=int, default=None, help="decode timing batch (default 8 CPU, 64 GPU)")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="runs/bakeoff", help="each training run gets a fresh folder under it")
-    p.add_argument("--png", default=None, help="default benchmarks/results/reconstruction-DEVICE.png")
-    p.add_argument("--markdown", default=None, help="default benchmarks/results/reconstruction-DEVICE.md")
-    return p.parse_args()
+    p.add_argument("--png", default=None, help="default benchmarks/results/reconstruction-SCALE-DEVICE.png")
+    p.add_argument("--markdown", default=None, help="default benchmarks/results/reconstruction-SCALE-DEVICE.md")
+    args = p.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
+    if len(set(args.variants)) != len(args.variants):
+        p.error(f"--variants {' '.join(args.variants)}: each decoder once")
+    for name in ("parallel", "segments"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 # -- weights that may be missing offline -----------------------------------------------------------------
@@ -101,14 +147,22 @@ def weights_at_hand(given, cached_name: str) -> str | None:
 
 
 # -- scoring -----------------------------------------------------------------------------------------------
-def score(model, heldout, device, lpips_backbone=None, inception_weights=None) -> dict:
-    """Held-out metrics through the package's protocol (vqhit.evaluation.evaluate_tokenizer); LPIPS and rFID
-    only when their weights were found (None = n/a)."""
-    report = evaluate_tokenizer(model, heldout, fid=inception_weights is not None,
+def score(model, images, device, lpips_backbone=None, inception_weights=None) -> dict:
+    """Metrics through the package's protocol (vqhit.evaluation.evaluate_tokenizer); LPIPS and rFID only when their
+    weights were given (None = n/a)."""
+    report = evaluate_tokenizer(model, images, fid=inception_weights is not None,
                                 inception_weights=inception_weights, lpips=lpips_backbone is not None,
                                 lpips_backbone=lpips_backbone, batch_size=16, device=device, progress=False)
     keys = ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "codebook_perplexity", "num_images")
     return {k: report["metrics"][k] for k in keys}
+
+
+def score_point(model, heldout, train_view, device) -> dict:
+    """PSNR, SSIM and usage on the held-out images, and PSNR/SSIM on the training photographs (the gap)."""
+    held, seen = score(model, heldout, device), score(model, train_view, device)
+    return {"psnr": held["psnr"], "ssim": held["ssim"], "codebook_usage": held["codebook_usage"],
+            "codebook_perplexity": held["codebook_perplexity"], "train_psnr": seen["psnr"],
+            "train_ssim": seen["ssim"], "gap_psnr": seen["psnr"] - held["psnr"]}
 
 
 @torch.no_grad()
@@ -128,41 +182,79 @@ def decoder_cost(preset: str, overrides: dict) -> dict:
             "grid": c.grid, "codebook_size": c.codebook_size, "resolution": c.resolution}
 
 
-# -- training ----------------------------------------------------------------------------------------------
-def train_segment(preset, overrides, args, steps: int, out_dir: Path, resume: bool):
-    """Train `preset` up to `steps` (resuming the folder's latest checkpoint); (EMA model, seconds)."""
-    config = TrainConfig(
-        model=preset, model_options=dict(overrides), data=args.data, transform="random_crop", flip=True,
-        batch_size=args.batch_size, steps=steps, lr=args.lr, adam_betas=list(args.adam_betas),
-        ema_decay=args.ema_decay, ema_start=args.ema_start, perceptual=args.perceptual,
-        perceptual_weight=args.perceptual_weight, vgg_weights=args.vgg_weights,
-        adv_weight=args.adv_weight, adv_start=args.adv_start, r1_interval=4,  # lazy R1 (x4): only with --adv-weight
-        disc_max_channels=64 if args.scale == "tiny" else 512, precision=args.precision,
-        seed=args.seed, num_workers=args.num_workers, output_dir=str(out_dir), log_every=10,
-        sample_every=steps, checkpoint_every=steps, keep_checkpoints=1, resume="latest" if resume else None)
-    start = time.perf_counter()
-    ema = train(config, task="vqhit")
-    return ema, time.perf_counter() - start
-
-
 def load_snapshot(preset, overrides, state) -> VQHiT:
     model = VQHiT.from_preset(preset, **overrides)
     model.load_state_dict(state)
     return model
 
 
+# -- training ----------------------------------------------------------------------------------------------
+def bakeoff_recipe(args, preset: str) -> dict:
+    """Every TrainConfig key as `train_vqhit.py --model PRESET` sets it, with the recipe flags given here."""
+    values = task_defaults("vqhit", preset)
+    values.update({k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None})
+    values["precision"] = args.precision
+    values["cpu_threads"] = args.threads or 0  # train() applies it (0: as this process already is)
+    return values
+
+
+def train_part(recipe: dict, preset: str, overrides: dict, seed: int, steps: int, out_dir: str,
+               resume: bool) -> tuple[dict, float]:
+    """Train one run up to `steps` (resuming its folder's latest checkpoint): (EMA state dict, seconds). The
+    held-out report of the recipe is left to the caller, outside the timed training."""
+    config = config_from_dict({
+        **recipe, "model": preset, "model_options": dict(overrides), "seed": seed, "steps": steps,
+        "output_dir": out_dir, "resume": "latest" if resume else None, "heldout_data": None,
+        "sample_every": steps, "checkpoint_every": steps, "keep_checkpoints": 1}, source="the bake-off")
+    start = time.perf_counter()
+    ema = train(config, task="vqhit")
+    seconds = time.perf_counter() - start
+    return {key: v.detach().cpu().clone() for key, v in ema.state_dict().items()}, seconds
+
+
+def train_parts(jobs: list[tuple], parallel: int) -> list[tuple[dict, float]]:
+    """`train_part(*job)` for every job, in order, `parallel` at a time (each in its own process when > 1)."""
+    if parallel == 1:
+        return [train_part(*job) for job in jobs]
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(train_part, *zip(*jobs)))
+
+
+# -- aggregation over seeds -----------------------------------------------------------------------------------
+def mean_std(values: list) -> dict | None:
+    """{"mean", "std" (sample std, None for one value), "n"}; None when any value is None (a metric not computed)."""
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def pm(stats: dict | None, digits: int) -> str | None:
+    """'mean ± std' with `digits` decimals (just the mean for one seed)."""
+    if stats is None:
+        return None
+    text = f"{stats['mean']:.{digits}f}"
+    return text if stats["std"] is None else f"{text} ± {stats['std']:.{digits}f}"
+
+
+def percent(stats: dict | None) -> dict | None:
+    return None if stats is None else {k: v if v is None or k == "n" else 100 * v for k, v in stats.items()}
+
+
 # -- the PNG -------------------------------------------------------------------------------------------------
 def save_comparison(path: Path, originals: torch.Tensor, rows: dict) -> None:
-    """Originals in the top row, one row per variant, each labelled at the left."""
-    images = [originals] + list(rows.values())
-    grid = make_grid(torch.cat(images).clamp(-1, 1) * 0.5 + 0.5, nrow=len(originals), padding=2, pad_value=1)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    label_w, row_h = 60, grid.shape[1] // len(images)
-    canvas = Image.new("RGB", (array.shape[1] + label_w, array.shape[0]), "white")
-    canvas.paste(Image.fromarray(array), (label_w, 0))
+    """Originals in the top row, one row of reconstructions per label below, with the training grids' gaps and
+    label strip (vqhit.evaluation.save_reconstruction_grid)."""
+    labels, images = ["original", *rows], [originals, *rows.values()]
+    n, size = len(originals), originals.shape[-1]
+    canvas = Image.new("RGB", (GRID_LABEL_WIDTH + n * (size + GRID_GAP) - GRID_GAP,
+                               len(images) * (size + GRID_GAP) - GRID_GAP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(["original", *rows]):
-        draw.text((4, i * row_h + row_h // 2 - 5), label, fill="black")
+    for r, (label, row) in enumerate(zip(labels, images)):
+        y = r * (size + GRID_GAP)
+        for c, image in enumerate(to_uint8(row.float().clamp(-1, 1))):
+            canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (GRID_LABEL_WIDTH + c * (size + GRID_GAP), y))
+        draw.text((4, y + size // 2 - 5), label, fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     print(f"wrote {path}")
@@ -173,107 +265,178 @@ def main():
     args = parse_args()
     if args.device.startswith("cpu"):
         os.environ["ACCELERATE_USE_CPU"] = "true"  # train() runs through Accelerate, which would pick a GPU
+    if args.parallel > 1 and not args.threads:
+        args.threads = max(1, usable_cores() // args.parallel)
+    device_tag = torch.device(args.device).type
+    args.json = args.json or str(RESULTS / f"reconstruction-{args.scale}-{device_tag}.json")
     device = setup(args)
     decode_batch = args.decode_batch or (64 if device.type == "cuda" else 8)
-    out_root = Path(args.out_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
     variants = {v: VARIANTS[args.scale][v] for v in args.variants}
     if args.resolution:
         variants = {v: (p, {**o, "resolution": args.resolution}) for v, (p, o) in variants.items()}
+    recipe = bakeoff_recipe(args, VARIANTS[args.scale]["hit"][0])
+    steps_total = recipe["steps"]
+    if steps_total < args.segments:
+        raise SystemExit(f"--steps {steps_total} is fewer than --segments {args.segments}: give at least one step a "
+                         f"part")
     costs = {v: decoder_cost(p, o) for v, (p, o) in variants.items()}
     resolution = next(iter(costs.values()))["resolution"]
-    heldout = eval_dataset(args.heldout, resolution, transform="center_crop", label_column=None,
-                           max_images=args.max_heldout)
+    train_view_source = args.train_view or train_source_view(recipe["data"])
+    if train_view_source is None:
+        raise SystemExit(f"--data {recipe['data']}: no local view of the training images to score the gap on; give "
+                         f"--train-view FOLDER")
+    heldout = eval_dataset(args.heldout, resolution, label_column=None, max_images=args.max_heldout,
+                           min_size=recipe["min_size"])
+    train_view = eval_dataset(train_view_source, resolution, label_column=None, min_size=recipe["min_size"],
+                              max_images=MAX_TRAIN_SOURCE_IMAGES)
     lpips_backbone = weights_at_hand(args.lpips_backbone, LPIPS_BACKBONE_FILE)
     inception_weights = weights_at_hand(args.inception_weights, INCEPTION_FILE)
+    extra = lpips_backbone is not None or inception_weights is not None  # metrics scored only at the table points
     na = "n/a (no weights)"
     lpips_source = f"alex, backbone {lpips_backbone}" if lpips_backbone else na
     inception_source = inception_weights or na
-    print(f"held-out: {args.heldout}, {len(heldout)} images at {resolution}²; LPIPS: {lpips_source}; "
-          f"rFID: {inception_source}", flush=True)
+    print(f"held-out: {args.heldout}, {len(heldout)} images; training photographs as scored: {train_view_source}, "
+          f"{len(train_view)} images; at {resolution}²; LPIPS: {lpips_source}; rFID: {inception_source}", flush=True)
 
-    load_start = os.getloadavg()[0]
-    # Segment k of every variant, then segment k + 1 of every variant: the machine's load (shared, changing)
-    # then falls on all variants alike, as in common.time_calls' interleaved rounds.
-    dirs = {name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=out_root)) for name in variants}  # fresh folders
-    curves, snapshots = {name: [] for name in variants}, {name: [] for name in variants}
+    load_start = load_average()  # 1-minute load average, beside every timing
+    out_root = Path(args.out_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    runs = [(name, seed) for seed in args.seeds for name in variants]  # per part: seed by seed, decoders in turn
+    dirs = {run: tempfile.mkdtemp(prefix=f"{run[0]}-seed{run[1]}-", dir=out_root) for run in runs}  # fresh folders
+    curves = {run: [] for run in runs}
+    snapshots = {run: [] for run in runs}  # EMA weights after each part: kept only for LPIPS / rFID at the end
+    finals = {}
     for k in range(1, args.segments + 1):
-        steps = round(args.steps * k / args.segments)
-        for name, (preset, overrides) in variants.items():
-            print(f"training {name} ({preset} {overrides or ''}) to step {steps} of {args.steps}", flush=True)
-            ema, seconds = train_segment(preset, overrides, args, steps, dirs[name], resume=k > 1)
-            wall = (curves[name][-1]["wall_s"] if curves[name] else 0.0) + seconds
-            metrics = score(copy.deepcopy(ema), heldout, device)  # the curve: no LPIPS / rFID
-            curves[name].append({"step": steps, "wall_s": wall, "load_1m": os.getloadavg()[0], **metrics})
-            snapshots[name].append({key: v.detach().cpu().clone() for key, v in ema.state_dict().items()})
-            print(f"  {name} step {steps}: {wall:.0f} s, held-out PSNR {metrics['psnr']:.2f} dB, SSIM "
-                  f"{metrics['ssim']:.3f}, usage {metrics['codebook_usage']:.1%}", flush=True)
+        steps = round(steps_total * k / args.segments)
+        print(f"part {k} of {args.segments}: every run to step {steps} of {steps_total}", flush=True)
+        jobs = [(recipe, *variants[name], seed, steps, dirs[(name, seed)], k > 1) for name, seed in runs]
+        for (name, seed), (state, seconds) in zip(runs, train_parts(jobs, args.parallel)):
+            curve = curves[(name, seed)]
+            wall = (curve[-1]["wall_s"] if curve else 0.0) + seconds
+            model = load_snapshot(*variants[name], state)
+            point = score_point(model, heldout, train_view, device)
+            curve.append({"step": steps, "wall_s": wall, "load_1m": load_average(), **point})
+            if extra:
+                snapshots[(name, seed)].append(state)
+            if seed == args.seeds[0]:
+                finals[name] = model  # the first seed's models: the PNG and the decode timing
+            print(f"  {name} seed {seed} step {steps}: {wall:.0f} s, held-out PSNR {point['psnr']:.2f} dB, SSIM "
+                  f"{point['ssim']:.3f}, training photographs {point['train_psnr']:.2f} dB, usage "
+                  f"{point['codebook_usage']:.1%}", flush=True)
 
-    # Equal training wall-clock: the fastest variant's total time; each variant at its last part within it.
-    budget = min(curve[-1]["wall_s"] for curve in curves.values())
-    at_budget = {name: max((i for i, point in enumerate(curve) if point["wall_s"] <= budget * 1.02), default=0)
-                 for name, curve in curves.items()}
+    # Equal training wall-clock, per seed: the fastest decoder's total time; each decoder at its last part within it.
+    budgets = {seed: min(curves[(name, seed)][-1]["wall_s"] for name in variants) for seed in args.seeds}
+    run_rows = []
+    for name, seed in runs:
+        curve, kept = curves[(name, seed)], snapshots[(name, seed)]
+        i = max((j for j, point in enumerate(curve) if point["wall_s"] <= budgets[seed] * 1.02), default=0)
+        final, same_time = dict(curve[-1]), dict(curve[i])
+        if extra:  # LPIPS / rFID at the two table points only
+            for point, state in ((final, kept[-1]), (same_time, kept[i])):
+                more = score(load_snapshot(*variants[name], state), heldout, device, lpips_backbone, inception_weights)
+                point.update(lpips=more["lpips"], rfid=more["rfid"])
+        run_rows.append({"variant": name, "seed": seed, **final, "steps_per_s": final["step"] / final["wall_s"],
+                         **{f"equal_time_{key}": v for key, v in same_time.items()},
+                         "equal_time_budget_s": budgets[seed], "run_dir": dirs[(name, seed)]})
 
-    show = torch.linspace(0, len(heldout) - 1, 8).round().long().tolist()  # spread over the held-out photos
-    originals = torch.stack([heldout[i]["image"] for i in show])
-    rows, recs, models = [], {}, {}
-    for name, (preset, overrides) in variants.items():
-        final = load_snapshot(preset, overrides, snapshots[name][-1])
-        metrics = score(final, heldout, device, lpips_backbone, inception_weights)
-        recs[name] = reconstruct(final, originals, device)
-        i = at_budget[name]
-        same_time = metrics if i == len(curves[name]) - 1 else score(
-            load_snapshot(preset, overrides, snapshots[name][i]), heldout, device, lpips_backbone, inception_weights)
-        models[name] = final.to(device).eval()
-        last = curves[name][-1]
-        rows.append({"variant": name, "preset": preset, **costs[name], **metrics,
-                     "train_s": last["wall_s"], "steps_per_s": last["step"] / last["wall_s"],
-                     "equal_time_step": curves[name][i]["step"], "equal_time_s": curves[name][i]["wall_s"],
-                     **{f"equal_time_{k}": v for k, v in same_time.items()}})
-
-    idx = torch.randint(0, rows[0]["codebook_size"], (decode_batch, rows[0]["grid"], rows[0]["grid"]),
+    first = args.seeds[0]
+    models = {name: finals[name].to(device).eval() for name in variants}
+    shape = next(iter(costs.values()))  # every variant has the same codebook and grid
+    idx = torch.randint(0, shape["codebook_size"], (decode_batch, shape["grid"], shape["grid"]),
                         generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         timing = time_calls({n: (lambda m=m: m.decode_indices(idx)) for n, m in models.items()}, device,
                             max(args.repeats, 5), args.min_repeat_s)
-    for row in rows:
-        t = timing[row["variant"]]
-        row["decode_img_s"] = decode_batch / statistics.median(t["all_seconds"]) if "all_seconds" in t else None
 
-    columns = [("decoder", "variant"), ("preset", "preset"), ("decoder params", "decoder_params"),
-               ("decoder GFLOPs/img", "decoder_gflops"), ("PSNR dB", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
-               ("rFID", "rfid"), ("usage", "codebook_usage"), ("perplexity", "codebook_perplexity"),
-               ("decode img/s", "decode_img_s"), ("train steps/s", "steps_per_s"), ("train s", "train_s")]
-    time_columns = [("decoder", "variant"), ("step", "equal_time_step"), ("train s", "equal_time_s"),
-                    ("PSNR dB", "equal_time_psnr"), ("SSIM", "equal_time_ssim"), ("LPIPS", "equal_time_lpips"),
-                    ("rFID", "equal_time_rfid"), ("usage", "equal_time_codebook_usage")]
-    curve_rows = [{"variant": n, **p} for n, c in curves.items() for p in c]
-    curve_columns = [("decoder", "variant"), ("step", "step"), ("train s", "wall_s"), ("PSNR dB", "psnr"),
-                     ("SSIM", "ssim"), ("usage", "codebook_usage")]
+    rows = []
+    for name, (preset, overrides) in variants.items():
+        mine = [row for row in run_rows if row["variant"] == name]
+        stats = {key: mean_std([row.get(key) for row in mine]) for key in
+                 ("psnr", "ssim", "train_psnr", "gap_psnr", "lpips", "rfid", "codebook_usage", "steps_per_s",
+                  "equal_time_step", "equal_time_wall_s", "equal_time_psnr", "equal_time_ssim", "equal_time_train_psnr",
+                  "equal_time_gap_psnr", "equal_time_lpips", "equal_time_rfid")}
+        t = timing[name]
+        decode_ms = 1000 * statistics.median(t["all_seconds"]) / decode_batch if "all_seconds" in t else None
+        rows.append({"variant": name, "preset": preset, "model_options": overrides, **costs[name], "seeds": len(mine),
+                     "decode_ms_per_img": decode_ms, "decode_load_1m": t.get("load_1m"), "stats": stats,
+                     # the table's cells
+                     "psnr_pm": pm(stats["psnr"], 2), "ssim_pm": pm(stats["ssim"], 3),
+                     "train_psnr_pm": pm(stats["train_psnr"], 2), "gap_pm": pm(stats["gap_psnr"], 2),
+                     "lpips_pm": pm(stats["lpips"], 3), "rfid_pm": pm(stats["rfid"], 1),
+                     "usage_pm": pm(percent(stats["codebook_usage"]), 1), "steps_per_s_pm": pm(stats["steps_per_s"], 3),
+                     "et_step_pm": pm(stats["equal_time_step"], 0), "et_wall_pm": pm(stats["equal_time_wall_s"], 0),
+                     "et_psnr_pm": pm(stats["equal_time_psnr"], 2), "et_ssim_pm": pm(stats["equal_time_ssim"], 3),
+                     "et_train_psnr_pm": pm(stats["equal_time_train_psnr"], 2),
+                     "et_gap_pm": pm(stats["equal_time_gap_psnr"], 2), "et_lpips_pm": pm(stats["equal_time_lpips"], 3),
+                     "et_rfid_pm": pm(stats["equal_time_rfid"], 1)})
+
+    columns = [("decoder", "variant"), ("decoder params", "decoder_params"), ("GFLOPs/img", "decoder_gflops"),
+               ("held-out PSNR dB", "psnr_pm"), ("held-out SSIM", "ssim_pm"), ("train-photos PSNR dB", "train_psnr_pm"),
+               ("gap dB", "gap_pm"), ("LPIPS", "lpips_pm"), ("rFID", "rfid_pm"), ("usage %", "usage_pm"),
+               ("train steps/s", "steps_per_s_pm"), ("decode ms/img", "decode_ms_per_img")]
+    time_columns = [("decoder", "variant"), ("step", "et_step_pm"), ("train s", "et_wall_pm"),
+                    ("held-out PSNR dB", "et_psnr_pm"), ("held-out SSIM", "et_ssim_pm"),
+                    ("train-photos PSNR dB", "et_train_psnr_pm"), ("gap dB", "et_gap_pm"), ("LPIPS", "et_lpips_pm"),
+                    ("rFID", "et_rfid_pm")]
+    run_columns = [("decoder", "variant"), ("seed", "seed"), ("held-out PSNR dB", "psnr"), ("held-out SSIM", "ssim"),
+                   ("train-photos PSNR dB", "train_psnr"), ("LPIPS", "lpips"), ("rFID", "rfid"),
+                   ("train steps/s", "steps_per_s"), ("train s", "wall_s"),
+                   ("equal-time budget s", "equal_time_budget_s"), ("equal-time step", "equal_time_step"),
+                   ("equal-time PSNR dB", "equal_time_psnr")]
+    curve_rows = []
+    for name in variants:
+        for j in range(args.segments):
+            points = [curves[(name, seed)][j] for seed in args.seeds]
+            curve_rows.append({"variant": name, "step": points[0]["step"],
+                               "wall": pm(mean_std([p["wall_s"] for p in points]), 0),
+                               **{key: pm(mean_std([p[key] for p in points]), digits) for key, digits in
+                                  (("psnr", 2), ("ssim", 3), ("train_psnr", 2))},
+                               "usage": pm(percent(mean_std([p["codebook_usage"] for p in points])), 1)})
+    curve_columns = [("decoder", "variant"), ("step", "step"), ("train s", "wall"), ("held-out PSNR dB", "psnr"),
+                     ("held-out SSIM", "ssim"), ("train-photos PSNR dB", "train_psnr"), ("usage %", "usage")]
+    decimals = {"psnr": 2, "ssim": 3, "train_psnr": 2, "steps_per_s": 3, "equal_time_psnr": 2}
+    run_cells = [{**row, **{k: f"{row[k]:.{d}f}" for k, d in decimals.items()}} for row in run_rows]
+    seeds = " ".join(map(str, args.seeds))
+    load_text = "n/a" if load_start is None else f"{load_start:.2f}"
+    betas = " ".join(f"{b:g}" for b in recipe["adam_betas"])
+    missing = "".join(f"\n\n{metric}: {na}" for metric, weights in (("LPIPS", lpips_backbone),
+                                                                 ("rFID", inception_weights)) if weights is None)
     text = "\n\n".join([
-        f"Equal steps ({args.steps} steps, batch {args.batch_size}, {len(heldout)} held-out images at "
-        f"{resolution}²; LPIPS: {lpips_source}; rFID: {inception_source})",
-        format_table(rows, columns) + ("\n\nLPIPS: " + na if lpips_backbone is None else "")
-        + ("\nrFID: " + na if inception_weights is None else ""),
-        f"Equal training wall-clock ({budget:.0f} s, the fastest variant's time for {args.steps} steps)",
-        format_table(rows, time_columns), "Held-out curve", format_table(curve_rows, curve_columns)])
+        f"Recipe of `{VARIANTS[args.scale]['hit'][0]}` for every decoder: {steps_total} steps of batch "
+        f"{recipe['batch_size']} in {args.segments} parts, Adam lr {recipe['lr']:g} betas ({betas}), EMA "
+        f"{recipe['ema_decay']:g} from step {recipe['ema_start']}, perceptual {recipe['perceptual']}, adversarial "
+        f"weight {recipe['adv_weight']:g}, data {recipe['data']}. Seeds {seeds}: mean ± sample std over "
+        f"{len(args.seeds)} runs per decoder. Held out: {args.heldout} ({len(heldout)} images); training "
+        f"photographs: {train_view_source} ({len(train_view)} images); gap = training photographs minus held-out. "
+        f"{resolution}², {args.precision}, {args.threads or torch.get_num_threads()} thread(s) per run, "
+        f"{args.parallel} run(s) at a time; 1-minute load average at start {load_text}. PNG: seed {first}.",
+        f"Equal steps ({steps_total} steps; decode: seed {first}'s models, batch {decode_batch}, median of "
+        f"{max(args.repeats, 5)} interleaved rounds)",
+        format_table(rows, columns) + missing,
+        "Equal training wall-clock (per seed: each decoder at its last part within the fastest decoder's time for "
+        f"{steps_total} steps; then over seeds)",
+        format_table(rows, time_columns), "Every run", format_table(run_cells, run_columns),
+        "Held-out curve (mean ± std over seeds)", format_table(curve_rows, curve_columns)])
     print("\n" + text)
 
-    device_tag = device.type
-    png = Path(args.png or RESULTS / f"reconstruction-{device_tag}.png")
-    save_comparison(png, originals, recs)
-    md = Path(args.markdown or RESULTS / f"reconstruction-{device_tag}.md")
+    show = torch.linspace(0, len(heldout) - 1, min(len(heldout), 12)).round().long().tolist()
+    originals = torch.stack([heldout[i]["image"] for i in show])
+    labelled = {f"{name} {curves[(name, first)][-1]['psnr']:.1f} dB": reconstruct(models[name], originals, device)
+                for name in variants}
+    png = Path(args.png or RESULTS / f"reconstruction-{args.scale}-{device_tag}.png")
+    save_comparison(png, originals, labelled)
+    md = Path(args.markdown or RESULTS / f"reconstruction-{args.scale}-{device_tag}.md")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text + "\n")
+    print(f"wrote {md}")
     info = machine(device, args)
     info["load_average_1m_at_start"] = load_start
-    recipe = {k: getattr(args, k) for k in ("scale", "resolution", "steps", "segments", "batch_size", "lr",
-                                            "adam_betas", "ema_decay", "ema_start", "perceptual",
-                                            "perceptual_weight", "adv_weight", "adv_start", "data", "heldout",
-                                            "seed", "decode_batch")}
-    write_json(args.json, info, recipe=recipe, lpips=lpips_source, rfid=inception_source,
-               heldout_images=len(heldout), equal_time_budget_s=budget, rows=rows, curves=curves,
-               run_dirs={n: str(d) for n, d in dirs.items()}, png=str(png))
+    write_json(args.json, info, scale=args.scale, seeds=args.seeds, segments=args.segments, parallel=args.parallel,
+               recipe=recipe, variants={n: {"preset": p, "model_options": o} for n, (p, o) in variants.items()},
+               heldout=args.heldout, heldout_images=len(heldout), train_view=train_view_source,
+               train_view_images=len(train_view), lpips=lpips_source, rfid=inception_source,
+               png_seed=first, png_heldout_indices=show, equal_time_budgets_s=budgets, rows=rows, runs=run_rows,
+               curves=[{"variant": n, "seed": s, "points": c} for (n, s), c in curves.items()], png=str(png))
 
 
 if __name__ == "__main__":
