@@ -11,11 +11,16 @@ Every option starts from the recipe of the chosen --model: the CPU demo's for th
 needed), the paper's for vqhit-b-f16-1024 (raw-VGG perceptual loss, pretrained VGG downloaded when online or read
 from --vgg-weights); then the --config file, then the options given here.
 """
+import os
 import sys
 
-from vqhit import cli
-from vqhit.train_config import parse_config
-from vqhit.training import train
+# Idle OpenMP threads sleep instead of spinning (read when torch loads, so set here): on a CPU shared with other
+# processes, threads spinning at every operation's barrier can make a step several times slower (--cpu-threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from vqhit import cli  # noqa: E402
+from vqhit.train_config import parse_config  # noqa: E402
+from vqhit.training import train  # noqa: E402
 
 
 def main(argv=None):
