@@ -34,68 +34,15 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import DataConfig, ImageDataset, build_dataloader, build_dataset
+from .data import ImageDataset, build_dataloader, check_eval_dataset, data_settings
 from .errors import UsageError
 from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
                       inception_score, psnr, ssim, to_uint8)
 from .precision import autocast, check_precision
 
-# Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
-DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
 INTERPOLATIONS = ("linear", "slerp")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID network
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-
-
-def eval_dataset(source: str, resolution: int, *, transform: str = "center_crop", split: str = "train",
-                 image_column: str = "image", label_column: str | None = "auto", max_images: int | None = None,
-                 bad_images: str = "skip", min_size: int = 0, cache_dir: str | None = None) -> ImageDataset:
-    """A map-style dataset with a deterministic transform and no flip, for evaluation and encoding.
-
-    source: a local image folder, a Hub dataset id, or "builtin:photos". label_column="auto" keeps a
-    column named "label" when there is one (an image folder with sub-folders has it), None drops labels.
-    min_size=0 keeps every image, upsampling those smaller than `resolution` as ADM's protocol does;
-    min_size=N treats images whose short side is below N as bad images (skipped, or raised on).
-    """
-    if transform not in DETERMINISTIC_TRANSFORMS:
-        raise ValueError(f"transform={transform!r} is random or unknown; evaluation and encoding need a deterministic "
-                         f"one of {DETERMINISTIC_TRANSFORMS} (center_crop, or adm_center_crop for the rFID protocol).")
-    cfg = DataConfig(source=source, split=split, image_column=image_column, label_column=label_column,
-                     streaming=False, resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
-                     min_size=min_size, max_images=max_images, cache_dir=cache_dir)
-    return build_dataset(cfg)
-
-
-def check_eval_dataset(dataset, resolution: int) -> None:
-    """Refuse datasets that would make evaluation or encoding random, partial or mis-sized."""
-    if not isinstance(dataset, ImageDataset):
-        raise ValueError(f"expected a map-style vqhit ImageDataset (build one with vqhit.evaluation.eval_dataset), "
-                         f"got {type(dataset).__name__}; streamed datasets cannot be split into exact shards, use "
-                         f"streaming=False.")
-    cfg = dataset.cfg
-    if cfg.flip or cfg.transform not in DETERMINISTIC_TRANSFORMS:
-        raise ValueError(f"the dataset uses transform={cfg.transform!r}, flip={cfg.flip}; evaluation and encoding "
-                         f"need a deterministic one ({DETERMINISTIC_TRANSFORMS}) and flip=False.")
-    if cfg.resolution != resolution:
-        raise ValueError(f"the dataset makes {cfg.resolution}x{cfg.resolution} images but the model works at "
-                         f"{resolution}x{resolution}; build the dataset with resolution={resolution}.")
-
-
-def data_settings(dataset: ImageDataset) -> dict:
-    """What the dataset is, for reports and for the protocol of cached statistics."""
-    cfg = dataset.cfg
-    source = cfg.source
-    if os.path.isdir(os.path.expanduser(source)):
-        source = os.path.abspath(os.path.expanduser(source))  # the same folder however it was spelled
-    small = ("upsampled (bicubic), as ADM's protocol" if cfg.min_size == 0 else
-             f"short side < {cfg.min_size} skipped, the rest below the resolution upsampled (bicubic)")
-    return {"data": source, "split": cfg.split, "image_column": cfg.image_column, "crop": cfg.transform,
-            "resolution": cfg.resolution, "min_size": cfg.min_size, "small_images": small,
-            "max_images": cfg.max_images, "dataset_size": len(dataset)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ __all__ = [
     "ssim",
     "LPIPSMetric",
     "codebook_usage",
-    "center_crop_adm",
 ]
 
 
@@ -391,19 +390,3 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int, all_reduce: bool =
     p = counts.double() / total
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item(), "counts": counts}
-
-
-def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
-    """ADM's evaluation center crop (guided-diffusion `center_crop_arr`), returned as an RGB PIL image.
-
-    Box-downsample by 2 while the short side is >= 2 * size (for 256: while >= 512), so the final bicubic
-    resize never shrinks by more than 2x and does not alias; then bicubic-resize the short side to `size`
-    and cut the central size x size square.
-    """
-    image = pil_image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, collate_images
 from .errors import UsageError
-from .evaluation import check_eval_dataset, data_settings, process_state
+from .data import check_eval_dataset, data_settings
+from .evaluation import process_state
 from .files import atomic_write
 from .metrics import to_uint8
 from .precision import autocast, check_precision
@@ -121,7 +122,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
                    progress: bool = True) -> EncodeSummary:
     """Encode every image of `dataset` into token shards in `output_dir` (resumable, multi-process).
 
-    The dataset must be deterministic (vqhit.evaluation.eval_dataset). Restarting with the same model and
+    The dataset must be deterministic (vqhit.data.eval_dataset). Restarting with the same model and
     data encodes only the shards that are missing; another model, data or preprocessing is refused.
     """
     check_eval_dataset(dataset, model.config.resolution)

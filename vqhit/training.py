@@ -33,10 +33,10 @@ from . import distributed
 from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
 from .cli import naming, usable_cores
-from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset
+from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
 from .errors import UsageError
-from .evaluation import eval_dataset, heldout_report, save_reconstruction_grid
+from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
