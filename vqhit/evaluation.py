@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from . import distributed
+from .distributed import process_state, state_and_device
 from .data import ImageDataset, build_dataloader, check_eval_dataset, data_settings
 from .errors import UsageError
 from .files import atomic_write
@@ -171,7 +171,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     if not fid and (ref_stats is not None or inception_weights is not None):
         raise UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
                          "off; drop them, or drop --no-fid.")
-    state, device = _runtime(device)
+    state, device = state_and_device(device)
     protocol = reference_protocol(dataset, inception_weights)
     reference = _load_reference(ref_stats, protocol)  # first: a mismatching file fails before any work
     model = model.to(device).eval()
@@ -271,7 +271,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
     if dataset is not None:
         check_eval_dataset(dataset, generator.config.resolution)
     precision = check_precision(precision)
-    state, device = _runtime(device)
+    state, device = state_and_device(device)
     generator = generator.to(device).eval()
     inception = InceptionFeatures(inception_weights, device=device)
     reference, status = reference_statistics(dataset, ref_stats, inception=inception,
@@ -328,7 +328,7 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: st
 def save_sample_grid(generator, path, *, rows: int = 8, cols: int = 8, seed: int = 0, batch_size: int = 64,
                      device=None) -> Path:
     """A rows x cols PNG of samples (no padding: rows*R by cols*R pixels) from latents seeded by `seed`."""
-    device = _runtime(device)[1]
+    device = state_and_device(device)[1]
     z = torch.randn(rows * cols, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
     return _save_png(_generate(generator.to(device).eval(), z, batch_size, device), cols, path)
 
@@ -337,7 +337,7 @@ def save_sample_grid(generator, path, *, rows: int = 8, cols: int = 8, seed: int
 def save_interpolations(generator, path, *, rows: int = 4, steps: int = 8, seed: int = 0, mode: str = "linear",
                         batch_size: int = 64, device=None) -> Path:
     """The paper's Figure 7: each row walks from one latent to another in `steps` images (rows*R by steps*R)."""
-    device = _runtime(device)[1]
+    device = state_and_device(device)[1]
     z = torch.randn(2, rows, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
     latents = interpolate_latents(z[0], z[1], steps, mode).flatten(0, 1)
     return _save_png(_generate(generator.to(device).eval(), latents, batch_size, device), steps, path)
@@ -388,23 +388,6 @@ def write_report(report: dict, path) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def process_state() -> PartialState:
-    """Accelerate's process state (rank, world size, device, barrier), as the training loop's Accelerator sees it:
-    ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if distributed.world_size() != state.num_processes:
-        raise UsageError(f"torch.distributed runs {distributed.world_size()} processes but Accelerate sees "
-                         f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
-                         f"`accelerate launch --cpu`).")
-    return state
-
-
-def _runtime(device) -> tuple[PartialState, torch.device]:
-    """The process state and the device to run on."""
-    state = process_state()
-    return state, torch.device(device) if device is not None else state.device
 
 
 def _bar(iterable, desc: str, progress: bool):

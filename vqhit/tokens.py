@@ -43,10 +43,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, collate_images
+from .data import ImageDataset, check_eval_dataset, collate_images, data_settings
+from .distributed import process_state, state_and_device
 from .errors import UsageError
-from .data import check_eval_dataset, data_settings
-from .evaluation import process_state
 from .files import atomic_write
 from .metrics import to_uint8
 from .precision import autocast, check_precision
@@ -129,8 +128,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
     precision = check_precision(precision)
-    state = process_state()
-    device = torch.device(device) if device is not None else state.device
+    state, device = state_and_device(device)
     output_dir = Path(output_dir)
     model = model.to(device).eval()
     manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
@@ -386,8 +384,7 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
                              f"tokenizer that made them, or pass allow_other_tokenizer=True (--allow-other-tokenizer) "
                              f"if this decoder was trained on those codes.")
         warnings.warn(f"{problem}; decoding anyway (allow_other_tokenizer=True).")
-    state = process_state()
-    device = torch.device(device) if device is not None else state.device
+    state, device = state_and_device(device)
     model = model.to(device).eval()
     paths = shard_paths(token_dir)
     if name_by == "id":  # names are checked across all shards: two processes must not write the same file either
