@@ -46,6 +46,7 @@ __all__ = [
     "ssim",
     "LPIPSMetric",
     "codebook_usage",
+    "histogram_usage",
 ]
 
 
@@ -384,9 +385,15 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int, all_reduce: bool =
     counts = torch.bincount(flat, minlength=codebook_size)
     if all_reduce:
         distributed.all_reduce_sum(counts)
-    total = counts.sum()
-    if total == 0:
+    if counts.sum() == 0:
         raise ValueError("codebook_usage got no indices.")
-    p = counts.double() / total
+    return {**histogram_usage(counts), "counts": counts}
+
+
+def histogram_usage(counts: torch.Tensor) -> dict:
+    """{"usage": fraction of codes counted at least once, "perplexity": exp(entropy of the histogram)} of a code
+    histogram `counts` (codebook_size,) holding at least one count: `codebook_usage`'s numbers, and the quantizer's
+    (`VectorQuantizer.usage_stats`) from the histogram it keeps while it runs."""
+    p = counts.double() / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item(), "counts": counts}
+    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item()}
