@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .distributed import process_state, state_and_device
-from .data import ImageDataset, build_dataloader, check_eval_dataset, data_settings
+from .data import ImageDataset, build_dataloader, check_eval_dataset, collate_images, data_settings
 from .errors import UsageError
 from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
@@ -182,20 +182,13 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, upsampled images
     codes, positions = [torch.zeros(0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.int64)]
     loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
-    for batch in _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress):
-        if batch is None:  # every image of the batch was unreadable (counted as skipped below)
-            continue
-        x = batch["image"].to(device)
-        with autocast(precision, device):
-            indices = model.encode(x)
-            reconstruction = model.decode_indices(indices)
-        x8, rec8 = to_uint8(x), to_uint8(reconstruction.float())
-        rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
+    batches = _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress)
+    for batch, x, indices, rec8, rec, psnrs, ssims in _reconstruct_and_measure(model, batches, device, precision):
         if real is not None:
-            real.update(inception(x8)[0])
+            real.update(inception(to_uint8(x))[0])
         if fake is not None:
             fake.update(inception(rec8)[0])
-        sums[:4] += torch.stack([psnr(x, rec).double().sum(), ssim(x, rec).double().sum(),
+        sums[:4] += torch.stack([psnrs.double().sum(), ssims.double().sum(),
                                  lpips_metric(x, rec).double().sum() if lpips_metric is not None
                                  else sums.new_zeros(()), sums.new_tensor(len(x))])
         codes.append(indices.to("cpu", torch.int32))
@@ -236,6 +229,23 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
         **_run_settings(state, device, precision, batch_size),
     }
     return {"metrics": metrics, "settings": settings}
+
+
+def _reconstruct_and_measure(model, batches, device, precision: str = "fp32"):
+    """The reconstruct-and-measure loop of `evaluate_tokenizer` and `heldout_report`: for every batch of `batches`
+    that holds an image (None: every image of it was unreadable), reconstruct it through the tokens
+    (decode_indices(encode(x)) at `precision`) and yield (batch, x on `device`, indices, the reconstruction as
+    uint8 (what one would save and look at), that image back in [-1, 1], per-image PSNR, per-image SSIM)."""
+    for batch in batches:
+        if batch is None:
+            continue
+        x = batch["image"].to(device)
+        with autocast(precision, device):
+            indices = model.encode(x)
+            reconstruction = model.decode_indices(indices)
+        rec8 = to_uint8(reconstruction.float())
+        rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
+        yield batch, x, indices, rec8, rec, psnr(x, rec), ssim(x, rec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,8 +429,8 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
 
     Returns {"psnr", "ssim" (means over images), "psnr_std" (over images), "codebook_usage",
     "codebook_perplexity" (over all the tokens of the set), "num_images", "grid" (the PNG's path, or None)}. The
-    numbers use the same conventions as `evaluate_tokenizer` (uint8-rounded reconstructions; PSNR/SSIM from
-    vqhit.metrics) but need no Inception or LPIPS weights, so a training run can end with them offline. Pass the
+    images are reconstructed and measured by `evaluate_tokenizer`'s own loop (uint8-rounded reconstructions; PSNR/SSIM
+    from vqhit.metrics), without Inception or LPIPS weights, so a training run can end with them offline. Pass the
     EMA model: it is put in eval mode (its BatchNorm uses running statistics) and left as it was found.
 
     Runs on the calling process alone over the whole set (call it on the main process only): held-out sets
@@ -435,19 +445,15 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
     was_training = model.training
     model.eval()
     shown = set(np.linspace(0, len(dataset) - 1, min(grid_images, len(dataset))).round().astype(int).tolist())
+    # By index, unsharded: this process sees every image; unreadable files are skipped (and counted).
+    batches = (collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+               for start in range(0, len(dataset), batch_size))
     psnrs, ssims, codes, originals, reconstructions = [], [], [], [], []
-    for start in range(0, len(dataset), batch_size):  # by index, unsharded: this process sees every image
-        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
-        items = [(i, item) for i, item in items if item is not None]  # unreadable files are skipped (and counted)
-        if not items:
-            continue
-        x = torch.stack([item["image"] for _, item in items]).to(device)
-        indices = model.encode(x)
-        reconstruction = to_uint8(model.decode_indices(indices).float()).float() / 127.5 - 1  # as saved
-        psnrs.append(psnr(x, reconstruction).cpu())
-        ssims.append(ssim(x, reconstruction).cpu())
+    for batch, x, indices, _, reconstruction, psnr_, ssim_ in _reconstruct_and_measure(model, batches, device):
+        psnrs.append(psnr_.cpu())
+        ssims.append(ssim_.cpu())
         codes.append(indices.cpu())
-        keep = [k for k, (i, _) in enumerate(items) if i in shown]
+        keep = [k for k, i in enumerate(batch["index"].tolist()) if i in shown]
         originals.append(x[keep].cpu())
         reconstructions.append(reconstruction[keep].cpu())
     model.train(was_training)
