@@ -33,6 +33,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from . import distributed
+from .config_values import differences
 from .distributed import process_state, state_and_device
 from .data import ImageDataset, build_dataloader, check_eval_dataset, collate_images, data_settings
 from .errors import UsageError
@@ -89,8 +90,7 @@ class ReferenceStatistics:
             warnings.warn(f"{path} does not record how it was made; it is used as the reference without checking "
                           f"that it matches this evaluation's data and crop.")
             return
-        diff = {k: (self.protocol.get(k), protocol.get(k)) for k in sorted(self.protocol.keys() | protocol.keys())
-                if self.protocol.get(k) != protocol.get(k)}
+        diff = differences(self.protocol, protocol)
         if diff:
             raise UsageError(f"{path} holds reference statistics of another protocol; differing settings "
                              f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config_values import differences
 from .data import ImageDataset, check_eval_dataset, collate_images, data_settings
 from .distributed import process_state, state_and_device
 from .errors import UsageError
@@ -190,8 +191,9 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
 def _manifest_differences(existing: dict, manifest: dict) -> dict:
     """Manifest fields that differ, as (existing, this run); the model's name may change (a copied folder), its
     fingerprint may not."""
-    return {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
-            if k != "model" and existing.get(k) != manifest.get(k)}
+    diff = differences(existing, manifest)
+    diff.pop("model", None)
+    return diff
 
 
 def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:

@@ -174,10 +174,8 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
         raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
     ours = config_class.from_preset(config.model, **config.model_options)
-    ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
-    if ours_arch != theirs_arch:
-        diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
-                if ours_arch.get(k) != theirs_arch.get(k)}
+    diff = ours.architecture_differences(theirs)
+    if diff:
         raise UsageError(
             f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
