@@ -1,5 +1,9 @@
 """Evaluation protocols: rFID and friends for a tokenizer, FID and IS for a generator.
 
+    from vqhit import VQHiT
+    from vqhit.data import eval_dataset
+    from vqhit.evaluation import evaluate_tokenizer, format_report
+
     report = evaluate_tokenizer(VQHiT.from_pretrained("runs/vqhit-demo/model"),
                                 eval_dataset("/data/imagenet/val", 256, transform="adm_center_crop"),
                                 ref_stats="imagenet256_val_adm.npz")
