@@ -50,7 +50,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from . import distributed
