@@ -66,7 +66,8 @@ from PIL import Image, ImageDraw
 
 from vqhit import VQHiT
 from vqhit.cli import usable_cores
-from vqhit.evaluation import GRID_GAP, GRID_LABEL_WIDTH, INCEPTION_FILE, eval_dataset, evaluate_tokenizer
+from vqhit.data import eval_dataset
+from vqhit.evaluation import GRID_GAP, GRID_LABEL_WIDTH, INCEPTION_FILE, evaluate_tokenizer
 from vqhit.metrics import to_uint8
 from vqhit.train_config import config_from_dict, task_defaults
 from vqhit.training import MAX_TRAIN_SOURCE_IMAGES, train, train_source_view

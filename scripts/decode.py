@@ -12,7 +12,7 @@ fingerprint; a decoder fine-tuned later on the same codes passes); --allow-other
 import argparse
 
 from vqhit import cli
-from vqhit.evaluation import process_state
+from vqhit.distributed import process_state
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import NAME_BY, decode_tokens
 

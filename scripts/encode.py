@@ -14,7 +14,7 @@ Read the result back with vqhit.tokens.TokenDataset(output_dir) or scripts/decod
 import argparse
 
 from vqhit import cli
-from vqhit.evaluation import process_state
+from vqhit.distributed import process_state
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import encode_dataset
 

@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 
 from vqhit import cli
+from vqhit.distributed import process_state
 from vqhit.errors import UsageError
-from vqhit.evaluation import (INTERPOLATIONS, evaluate_generator, format_report, process_state, save_interpolations,
-                              save_sample_grid, write_report)
+from vqhit.evaluation import (INTERPOLATIONS, evaluate_generator, format_report, save_interpolations, save_sample_grid,
+                              write_report)
 from vqhit.models.hit import HiTGenerator
 
 

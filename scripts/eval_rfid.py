@@ -23,7 +23,8 @@ import argparse
 from pathlib import Path
 
 from vqhit import cli
-from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, process_state, write_report
+from vqhit.distributed import process_state
+from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, write_report
 from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
 from vqhit.models.vqhit import VQHiT
 

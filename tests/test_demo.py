@@ -9,7 +9,8 @@ from PIL import Image
 
 from vqhit.data import (BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, BUILTIN_SOURCES, PACKAGED_PHOTOS, DataConfig,
                         build_dataset)
-from vqhit.evaluation import eval_dataset, grid_cell, heldout_report
+from vqhit.data import eval_dataset
+from vqhit.evaluation import grid_cell, heldout_report
 from vqhit.metrics import codebook_usage, psnr, ssim, to_uint8
 from vqhit.models.vqhit import VQHiT
 from vqhit.train_config import parse_config

@@ -19,10 +19,9 @@ import torch
 from PIL import Image
 
 from vqhit import evaluation
-from vqhit.data import BadImageWarning
+from vqhit.data import BadImageWarning, eval_dataset
 from vqhit.errors import UsageError
-from vqhit.evaluation import (ReferenceStatistics, eval_dataset, evaluate_generator, interpolate_latents,
-                              process_shares)
+from vqhit.evaluation import ReferenceStatistics, evaluate_generator, interpolate_latents, process_shares
 from vqhit.metrics import frechet_distance, psnr, ssim, to_uint8
 from vqhit.models.hit import HiTGenerator
 from vqhit.models.vqhit import VQHiT

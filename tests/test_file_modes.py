@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqhit.evaluation import ReferenceStatistics, eval_dataset
+from vqhit.data import eval_dataset
+from vqhit.evaluation import ReferenceStatistics
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import encode_dataset
 from vqhit.train_config import config_from_dict

@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from vqhit.data import center_crop_adm
 from vqhit.metrics import (
     FeatureStatistics,
     InceptionFeatures,
     LPIPSMetric,
-    center_crop_adm,
     codebook_usage,
     frechet_distance,
     inception_score,

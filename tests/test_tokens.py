@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import free_port
 
-from vqhit.evaluation import eval_dataset
+from vqhit.data import eval_dataset
 from vqhit.metrics import to_uint8
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import TokenDataset, encode_dataset, index_dtype, load_tokens, read_shard, shard_name

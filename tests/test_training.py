@@ -366,7 +366,8 @@ def test_recipe_configs_agree_with_the_recipe_defaults(path):
 
 
 def test_tokenizer_run_ends_with_a_heldout_report(tmp_path, capsys):
-    from vqhit.evaluation import eval_dataset, heldout_report
+    from vqhit.data import eval_dataset
+    from vqhit.evaluation import heldout_report
     trainer = make_trainer(tmp_path, "vqhit", steps=1, adv_start=10, heldout_data="builtin:photos-heldout")
     ema = trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ A run's folder holds `checkpoint-N/` folders (resumable state), `model/` (the ex
   checkpoint) is not "used": a plain restart into it just works.
 - Resuming from an older checkpoint than the newest keeps the newer ones: they are moved, untouched, into
   `superseded-<step>-<time>/` so that the resumed lineage is the only one left to prune and to `--resume latest`.
-- A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`replace_folder`): a kill at any
+- A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`vqhit.files.replace_folder`): a kill at any
   instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes. Every file is
   flushed to disk (fsync) before the rename and the folder after it, so a renamed checkpoint survives a node crash
   or power loss too, not only a killed process.
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import UnavailableError, UsageError
-from .files import fsync_path, fsync_tree, give_default_mode
+from .files import give_default_mode, replace_folder
 from .train_config import save_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -50,26 +50,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints of a run folder, oldest first."""
     found = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if checkpoint_step(p) is not None and p.is_dir()]
     return sorted(found, key=checkpoint_step)
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a completely written folder `tmp` to `final` by rename (atomic on one file system), durably.
-
-    `tmp`'s contents are flushed to disk first and the parent folder after the rename: once this returns, `final`
-    survives a crash of the machine. If `final` exists it is first renamed aside and deleted only after the new
-    folder is in place, so a kill at any instant leaves one complete copy under some name.
-    """
-    fsync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.replaced")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def read_state(checkpoint: Path) -> dict:

@@ -87,7 +87,7 @@ def add_dataset_options(parser: argparse.ArgumentParser, what: str, transform: s
                         data_note: str = "") -> None:
     """--data, --split, --image-column, --transform, --min-size, --bad-images: which images, read how
     (`eval_dataset_from_args` builds the dataset from them)."""
-    from .evaluation import DETERMINISTIC_TRANSFORMS  # here: most importers of this module never read a dataset
+    from .data import DETERMINISTIC_TRANSFORMS  # here: most importers of this module never read a dataset
 
     parser.add_argument("--data", required=required, default=None, help=f"{what}: a local image folder (sub-folders "
                         f"become labels), a Hugging Face Hub dataset id, or 'builtin:photos'{data_note}")
@@ -109,8 +109,8 @@ def add_dataset_options(parser: argparse.ArgumentParser, what: str, transform: s
 
 def eval_dataset_from_args(args: argparse.Namespace, resolution: int, *, max_images: int | None,
                            label_column: str | None = None):
-    """The dataset that `add_dataset_options`' options describe, at `resolution` (`vqhit.evaluation.eval_dataset`)."""
-    from .evaluation import eval_dataset
+    """The dataset that `add_dataset_options`' options describe, at `resolution` (`vqhit.data.eval_dataset`)."""
+    from .data import eval_dataset
 
     return eval_dataset(args.data, resolution, transform=args.transform, split=args.split,
                         image_column=args.image_column, label_column=label_column, max_images=max_images,

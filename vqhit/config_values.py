@@ -1,4 +1,5 @@
-"""How config values are read: the one type conversion of the model configs and the training config.
+"""How config values are read and compared: the one type conversion of the model configs and the training config,
+and the one comparison of two sets of settings (configs, token manifests, reference-statistics protocols).
 
 YAML reads `1e-2` (no dot) as a string, and so is every `--model-option` value YAML cannot type: a string that
 parses as the number a key expects is that number.
@@ -28,3 +29,9 @@ def convert_value(value, kind: type):
     elif isinstance(value, kind):
         return value
     raise TypeError
+
+
+def differences(old: dict, new: dict) -> dict:
+    """The keys whose values differ between two dicts of settings, sorted, as {key: (old's value, new's value)} (a key
+    one of them lacks is None there): what an error names when saved settings do not match this run's."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}

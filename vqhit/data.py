@@ -50,12 +50,16 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from . import distributed
+from .downloads import local_or_hub
+from .errors import UsageError
 
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
+# Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
+DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
 IMAGENET_GAN_CROP = 0.875  # HiT's ImageNet recipe keeps 87.5% of the short side
 BUILTIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 # Held out from training: other photographs, not other crops of the training ones (neighbouring crops of one photo
@@ -73,10 +77,6 @@ BUILTIN_WHOLE_VIEW = {"builtin:photos": "builtin:photos-whole"}
 PACKAGED_PHOTOS = {"china": ("sklearn", "datasets/images/china.jpg", "scikit-learn"),
                    "flower": ("sklearn", "datasets/images/flower.jpg", "scikit-learn"),
                    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "matplotlib")}
-
-from .downloads import local_or_hub
-from .errors import UsageError
-from .metrics import center_crop_adm
 
 
 class BadImageWarning(UserWarning):
@@ -183,6 +183,57 @@ def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     fix = " or lower min_size (--min-size 0 keeps small images)" if _REASONS[_TOO_SMALL] in kinds else ""
     raise UsageError(f"no usable image in {dataset.cfg.source!r}: {why}. First: {first}. Check the files, or point "
                      f"--data at the images you mean{fix}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and encoding: deterministic map-style datasets
+
+
+def eval_dataset(source: str, resolution: int, *, transform: str = "center_crop", split: str = "train",
+                 image_column: str = "image", label_column: str | None = "auto", max_images: int | None = None,
+                 bad_images: str = "skip", min_size: int = 0, cache_dir: str | None = None) -> ImageDataset:
+    """A map-style dataset with a deterministic transform and no flip, for evaluation and encoding.
+
+    source: a local image folder, a Hub dataset id, or "builtin:photos". label_column="auto" keeps a
+    column named "label" when there is one (an image folder with sub-folders has it), None drops labels.
+    min_size=0 keeps every image, upsampling those smaller than `resolution` as ADM's protocol does;
+    min_size=N treats images whose short side is below N as bad images (skipped, or raised on).
+    """
+    if transform not in DETERMINISTIC_TRANSFORMS:
+        raise ValueError(f"transform={transform!r} is random or unknown; evaluation and encoding need a deterministic "
+                         f"one of {DETERMINISTIC_TRANSFORMS} (center_crop, or adm_center_crop for the rFID protocol).")
+    cfg = DataConfig(source=source, split=split, image_column=image_column, label_column=label_column,
+                     streaming=False, resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
+                     min_size=min_size, max_images=max_images, cache_dir=cache_dir)
+    return build_dataset(cfg)
+
+
+def check_eval_dataset(dataset, resolution: int) -> None:
+    """Refuse datasets that would make evaluation or encoding random, partial or mis-sized."""
+    if not isinstance(dataset, ImageDataset):
+        raise ValueError(f"expected a map-style vqhit ImageDataset (build one with vqhit.data.eval_dataset), "
+                         f"got {type(dataset).__name__}; streamed datasets cannot be split into exact shards, use "
+                         f"streaming=False.")
+    cfg = dataset.cfg
+    if cfg.flip or cfg.transform not in DETERMINISTIC_TRANSFORMS:
+        raise ValueError(f"the dataset uses transform={cfg.transform!r}, flip={cfg.flip}; evaluation and encoding "
+                         f"need a deterministic one ({DETERMINISTIC_TRANSFORMS}) and flip=False.")
+    if cfg.resolution != resolution:
+        raise ValueError(f"the dataset makes {cfg.resolution}x{cfg.resolution} images but the model works at "
+                         f"{resolution}x{resolution}; build the dataset with resolution={resolution}.")
+
+
+def data_settings(dataset: ImageDataset) -> dict:
+    """What the dataset is, for reports and for the protocol of cached statistics."""
+    cfg = dataset.cfg
+    source = cfg.source
+    if os.path.isdir(os.path.expanduser(source)):
+        source = os.path.abspath(os.path.expanduser(source))  # the same folder however it was spelled
+    small = ("upsampled (bicubic), as ADM's protocol" if cfg.min_size == 0 else
+             f"short side < {cfg.min_size} skipped, the rest below the resolution upsampled (bicubic)")
+    return {"data": source, "split": cfg.split, "image_column": cfg.image_column, "crop": cfg.transform,
+            "resolution": cfg.resolution, "min_size": cfg.min_size, "small_images": small,
+            "max_images": cfg.max_images, "dataset_size": len(dataset)}
 
 
 def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, seed: int = 0):
@@ -636,6 +687,22 @@ def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) 
     if cfg.flip and _randint(2, generator) == 1:
         pixels = pixels.flip(2)
     return (pixels.float() / 127.5 - 1.0).contiguous()
+
+
+def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
+    """ADM's evaluation center crop (guided-diffusion `center_crop_arr`), returned as an RGB PIL image.
+
+    Box-downsample by 2 while the short side is >= 2 * size (for 256: while >= 512), so the final bicubic
+    resize never shrinks by more than 2x and does not alias; then bicubic-resize the short side to `size`
+    and cut the central size x size square.
+    """
+    image = pil_image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def _randint(high: int, generator: torch.Generator) -> int:

@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
 __all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
            "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
-           "init_restarted_process_group", "elastic_restart_warning", "average_batchnorm_stats_"]
+           "init_restarted_process_group", "elastic_restart_warning", "average_batchnorm_stats_", "process_state",
+           "state_and_device"]
 
 
 def _initialized() -> bool:
@@ -61,6 +68,26 @@ def barrier() -> None:
     """Wait until every process gets here."""
     if is_distributed():
         dist.barrier()
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state (rank, world size, device, barrier), as the training loop's Accelerator sees it:
+    ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
+    from accelerate import PartialState  # deferred: models import this module, not Accelerate
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if world_size() != state.num_processes:
+        raise UsageError(f"torch.distributed runs {world_size()} processes but Accelerate sees "
+                         f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
+                         f"`accelerate launch --cpu`).")
+    return state
+
+
+def state_and_device(device=None) -> tuple[PartialState, torch.device]:
+    """(`process_state()`, the device to run on): `device` when given, else the process's own."""
+    state = process_state()
+    return state, torch.device(device) if device is not None else state.device
 
 
 def _comm_device(tensor: Tensor) -> torch.device:

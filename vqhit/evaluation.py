@@ -1,5 +1,9 @@
 """Evaluation protocols: rFID and friends for a tokenizer, FID and IS for a generator.
 
+    from vqhit import VQHiT
+    from vqhit.data import eval_dataset
+    from vqhit.evaluation import evaluate_tokenizer, format_report
+
     report = evaluate_tokenizer(VQHiT.from_pretrained("runs/vqhit-demo/model"),
                                 eval_dataset("/data/imagenet/val", 256, transform="adm_center_crop"),
                                 ref_stats="imagenet256_val_adm.npz")
@@ -28,74 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import DataConfig, ImageDataset, build_dataloader, build_dataset
+from .config_values import differences
+from .distributed import process_state, state_and_device
+from .data import ImageDataset, build_dataloader, check_eval_dataset, collate_images, data_settings
 from .errors import UsageError
 from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
                       inception_score, psnr, ssim, to_uint8)
 from .precision import autocast, check_precision
 
-# Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
-DETERMINISTIC_TRANSFORMS = ("center_crop", "adm_center_crop", "imagenet_gan_eval", "resize")
 INTERPOLATIONS = ("linear", "slerp")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID network
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-
-
-def eval_dataset(source: str, resolution: int, *, transform: str = "center_crop", split: str = "train",
-                 image_column: str = "image", label_column: str | None = "auto", max_images: int | None = None,
-                 bad_images: str = "skip", min_size: int = 0, cache_dir: str | None = None) -> ImageDataset:
-    """A map-style dataset with a deterministic transform and no flip, for evaluation and encoding.
-
-    source: a local image folder, a Hub dataset id, or "builtin:photos". label_column="auto" keeps a
-    column named "label" when there is one (an image folder with sub-folders has it), None drops labels.
-    min_size=0 keeps every image, upsampling those smaller than `resolution` as ADM's protocol does;
-    min_size=N treats images whose short side is below N as bad images (skipped, or raised on).
-    """
-    if transform not in DETERMINISTIC_TRANSFORMS:
-        raise ValueError(f"transform={transform!r} is random or unknown; evaluation and encoding need a deterministic "
-                         f"one of {DETERMINISTIC_TRANSFORMS} (center_crop, or adm_center_crop for the rFID protocol).")
-    cfg = DataConfig(source=source, split=split, image_column=image_column, label_column=label_column,
-                     streaming=False, resolution=resolution, transform=transform, flip=False, bad_images=bad_images,
-                     min_size=min_size, max_images=max_images, cache_dir=cache_dir)
-    return build_dataset(cfg)
-
-
-def check_eval_dataset(dataset, resolution: int) -> None:
-    """Refuse datasets that would make evaluation or encoding random, partial or mis-sized."""
-    if not isinstance(dataset, ImageDataset):
-        raise ValueError(f"expected a map-style vqhit ImageDataset (build one with vqhit.evaluation.eval_dataset), "
-                         f"got {type(dataset).__name__}; streamed datasets cannot be split into exact shards, use "
-                         f"streaming=False.")
-    cfg = dataset.cfg
-    if cfg.flip or cfg.transform not in DETERMINISTIC_TRANSFORMS:
-        raise ValueError(f"the dataset uses transform={cfg.transform!r}, flip={cfg.flip}; evaluation and encoding "
-                         f"need a deterministic one ({DETERMINISTIC_TRANSFORMS}) and flip=False.")
-    if cfg.resolution != resolution:
-        raise ValueError(f"the dataset makes {cfg.resolution}x{cfg.resolution} images but the model works at "
-                         f"{resolution}x{resolution}; build the dataset with resolution={resolution}.")
-
-
-def data_settings(dataset: ImageDataset) -> dict:
-    """What the dataset is, for reports and for the protocol of cached statistics."""
-    cfg = dataset.cfg
-    source = cfg.source
-    if os.path.isdir(os.path.expanduser(source)):
-        source = os.path.abspath(os.path.expanduser(source))  # the same folder however it was spelled
-    small = ("upsampled (bicubic), as ADM's protocol" if cfg.min_size == 0 else
-             f"short side < {cfg.min_size} skipped, the rest below the resolution upsampled (bicubic)")
-    return {"data": source, "split": cfg.split, "image_column": cfg.image_column, "crop": cfg.transform,
-            "resolution": cfg.resolution, "min_size": cfg.min_size, "small_images": small,
-            "max_images": cfg.max_images, "dataset_size": len(dataset)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,8 +94,7 @@ class ReferenceStatistics:
             warnings.warn(f"{path} does not record how it was made; it is used as the reference without checking "
                           f"that it matches this evaluation's data and crop.")
             return
-        diff = {k: (self.protocol.get(k), protocol.get(k)) for k in sorted(self.protocol.keys() | protocol.keys())
-                if self.protocol.get(k) != protocol.get(k)}
+        diff = differences(self.protocol, protocol)
         if diff:
             raise UsageError(f"{path} holds reference statistics of another protocol; differing settings "
                              f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")
@@ -224,7 +175,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     if not fid and (ref_stats is not None or inception_weights is not None):
         raise UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
                          "off; drop them, or drop --no-fid.")
-    state, device = _runtime(device)
+    state, device = state_and_device(device)
     protocol = reference_protocol(dataset, inception_weights)
     reference = _load_reference(ref_stats, protocol)  # first: a mismatching file fails before any work
     model = model.to(device).eval()
@@ -235,20 +186,13 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, upsampled images
     codes, positions = [torch.zeros(0, dtype=torch.int32)], [torch.zeros(0, dtype=torch.int64)]
     loader = build_dataloader(dataset, batch_size, num_workers, shuffle=False, drop_last=False)
-    for batch in _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress):
-        if batch is None:  # every image of the batch was unreadable (counted as skipped below)
-            continue
-        x = batch["image"].to(device)
-        with autocast(precision, device):
-            indices = model.encode(x)
-            reconstruction = model.decode_indices(indices)
-        x8, rec8 = to_uint8(x), to_uint8(reconstruction.float())
-        rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
+    batches = _bar(loader, "reconstruct" + (" (rFID)" if fid else ""), progress)
+    for batch, x, indices, rec8, rec, psnrs, ssims in _reconstruct_and_measure(model, batches, device, precision):
         if real is not None:
-            real.update(inception(x8)[0])
+            real.update(inception(to_uint8(x))[0])
         if fake is not None:
             fake.update(inception(rec8)[0])
-        sums[:4] += torch.stack([psnr(x, rec).double().sum(), ssim(x, rec).double().sum(),
+        sums[:4] += torch.stack([psnrs.double().sum(), ssims.double().sum(),
                                  lpips_metric(x, rec).double().sum() if lpips_metric is not None
                                  else sums.new_zeros(()), sums.new_tensor(len(x))])
         codes.append(indices.to("cpu", torch.int32))
@@ -291,6 +235,23 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     return {"metrics": metrics, "settings": settings}
 
 
+def _reconstruct_and_measure(model, batches, device, precision: str = "fp32"):
+    """The reconstruct-and-measure loop of `evaluate_tokenizer` and `heldout_report`: for every batch of `batches`
+    that holds an image (None: every image of it was unreadable), reconstruct it through the tokens
+    (decode_indices(encode(x)) at `precision`) and yield (batch, x on `device`, indices, the reconstruction as
+    uint8 (what one would save and look at), that image back in [-1, 1], per-image PSNR, per-image SSIM)."""
+    for batch in batches:
+        if batch is None:
+            continue
+        x = batch["image"].to(device)
+        with autocast(precision, device):
+            indices = model.encode(x)
+            reconstruction = model.decode_indices(indices)
+        rec8 = to_uint8(reconstruction.float())
+        rec = rec8.float() / 127.5 - 1  # the saved image, back in [-1, 1]
+        yield batch, x, indices, rec8, rec, psnr(x, rec), ssim(x, rec)
+
+
 # --------------------------------------------------------------------------------------------------
 # Generator: FID, Inception Score, sample grid, interpolation strips
 
@@ -324,7 +285,7 @@ def evaluate_generator(generator, *, num_samples: int = 50_000, dataset: ImageDa
     if dataset is not None:
         check_eval_dataset(dataset, generator.config.resolution)
     precision = check_precision(precision)
-    state, device = _runtime(device)
+    state, device = state_and_device(device)
     generator = generator.to(device).eval()
     inception = InceptionFeatures(inception_weights, device=device)
     reference, status = reference_statistics(dataset, ref_stats, inception=inception,
@@ -381,7 +342,7 @@ def interpolate_latents(z0: torch.Tensor, z1: torch.Tensor, steps: int, mode: st
 def save_sample_grid(generator, path, *, rows: int = 8, cols: int = 8, seed: int = 0, batch_size: int = 64,
                      device=None) -> Path:
     """A rows x cols PNG of samples (no padding: rows*R by cols*R pixels) from latents seeded by `seed`."""
-    device = _runtime(device)[1]
+    device = state_and_device(device)[1]
     z = torch.randn(rows * cols, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
     return _save_png(_generate(generator.to(device).eval(), z, batch_size, device), cols, path)
 
@@ -390,7 +351,7 @@ def save_sample_grid(generator, path, *, rows: int = 8, cols: int = 8, seed: int
 def save_interpolations(generator, path, *, rows: int = 4, steps: int = 8, seed: int = 0, mode: str = "linear",
                         batch_size: int = 64, device=None) -> Path:
     """The paper's Figure 7: each row walks from one latent to another in `steps` images (rows*R by steps*R)."""
-    device = _runtime(device)[1]
+    device = state_and_device(device)[1]
     z = torch.randn(2, rows, generator.config.latent_dim, generator=torch.Generator().manual_seed(seed))
     latents = interpolate_latents(z[0], z[1], steps, mode).flatten(0, 1)
     return _save_png(_generate(generator.to(device).eval(), latents, batch_size, device), steps, path)
@@ -443,23 +404,6 @@ def write_report(report: dict, path) -> Path:
 # Helpers
 
 
-def process_state() -> PartialState:
-    """Accelerate's process state (rank, world size, device, barrier), as the training loop's Accelerator sees it:
-    ACCELERATE_USE_CPU=1 (set by `accelerate launch --cpu`) makes a multi-process launch run on CPU processes."""
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if distributed.world_size() != state.num_processes:
-        raise UsageError(f"torch.distributed runs {distributed.world_size()} processes but Accelerate sees "
-                         f"{state.num_processes}; on a machine without GPUs set ACCELERATE_USE_CPU=1 (or use "
-                         f"`accelerate launch --cpu`).")
-    return state
-
-
-def _runtime(device) -> tuple[PartialState, torch.device]:
-    """The process state and the device to run on."""
-    state = process_state()
-    return state, torch.device(device) if device is not None else state.device
-
-
 def _bar(iterable, desc: str, progress: bool):
     """tqdm on the main process only."""
     return tqdm(iterable, desc=desc, disable=not (progress and process_state().is_main_process), dynamic_ncols=True)
@@ -489,8 +433,8 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
 
     Returns {"psnr", "ssim" (means over images), "psnr_std" (over images), "codebook_usage",
     "codebook_perplexity" (over all the tokens of the set), "num_images", "grid" (the PNG's path, or None)}. The
-    numbers use the same conventions as `evaluate_tokenizer` (uint8-rounded reconstructions; PSNR/SSIM from
-    vqhit.metrics) but need no Inception or LPIPS weights, so a training run can end with them offline. Pass the
+    images are reconstructed and measured by `evaluate_tokenizer`'s own loop (uint8-rounded reconstructions; PSNR/SSIM
+    from vqhit.metrics), without Inception or LPIPS weights, so a training run can end with them offline. Pass the
     EMA model: it is put in eval mode (its BatchNorm uses running statistics) and left as it was found.
 
     Runs on the calling process alone over the whole set (call it on the main process only): held-out sets
@@ -505,19 +449,15 @@ def heldout_report(model, dataset: ImageDataset, *, batch_size: int = 32, device
     was_training = model.training
     model.eval()
     shown = set(np.linspace(0, len(dataset) - 1, min(grid_images, len(dataset))).round().astype(int).tolist())
+    # By index, unsharded: this process sees every image; unreadable files are skipped (and counted).
+    batches = (collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+               for start in range(0, len(dataset), batch_size))
     psnrs, ssims, codes, originals, reconstructions = [], [], [], [], []
-    for start in range(0, len(dataset), batch_size):  # by index, unsharded: this process sees every image
-        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, len(dataset)))]
-        items = [(i, item) for i, item in items if item is not None]  # unreadable files are skipped (and counted)
-        if not items:
-            continue
-        x = torch.stack([item["image"] for _, item in items]).to(device)
-        indices = model.encode(x)
-        reconstruction = to_uint8(model.decode_indices(indices).float()).float() / 127.5 - 1  # as saved
-        psnrs.append(psnr(x, reconstruction).cpu())
-        ssims.append(ssim(x, reconstruction).cpu())
+    for batch, x, indices, _, reconstruction, psnr_, ssim_ in _reconstruct_and_measure(model, batches, device):
+        psnrs.append(psnr_.cpu())
+        ssims.append(ssim_.cpu())
         codes.append(indices.cpu())
-        keep = [k for k, (i, _) in enumerate(items) if i in shown]
+        keep = [k for k, i in enumerate(batch["index"].tolist()) if i in shown]
         originals.append(x[keep].cpu())
         reconstructions.append(reconstruction[keep].cpu())
     model.train(was_training)

@@ -1,16 +1,18 @@
 """Writing files: whole or not at all, durably, with the permissions any new file of the user gets.
 
 Every file vqhit writes for later use (exported models, checkpoints, token shards, reference statistics) goes
-through `atomic_write`: it is written under a temporary name and renamed, so a kill never leaves half a file. The
-file is flushed to disk (fsync) before the rename and its folder after it, so the new file also survives a crash of
-the machine or a power loss, where a renamed but unflushed file can come back empty. Its
-mode is then what the user's umask gives a new file (0644 under umask 022, 0640 under 027), whatever the writer
-did: safetensors creates its files private (0600), which would hide a model from the colleagues the user's umask
-shares files with. `give_default_mode` does the same for files written by others (Accelerate's checkpoint files).
+through `atomic_write`, and every folder written whole (a checkpoint) through `replace_folder`: it is written under
+a temporary name and renamed, so a kill never leaves half a file. The file is flushed to disk (fsync) before the
+rename and its folder after it, so the new file also survives a crash of the machine or a power loss, where a
+renamed but unflushed file can come back empty. Its mode is then what the user's umask gives a new file (0644 under
+umask 022, 0640 under 027), whatever the writer did: safetensors creates its files private (0600), which would hide
+a model from the colleagues the user's umask shares files with. `give_default_mode` does the same for files written
+by others (Accelerate's checkpoint files).
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -57,3 +59,23 @@ def atomic_write(path: Path, write) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a completely written folder `tmp` to `final` by rename (atomic on one file system), durably.
+
+    `tmp`'s contents are flushed to disk first and the parent folder after the rename: once this returns, `final`
+    survives a crash of the machine. If `final` exists it is first renamed aside and deleted only after the new
+    folder is in place, so a kill at any instant leaves one complete copy under some name.
+    """
+    fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old)

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from . import distributed
 from .downloads import explain_download_failure
@@ -46,7 +45,7 @@ __all__ = [
     "ssim",
     "LPIPSMetric",
     "codebook_usage",
-    "center_crop_adm",
+    "histogram_usage",
 ]
 
 
@@ -385,25 +384,15 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int, all_reduce: bool =
     counts = torch.bincount(flat, minlength=codebook_size)
     if all_reduce:
         distributed.all_reduce_sum(counts)
-    total = counts.sum()
-    if total == 0:
+    if counts.sum() == 0:
         raise ValueError("codebook_usage got no indices.")
-    p = counts.double() / total
+    return {**histogram_usage(counts), "counts": counts}
+
+
+def histogram_usage(counts: torch.Tensor) -> dict:
+    """{"usage": fraction of codes counted at least once, "perplexity": exp(entropy of the histogram)} of a code
+    histogram `counts` (codebook_size,) holding at least one count: `codebook_usage`'s numbers, and the quantizer's
+    (`VectorQuantizer.usage_stats`) from the histogram it keeps while it runs."""
+    p = counts.double() / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item(), "counts": counts}
-
-
-def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
-    """ADM's evaluation center crop (guided-diffusion `center_crop_arr`), returned as an RGB PIL image.
-
-    Box-downsample by 2 while the short side is >= 2 * size (for 256: while >= 512), so the final bicubic
-    resize never shrinks by more than 2x and does not alias; then bicubic-resize the short side to `size`
-    and cut the central size x size square.
-    """
-    image = pil_image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item()}

@@ -43,9 +43,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, collate_images
+from .config_values import differences
+from .data import ImageDataset, check_eval_dataset, collate_images, data_settings
+from .distributed import process_state, state_and_device
 from .errors import UsageError
-from .evaluation import check_eval_dataset, data_settings, process_state
 from .files import atomic_write
 from .metrics import to_uint8
 from .precision import autocast, check_precision
@@ -121,15 +122,14 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
                    progress: bool = True) -> EncodeSummary:
     """Encode every image of `dataset` into token shards in `output_dir` (resumable, multi-process).
 
-    The dataset must be deterministic (vqhit.evaluation.eval_dataset). Restarting with the same model and
+    The dataset must be deterministic (vqhit.data.eval_dataset). Restarting with the same model and
     data encodes only the shards that are missing; another model, data or preprocessing is refused.
     """
     check_eval_dataset(dataset, model.config.resolution)
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
     precision = check_precision(precision)
-    state = process_state()
-    device = torch.device(device) if device is not None else state.device
+    state, device = state_and_device(device)
     output_dir = Path(output_dir)
     model = model.to(device).eval()
     manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
@@ -191,8 +191,9 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
 def _manifest_differences(existing: dict, manifest: dict) -> dict:
     """Manifest fields that differ, as (existing, this run); the model's name may change (a copied folder), its
     fingerprint may not."""
-    return {k: (existing.get(k), manifest.get(k)) for k in sorted(existing.keys() | manifest.keys())
-            if k != "model" and existing.get(k) != manifest.get(k)}
+    diff = differences(existing, manifest)
+    diff.pop("model", None)
+    return diff
 
 
 def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:
@@ -385,8 +386,7 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
                              f"tokenizer that made them, or pass allow_other_tokenizer=True (--allow-other-tokenizer) "
                              f"if this decoder was trained on those codes.")
         warnings.warn(f"{problem}; decoding anyway (allow_other_tokenizer=True).")
-    state = process_state()
-    device = torch.device(device) if device is not None else state.device
+    state, device = state_and_device(device)
     model = model.to(device).eval()
     paths = shard_paths(token_dir)
     if name_by == "id":  # names are checked across all shards: two processes must not write the same file either

@@ -33,10 +33,10 @@ from . import distributed
 from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
                             resolve_resume, save_checkpoint)
 from .cli import naming, usable_cores
-from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset
+from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
 from .errors import UsageError
-from .evaluation import eval_dataset, heldout_report, save_reconstruction_grid
+from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
@@ -174,10 +174,8 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
         raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
     ours = config_class.from_preset(config.model, **config.model_options)
-    ours_arch, theirs_arch = ours.architecture_dict(), theirs.architecture_dict()
-    if ours_arch != theirs_arch:
-        diff = {k: (theirs_arch.get(k), ours_arch.get(k)) for k in sorted(ours_arch.keys() | theirs_arch.keys())
-                if ours_arch.get(k) != theirs_arch.get(k)}
+    diff = ours.architecture_differences(theirs)
+    if diff:
         raise UsageError(
             f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "

@@ -38,7 +38,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, PyTorchModelHubMixi
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config_values import convert_value
+from ..config_values import convert_value, differences
 from ..downloads import local_or_hub
 from ..errors import UsageError
 from ..files import atomic_write
@@ -110,6 +110,11 @@ class ConfigMixin:
             d["norm"] = "batch"
         return d
 
+    def architecture_differences(self, saved) -> dict:
+        """The architecture keys on which `saved` (a checkpoint's config) and this config differ, as {key: (saved's
+        value, this one's)}: empty when the weights of one load into the other. Loading and resuming both ask this."""
+        return differences(saved.architecture_dict(), self.architecture_dict())
+
     @classmethod
     def from_dict(cls, d: dict):
         if not isinstance(d, dict):
@@ -130,9 +135,9 @@ class ConfigMixin:
         return cls.from_dict(json.loads(s))
 
 
-def _differences(ours: dict, theirs: dict) -> str:
-    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    return "; ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in keys)
+def _describe(diff: dict) -> str:
+    """`architecture_differences` as text: "key: saved vs this; ..."."""
+    return "; ".join(f"{k}: {saved!r} vs {this!r}" for k, (saved, this) in diff.items())
 
 
 # -- models -------------------------------------------------------------------------------------------------
@@ -331,7 +336,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
                                            force_download=force_download, local_files_only=local_files_only,
                                            token=token)
         config = cls.make_config(saved, **overrides)
-        changed = _differences(config.architecture_dict(), saved.architecture_dict())
+        changed = _describe(config.architecture_differences(saved))
         if changed:
             raise UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
                              f"weights in {directory} fit only their own architecture; overrides may set only "
@@ -345,7 +350,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         """Load a save_pretrained folder (or Hub repository) into this model, strictly. Its architecture keys
         must equal this model's; runtime keys (freezing, checkpointing, ...) stay this model's own."""
         directory, config = self.read_config(path_or_id, **hub_kwargs)
-        changed = _differences(self.config.architecture_dict(), config.architecture_dict())
+        changed = _describe(self.config.architecture_differences(config))
         if changed:
             raise UsageError(f"checkpoint {directory} was saved for another configuration (preset "
                              f"{config.preset!r}, this model {self.config.preset!r}); differing architecture keys "

@@ -39,7 +39,6 @@ meant to be logged.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..metrics import histogram_usage
 
 
 @dataclass
@@ -229,14 +229,10 @@ class VectorQuantizer(nn.Module):
         code histogram) (0.0 if nothing was counted), "codes_used": int}. Under torch.distributed the
         histograms are summed first, so this is a collective: call it on every process.
         """
-        counts = distributed.all_reduce_sum(self.code_counts.clone()).double()
-        total = counts.sum()
-        codes_used = int((counts > 0).sum())
-        if total == 0:
+        counts = distributed.all_reduce_sum(self.code_counts.clone())
+        if counts.sum() == 0:
             return {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
-        p = counts[counts > 0] / total
-        entropy = float(-(p * p.log()).sum())
-        return {"usage": codes_used / self.codebook_size, "perplexity": math.exp(entropy), "codes_used": codes_used}
+        return {**histogram_usage(counts), "codes_used": int((counts > 0).sum())}
 
     # ------------------------------------------------------------------ dead-code restart
     def _track_dead_codes(self, indices: Tensor, z_search: Tensor) -> None:
