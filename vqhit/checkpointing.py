@@ -10,8 +10,8 @@ A run's folder holds `checkpoint-N/` folders (resumable state), `model/` (the ex
   checkpoint) is not "used": a plain restart into it just works.
 - Resuming from an older checkpoint than the newest keeps the newer ones: they are moved, untouched, into
   `superseded-<step>-<time>/` so that the resumed lineage is the only one left to prune and to `--resume latest`.
-- A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`vqhit.files.replace_folder`): a kill at any
-  instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes. Every file is
+- A checkpoint is written into `.checkpoint-N.tmp/` and renamed when complete (`vqhit.files.replace_folder`): a
+  kill at any instant leaves either the complete checkpoint or a `.tmp` folder that the next run removes. Every file is
   flushed to disk (fsync) before the rename and the folder after it, so a renamed checkpoint survives a node crash
   or power loss too, not only a killed process.
 - `model/` first appears complete by one rename; later exports replace it file by file, each file written to a

@@ -96,7 +96,8 @@ class GANObjective:
 class TokenizerObjective:
     """VQ-HiT: x_hat = AE(x); L2 + perceptual + codebook/commitment + (delayed, optionally adaptive) adversarial.
 
-    The L2 and perceptual terms use the reduction convention of `vqhit.losses` (see the comment above `l2_reconstruction_loss`).
+    The L2 and perceptual terms use the reduction convention of `vqhit.losses` (see the comment above
+    `l2_reconstruction_loss`).
     """
 
     def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device):
