@@ -2,7 +2,7 @@
 """Train a VQ-HiT tokenizer: VQGAN encoder, codebook, HiT decoder.
 
     accelerate launch scripts/train_vqhit.py                    # the CPU demo: vqhit-demo on built-in photos
-    accelerate launch scripts/train_vqhit.py --steps 700        # the demo, with one setting changed
+    accelerate launch scripts/train_vqhit.py --steps 1500       # the demo, with one setting changed
     accelerate launch scripts/train_vqhit.py --model vqhit-b-f16-1024 --data /data/imagenet   # the paper recipe
     accelerate launch --multi_gpu --num_processes 8 scripts/train_vqhit.py --config configs/imagenet256_vqhit.yaml \
         --output-dir runs/imagenet256 --resume auto             # one command for the first start and every restart

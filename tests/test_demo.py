@@ -126,13 +126,13 @@ def test_the_readmes_next_commands_work_as_written(tmp_path, monkeypatch):
 
     config = parse_config(again[1:], "test", "vqhit")  # the demo with more steps, in a new folder
     assert (config.model, config.steps, config.output_dir, config.lr) == \
-        ("vqhit-demo", 700, "runs/vqhit-demo-700", RECIPES["vqhit-demo"]["lr"])
+        ("vqhit-demo", 1500, "runs/vqhit-demo-1500", RECIPES["vqhit-demo"]["lr"])
     first = tmp_path / "runs" / "vqhit-demo" / "checkpoint-350"  # what the demo leaves
     first.mkdir(parents=True)
     save_config(parse_config([], "test", "vqhit"), first / "train_config.yaml")
     (first / "train_state.json").write_text('{"step": 350}\n')
     config = parse_config(cont[1:], "test", "vqhit")  # continues that run, with its settings and more steps
-    assert (config.steps, config.output_dir, config.resume) == (700, "runs/vqhit-demo", "auto")
+    assert (config.steps, config.output_dir, config.resume) == (1500, "runs/vqhit-demo", "auto")
 
     torch.manual_seed(0)
     VQHiT.from_preset("vqhit-demo").eval().save_pretrained(tmp_path / "runs" / "vqhit-demo" / "model")

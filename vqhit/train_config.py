@@ -9,7 +9,7 @@ Where the values come from, lowest first (`resolve_config`):
      checkpoint instead of 1-2;
   3. the YAML file of `--config`;
   4. the command line.
-So any flag changes one setting of the recipe its model implies: `--steps 700` alone is the demo with more steps.
+So any flag changes one setting of the recipe its model implies: `--steps 1500` alone is the demo with more steps.
 
 Each field's `help` is what `--help` prints. An unknown key or a value of the wrong type, in the YAML file or on
 the command line, is an error that names the key. Numbers parse as numbers however they are written (YAML 1.1
