@@ -41,14 +41,10 @@ models at `--decode-batch`, the median of interleaved rounds). Writes a markdown
 the JSON (every run's curve, the recipe, the machine) and one PNG: the held-out originals in the top row, one row
 of reconstructions per decoder (the first seed's runs), labelled with that run's held-out PSNR.
 
-Time of the default CPU run: an estimate, extrapolated from 4-step runs of each decoder (`--steps 4 --seeds 0
---segments 2`, one thread per run, 1-minute load average ~2.3 from other processes), not a measurement of the whole
-run. A step took about 1.6 s (hit), 1.9 s (conv) and 1.05 s (vit) on one thread, so the 9 runs of 400 steps are
-about 1.5 hours of one core's work, plus ~5 s of start-up, checkpointing and scoring per part and run (~4 minutes
-in all). On an otherwise idle 2-core machine `--threads 1 --parallel 2` should then take about 50 minutes, and
-`--threads 2` 1.5 hours divided by what a second thread gives a step (not measured: the machine was never idle).
-Two threads per run on a machine busy with other processes are far slower: at load ~3.5, `--threads 2` took ~10 s
-a hit step (threads waiting on each other), so prefer `--threads 1 --parallel 2` there.
+Time of the default CPU run (`--threads 1 --parallel 2`, 9 runs of the demo's 1100 steps): 59 minutes on a quiet
+2-core Intel Xeon, where a run averaged 0.72 s a step (hit), 0.80 s (conv) and 0.49 s (vit), start-up and
+checkpoints included, on one thread with the other run on the second core. Two threads per run on a machine busy with other processes are far slower (threads waiting on
+each other at every operation), so prefer `--threads 1 --parallel 2` there.
 """
 from __future__ import annotations
 
