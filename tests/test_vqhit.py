@@ -19,6 +19,13 @@ def test_paper_preset_counts_are_exact():
     assert model.quantize.embedding.weight.shape == (1024, 256)
 
 
+def test_num_parameters_counts_the_module_it_is_given(tiny):
+    # A compiled module has no truth value, and an empty one is falsy: neither may fall back to the whole model.
+    assert tiny.num_parameters(torch.compile(tiny.decoder)) == count(tiny.decoder)
+    assert tiny.num_parameters(torch.nn.Sequential()) == 0
+    assert tiny.num_parameters() == count(tiny)
+
+
 def test_paper_preset_round_trips_256_images_through_16x16_tokens():
     torch.manual_seed(0)
     model = VQHiT.from_preset("vqhit-b-f16-1024").eval()

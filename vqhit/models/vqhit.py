@@ -267,7 +267,8 @@ class VQHiT(PretrainedMixin, nn.Module):
         return self.decoder.last_layer
 
     def num_parameters(self, module: nn.Module | None = None) -> int:
-        return sum(p.numel() for p in (module or self).parameters())
+        # `is None`, not `or`: the truth value of a module is its length, which a compiled module refuses.
+        return sum(p.numel() for p in (self if module is None else module).parameters())
 
     def load_taming_checkpoint(self, path, weights_only: bool = True) -> None:
         """Import encoder, quant_conv and codebook from a taming VQGAN checkpoint (Lightning `.ckpt` with a
