@@ -4,7 +4,8 @@ faster than taming's, as the ratio of the median times.
 
     python benchmarks/tokenizer.py                  # CPU: batch 1 and 4, with 1 and 2 threads, 5 rounds each
     python benchmarks/tokenizer.py --plain          # + the plain decoder (no inference path) and plain encoder
-    python benchmarks/tokenizer.py --profile        # + top operators of both decoders, time per HiT stage
+    python benchmarks/tokenizer.py --profile        # + top operators of both decoders, time per HiT stage, and
+                                                    #   the HiT decoder's floor (its matmuls, attention, GELU alone)
 
 Encode = images (B, 3, 256, 256) -> token ids (B, 16, 16): taming's encoder, quant_conv, nearest code; it is timed
 beside taming's encoder network alone, as taming runs it (the same network; target: encode no slower).
@@ -115,12 +116,26 @@ def stage_seconds(model: VQHiT, indices: torch.Tensor, precision: str, repeats: 
     return rows
 
 
-def top_ops(fn, rows: int = 12) -> str:
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-                 ) as prof:
+# The operators that do a HiT decoder's arithmetic: its Linears, its attention and its GELU. Their profiled self
+# time is the decoder's floor on this machine with PyTorch's kernels: what it would take if copies, residual adds,
+# reshapes and Python took no time at all.
+KERNEL_OPS = ("addmm", "mm", "bmm", "baddbmm", "gelu", "gelu_")
+
+
+def is_kernel(name: str) -> bool:
+    op = name.split("::")[-1]
+    return op in KERNEL_OPS or "scaled_dot_product" in op
+
+
+def top_ops(fn, rows: int = 12) -> tuple[str, float | None]:
+    """The profile of one call: (table of its top operators, seconds in `KERNEL_OPS` on CPU, else None)."""
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    events = prof.key_averages()
+    kernel_seconds = None if cuda else 1e-6 * sum(e.self_cpu_time_total for e in events if is_kernel(e.key))
+    return events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows), \
+        kernel_seconds
 
 
 def main(argv=None) -> dict:
@@ -133,7 +148,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--plain", action="store_true",
                         help="also time the plain decoder (inference path off) and the NCHW-layout encoder")
     parser.add_argument("--profile", action="store_true",
-                        help="print the top operators of both decoders and the time per HiT stage, plain and fast")
+                        help="print the top operators of both decoders, the time per HiT stage (plain and fast) and the HiT "
+                             "decoder's floor: the self time of its matmuls, attention and GELU alone, and the "
+                             "speed-up over taming's decoder if nothing else took time (CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile encoder and both decoders (the warm-up compiles and is not timed)")
     args = parser.parse_args(argv)
@@ -155,7 +172,7 @@ def main(argv=None) -> dict:
     flops = flops_per_image()
     g, r, d = model.config.grid, model.config.resolution, model.config.code_dim
 
-    rows, speedups, encodes, profiles, stages, machines = [], [], [], {}, {}, {}
+    rows, speedups, encodes, profiles, stages, machines, floors = [], [], [], {}, {}, {}, []
     for threads in thread_counts:
         if threads:
             torch.set_num_threads(threads)
@@ -219,8 +236,16 @@ def main(argv=None) -> dict:
                                                                                          theirs["all_seconds"])),
                                 "load": load_range(ours["load_1m"])})
         if args.profile and not args.compile:
-            profiles[threads] = {name: top_ops(calls[name, batch_sizes[0]])
-                                 for name in ("vqhit_decode", "taming_decode")}
+            hit_table, kernel_seconds = top_ops(calls["vqhit_decode", batch_sizes[0]])
+            profiles[threads] = {"vqhit_decode": hit_table,
+                                 "taming_decode": top_ops(calls["taming_decode", batch_sizes[0]])[0]}
+            if kernel_seconds is not None:
+                taming_seconds = timings["taming_decode", batch_sizes[0]]["median_seconds"]
+                floors.append({"threads": info["torch_threads"], "batch": batch_sizes[0],
+                               "kernel_ms": 1e3 * kernel_seconds / batch_sizes[0],
+                               "hit_ms": 1e3 * timings["vqhit_decode", batch_sizes[0]]["median_seconds"] / batch_sizes[0],
+                               "taming_ms": 1e3 * taming_seconds / batch_sizes[0],
+                               "floor_speedup": taming_seconds / kernel_seconds})
             indices = torch.randint(0, model.config.codebook_size, (batch_sizes[0], g, g), device=device)
             stages[threads] = stage_seconds(model, indices, args.precision)
 
@@ -244,12 +269,19 @@ def main(argv=None) -> dict:
     for threads, tables in profiles.items():
         for name, table in tables.items():
             print(f"\ntop operators, {name}, batch {batch_sizes[0]}, {threads} threads:\n{table}")
+    if floors:
+        print("\nHiT decoder floor: the profiled self time of its matmuls, attention and GELU alone, and the speed-up "
+              "over taming's median if nothing else took time:")
+        print(format_table(floors, [("threads", "threads"), ("batch", "batch"), ("kernels ms/img", "kernel_ms"),
+                                    ("HiT ms/img", "hit_ms"), ("taming ms/img", "taming_ms"),
+                                    ("speed-up at the floor", "floor_speedup")]))
     for threads, table in stages.items():
         print(f"\nHiT decoder time by stage, batch {batch_sizes[0]}, {threads} threads (min of 3):")
         print(format_table(table, [("stage", "stage"), ("plain ms", "plain_ms"), ("fast ms", "fast_ms"),
                                    ("speed-up", "speedup")]))
     write_json(args.json, machines[thread_counts[0]], machines=list(machines.values()), preset=PRESET, results=rows,
-               decoder_speedup=speedups, encode_vs_taming=encodes, profiles=profiles, decoder_stages=stages)
+               decoder_speedup=speedups, encode_vs_taming=encodes, profiles=profiles, decoder_stages=stages,
+               decoder_floor=floors)
     return {"results": rows, "speedups": speedups, "encodes": encodes}
 
 
