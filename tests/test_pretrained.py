@@ -240,6 +240,23 @@ def test_model_card_is_written_and_kept(tmp_path):
     assert "| rFID | 6.371 |" in path.read_text()
 
 
+def test_model_card_keeps_the_users_text_and_replaces_its_figures_in_place(tmp_path):
+    torch.manual_seed(0)
+    folder = VQHiT.from_preset("vqhit-tiny").eval().save_pretrained(tmp_path / "tok")
+    mine = "# My tokenizer\n\nTrained on my photos.\n\nLicense: CC-BY\n"
+    (folder / "README.md").write_text(mine)
+    path = write_model_card(folder, {"rFID": 6.371234}, {"data": "imagenet/val"})
+    text = path.read_text()
+    assert text.startswith(mine) and "| rFID | 6.371 |" in text
+    (folder / "README.md").write_text(text + "\n## Notes\n\nAdded after the evaluation.\n")
+    write_model_card(folder, {"rFID": 5.5}, {"data": "imagenet/val"})
+    text = path.read_text()
+    assert text.startswith(mine) and text.endswith("## Notes\n\nAdded after the evaluation.\n")
+    assert "| rFID | 5.5 |" in text and "6.371" not in text and text.count("<!-- vqhit-evaluation") == 1
+    write_model_card(folder, {"rFID": 5.5}, {"data": "imagenet/val"})
+    assert path.read_text() == text  # nothing piles up
+
+
 class FakeHubApi:
     """The Hub API push_to_hub talks to (no network here): records what one upload_folder would send."""
     uploads: list = []

@@ -398,18 +398,14 @@ def training_step(folder: str | os.PathLike) -> int | None:
 
 
 def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -> Path:
-    """Write `folder/README.md`: a Hub model card holding evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...})
-    and the settings they were measured with (e.g. {"data": ..., "images": 50000}), naming the weights they
-    belong to: the sha256 of the folder's model.safetensors and, for a training run's export, its step (the
-    caller checks that the file is still the one it evaluated). Atomic; replaces the card."""
+    """Write the evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...}) and the settings they were measured with
+    (e.g. {"data": ..., "images": 50000}) into `folder/README.md`, naming the weights they belong to: the sha256 of
+    the folder's model.safetensors and, for a training run's export, its step (the caller checks that the file is
+    still the one it evaluated). The figures are one section between HTML comment markers: an existing card (the
+    user's text, or one save_pretrained wrote) is kept and that section replaced in place, or appended; a folder
+    with no card gets a Hub model card holding it. Atomic."""
     folder = Path(folder)
-    try:  # the card names the model when the folder's config says what it is; it is written either way
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
-    model_type = meta.get("model_type", "model")
-    data = ModelCardData(library_name=LIBRARY, tags=sorted({*TAGS, "model_hub_mixin", "pytorch_model_hub_mixin"}))
+    card_path = folder / CARD_NAME
 
     def table(rows: dict) -> str:
         lines = ["| | |", "|---|---|"]
@@ -417,9 +413,30 @@ def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -
             lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
         return "\n".join(lines)
 
+    figures = dict(metrics=table(metrics), settings=table(settings), sha256=weights_sha256(folder),
+                   step=training_step(folder))
+    if card_path.is_file():
+        import jinja2  # huggingface_hub renders its model cards with it too
+
+        text = card_path.read_text()
+        section = "\n\n" + jinja2.Template(EVALUATION_SECTION).render(**figures).strip("\n") + "\n"
+        found = _EVALUATION.search(text)
+        if found:  # replaced where it stands: the text around it is the user's
+            text = text[:found.start()] + section + text[found.end():]
+        else:
+            text = text.rstrip("\n") + section
+        atomic_write(card_path, lambda p: p.write_text(text))
+        return card_path
+
+    try:  # the card names the model when the folder's config says what it is; it is written either way
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    model_type = meta.get("model_type", "model")
+    data = ModelCardData(library_name=LIBRARY, tags=sorted({*TAGS, "model_hub_mixin", "pytorch_model_hub_mixin"}))
     card = ModelCard.from_template(data, template_str=DEFAULT_CARD + EVALUATION_SECTION, model_type=model_type,
-                                   preset=meta.get("preset"), metrics=table(metrics), settings=table(settings),
-                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"),
-                                   sha256=weights_sha256(folder), step=training_step(folder))
-    atomic_write(folder / CARD_NAME, lambda p: card.save(p))
-    return folder / CARD_NAME
+                                   preset=meta.get("preset"),
+                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"), **figures)
+    atomic_write(card_path, lambda p: card.save(p))
+    return card_path
