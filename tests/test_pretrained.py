@@ -223,6 +223,33 @@ def test_an_interrupted_save_leaves_the_previous_files(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(z), old(z))
 
 
+def test_compiled_modules_save_and_load_under_their_own_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = VQHiT.from_preset("vqhit-tiny").eval()
+    plain_keys = set(model.state_dict())
+    model.decoder = torch.compile(model.decoder)  # lazy: nothing is compiled unless it is called
+    folder = model.save_pretrained(tmp_path / "tok")
+    assert set(load_file(str(folder / "model.safetensors"))) == plain_keys
+    loaded = VQHiT.from_pretrained(folder)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key.replace("decoder.", "decoder._orig_mod.", 1)])
+    model.load_weights(folder)  # into a model whose decoder is compiled
+    assert model._holds_this_model(folder)
+
+    whole = torch.compile(HiTGenerator.from_preset("hit-tiny").eval())
+    assert set(load_file(str(whole.save_pretrained(tmp_path / "g") / "model.safetensors"))) == set(
+        whole._orig_mod.state_dict())
+
+    # A file an earlier version saved from a compiled decoder: its `_orig_mod.` keys are read as the module's.
+    old = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any("_orig_mod." in k for k in old)
+    save_file(old, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    again = VQHiT.from_pretrained(folder)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in again.state_dict().items())
+
+
 def test_model_card_is_written_and_kept(tmp_path):
     model = VQHiT.from_preset("vqhit-tiny")
     folder = model.save_pretrained(tmp_path / "tok")

@@ -173,6 +173,15 @@ this folder removes these figures.
 """
 _EVALUATION = re.compile(r"\n*<!-- vqhit-evaluation weights-sha256: (\w+) -->.*?<!-- end vqhit-evaluation -->\n?",
                          re.DOTALL)
+# torch.compile wraps a module as `_orig_mod` of an OptimizedModule, which puts that name into the state-dict keys of
+# the model holding it (`decoder._orig_mod.…`); saved and compared weights use the keys of the modules themselves.
+_COMPILE_WRAPPER = re.compile(r"(^|\.)_orig_mod\.")
+
+
+def _unwrapped(key: str) -> str:
+    return _COMPILE_WRAPPER.sub(r"\1", key)
+
+
 TRAINING_STEP_KEY = "training_step"  # in model.safetensors' metadata, when a training run exported the weights
 TAGS = ["vqhit", "image-generation"]
 
@@ -205,11 +214,15 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
     # -- saving -------------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path, training_step: int | None = None) -> None:
         """The mixin's hook: the weights, under a temporary name then renamed."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self._module_state_dict().items()}
         metadata = {"format": "pt"}
         if training_step is not None:
             metadata[TRAINING_STEP_KEY] = str(training_step)
         atomic_write(save_directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=metadata))
+
+    def _module_state_dict(self) -> dict:
+        """The state dict with the keys of the modules themselves, whether or not some are torch.compile'd."""
+        return {_unwrapped(k): v for k, v in self.state_dict().items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, config=None, push_to_hub: bool = False,
                         repo_id: str | None = None, model_card_kwargs: dict | None = None,
@@ -293,7 +306,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             saved = load_file(str(folder / WEIGHTS_NAME))
         except (OSError, ValueError, SafetensorError):
             return False
-        state = self.state_dict()
+        state = self._module_state_dict()
         return saved.keys() == state.keys() and all(torch.equal(saved[k], v.detach().cpu()) for k, v in state.items())
 
     # -- loading ------------------------------------------------------------------------------------------
@@ -368,7 +381,11 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         except (SafetensorError, OSError) as err:
             raise UsageError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
                              f"again") from None
-        ours, buffers = self.state_dict(), dict(self.named_buffers())
+        # Keys without torch.compile's `_orig_mod.`, on both sides: files that earlier versions saved from a
+        # compiled module have it, and this model's modules may be compiled now.
+        state = {_unwrapped(k): v for k, v in state.items()}
+        names = {_unwrapped(k): k for k in self.state_dict()}
+        ours, buffers = self._module_state_dict(), {_unwrapped(k) for k, _ in self.named_buffers()}
         optional = self.optional_state_prefixes  # runtime-option buffers: absent on one side is fine
         missing = [k for k in ours if k not in state and not (k.startswith(optional) and k in buffers)]
         unexpected = [k for k in state if k not in ours and not k.startswith(optional)]
@@ -378,7 +395,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             raise UsageError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
                              f"was not written with its config.json: save the model again")
-        self.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
+        self.load_state_dict({names[k]: v for k, v in state.items() if k in ours}, strict=False)
 
 
 def weights_sha256(folder: str | os.PathLike) -> str:
