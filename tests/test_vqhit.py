@@ -81,6 +81,19 @@ def test_training_forward_returns_losses_and_gradients_reach_encoder(tiny):
     tiny.zero_grad()
 
 
+@pytest.mark.parametrize("options", [{}, {"lookup_dim": 8}])
+def test_training_forward_runs_in_the_models_low_precision_dtype(options):
+    # The search stays fp32 inside the quantizer; the codes it hands on are in the model's dtype.
+    torch.manual_seed(0)
+    model = VQHiT.from_preset("vqhit-tiny", **options).to(torch.bfloat16).train()
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).to(torch.bfloat16)
+    reconstruction, aux = model(x)
+    assert reconstruction.dtype == torch.bfloat16 and torch.isfinite(reconstruction).all()
+    assert torch.isfinite(aux["vq_loss"])
+    reconstruction.float().square().mean().backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_freeze_options():
     model = VQHiT.from_preset("vqhit-tiny", freeze_encoder=True, freeze_codebook=True)
     assert not any(p.requires_grad for p in model.encoder.parameters())

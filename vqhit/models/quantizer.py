@@ -121,8 +121,11 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ search space
     def _to_search_space(self, z: Tensor) -> Tensor:
-        """(..., code_dim) -> (..., search_dim): the projection (if any), before normalisation."""
-        return self.in_proj(z) if self.in_proj is not None else z
+        """(..., code_dim) -> (..., search_dim) in fp32 (fp64 stays fp64): the projection (if any), in its weights'
+        dtype, before normalisation."""
+        if self.in_proj is not None:
+            z = self.in_proj(z.to(self.in_proj.weight.dtype))
+        return self._float(z)
 
     def _codebook(self) -> Tensor:
         weight = self.embedding.weight
@@ -169,7 +172,7 @@ class VectorQuantizer(nn.Module):
             if restarting:
                 # Before the lookup: the codebook must not change after autograd has used it.
                 self._restart_dead_codes()
-            z_search = self._to_search_space(self._float(z))
+            z_search = self._to_search_space(z)
             if self.l2_normalize:
                 z_search = F.normalize(z_search, dim=-1)
             flat = z_search.reshape(-1, z_search.shape[-1])
@@ -185,7 +188,9 @@ class VectorQuantizer(nn.Module):
                 entropy_loss = self._entropy_loss(flat, codebook)
                 loss = loss + self.entropy_loss_weight * entropy_loss
             quantized = flat + (codes - flat).detach()  # straight-through: forward = codes, backward = identity
-            quantized = quantized.view(z_search.shape)
+            # Back in the model's dtype (a .half() or bf16 model), for the projection and the decoder after it; a
+            # float32 model under autocast keeps float32, as before.
+            quantized = quantized.view(z_search.shape).to(self.embedding.weight.dtype)
             if self.out_proj is not None:
                 quantized = self.out_proj(quantized)
 
@@ -202,7 +207,7 @@ class VectorQuantizer(nn.Module):
         """Nearest-code indices (B, h, w) int64 of z (B, h, w, code_dim). No side effects (usage not counted)."""
         self._check_input(z)
         with torch.autocast(z.device.type, enabled=False):
-            z_search = self._to_search_space(self._float(z))
+            z_search = self._to_search_space(z)
             if self.l2_normalize:
                 z_search = F.normalize(z_search, dim=-1)
             return self._nearest(z_search.reshape(-1, z_search.shape[-1]), self._codebook()).view(z.shape[:-1])
