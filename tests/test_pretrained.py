@@ -120,6 +120,22 @@ def test_config_values_are_type_checked_and_numeric_strings_converted():
         HiTConfig.from_preset("hit-huge")
 
 
+@pytest.mark.parametrize("config_class, preset, key, value, message", [
+    (HiTConfig, "hit-tiny", "latent_dim", 0, r"latent_dim must be >= 1, got 0"),
+    (HiTConfig, "hit-tiny", "mlp_ratio", 0, r"mlp_ratio must be >= 1, got 0"),
+    (HiTConfig, "hit-tiny", "memory_tokens", -1, r"memory_tokens must be >= 1, got -1"),
+    (HiTConfig, "hit-tiny", "bn_momentum", 5.0, r"bn_momentum must be in \[0, 1\], got 5.0"),
+    (VQHiTConfig, "vqhit-tiny", "bn_momentum", float("nan"), r"bn_momentum must be in \[0, 1\], got nan"),
+    (VQHiTConfig, "vqhit-tiny", "mlp_ratio", 0, r"mlp_ratio must be >= 1, got 0"),
+    (VQHiTConfig, "vqhit-tiny", "beta", float("nan"), r"beta \(the commitment loss weight\) must be a finite"),
+    (VQHiTConfig, "vqhit-tiny", "codebook_size", 0, r"codebook_size and code_dim must be positive, got 0"),
+    (VQHiTConfig, "vqhit-tiny", "dead_code_steps", 0, r"dead_code_steps and restart_buffer_size must be >= 1"),
+])
+def test_config_values_that_build_a_broken_model_are_refused(config_class, preset, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_class.from_preset(preset, **{key: value})
+
+
 def test_presets_module_is_plain_data():
     tree = ast.parse(inspect.getsource(vqhit.presets))
     imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
@@ -185,6 +201,12 @@ def copy_folder(src: Path, dst: Path) -> Path:
     (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
                                                           "mlp_ratio": "abc"})),
      r"config.json: mlp_ratio must be an int, got 'abc'. Correct the value"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "codebook_size": -5})),
+     r"config.json: codebook_size and code_dim must be positive, got -5 and 32. Correct the value"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "decoder_block_sizes": [3, None, None, None]})),
+     r"config.json: block size 3 does not divide the 8x8 map.*Correct the value"),
 ])
 def test_damaged_files_are_named_with_the_fix(tmp_path, saved_tokenizer, damage, message):
     folder = copy_folder(saved_tokenizer[0], tmp_path / "tok")

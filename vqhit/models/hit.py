@@ -307,6 +307,9 @@ class HiTConfig(ConfigMixin):
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"unknown attention mode {self.attention_mode!r}; choose one of {ATTENTION_MODES}")
+        for name in ("latent_dim", "memory_tokens", "memory_dim", "mlp_ratio"):
+            self.check_range(name, 1)
+        self.check_range("bn_momentum", 0, 1)
 
 
 class HiTGenerator(PretrainedMixin, nn.Module):

@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -99,6 +100,13 @@ class ConfigMixin:
                 raise ValueError(f"{f.name} must be {_TYPE_NAMES.get(base, base.__name__)}"
                                  f"{' or None' if optional else ''}, got {value!r}") from None
 
+    def check_range(self, name: str, low: float, high: float = math.inf) -> None:
+        """ValueError unless the field `name` is None or within [low, high] (NaN is not)."""
+        value = getattr(self, name)
+        if value is not None and not low <= value <= high:
+            bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be {bound}, got {value!r}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -133,6 +141,11 @@ class ConfigMixin:
     @classmethod
     def from_json(cls, s: str):
         return cls.from_dict(json.loads(s))
+
+
+def _bad_config(file: Path, err: Exception) -> UsageError:
+    """A saved config.json whose values the config (or the model built from it) refuses."""
+    return UsageError(f"{file}: {err}. Correct the value in the file, or save the model again")
 
 
 def _describe(diff: dict) -> str:
@@ -332,7 +345,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         try:
             config = cls.config_class.from_dict(meta)
         except (TypeError, ValueError) as err:
-            raise UsageError(f"{file}: {err}. Correct the value in the file, or save the model again") from None
+            raise _bad_config(file, err) from None
         return directory, config
 
     @classmethod
@@ -354,7 +367,10 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             raise UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
                              f"weights in {directory} fit only their own architecture; overrides may set only "
                              f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
-        model = cls(config)
+        try:
+            model = cls(config)
+        except ValueError as err:  # a check made while building (a stage's block size, ...): of the file's keys,
+            raise _bad_config(directory / CONFIG_NAME, err) from None  # as overrides set only runtime ones
         model._load_weights_file(directory, map_location)
         model._pretrained_folder = directory  # what push_to_hub uploads while it holds this model
         return model.eval()

@@ -39,6 +39,7 @@ meant to be logged.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,25 @@ class QuantizerOutput:
     codebook_loss: Tensor    # mean ||sg[z] - e||^2: moves the codes
     commitment_loss: Tensor  # mean ||z - sg[e]||^2: moves the encoder
     entropy_loss: Tensor | None = None  # unweighted entropy loss (None when entropy_loss_weight is 0)
+
+
+def check_options(codebook_size: int, code_dim: int, beta: float, lookup_dim: int | None = None,
+                  restart_dead_codes: bool = False, dead_code_steps: int = 500, restart_buffer_size: int = 4096,
+                  entropy_loss_weight: float = 0.0, entropy_temperature: float = 0.01) -> None:
+    """ValueError for a VectorQuantizer option that cannot work (VQHiTConfig checks its keys with it too).
+    Written as `not (x >= y)` where NaN must fail."""
+    if codebook_size < 1 or code_dim < 1:
+        raise ValueError(f"codebook_size and code_dim must be positive, got {codebook_size} and {code_dim}")
+    if not (beta >= 0) or math.isinf(beta):
+        raise ValueError(f"beta (the commitment loss weight) must be a finite number >= 0, got {beta}")
+    if lookup_dim is not None and lookup_dim < 1:
+        raise ValueError(f"lookup_dim must be a positive int or None, got {lookup_dim}")
+    if restart_dead_codes and (dead_code_steps < 1 or restart_buffer_size < 1):
+        raise ValueError("dead_code_steps and restart_buffer_size must be >= 1 when restart_dead_codes is on, "
+                         f"got {dead_code_steps} and {restart_buffer_size}")
+    if not (entropy_loss_weight >= 0 and entropy_temperature > 0) or math.isinf(entropy_loss_weight):
+        raise ValueError(f"entropy_loss_weight must be finite and >= 0 and entropy_temperature > 0, got "
+                         f"{entropy_loss_weight} and {entropy_temperature}")
 
 
 class VectorQuantizer(nn.Module):
@@ -87,16 +107,8 @@ class VectorQuantizer(nn.Module):
                  dead_code_steps: int = 500, restart_buffer_size: int = 4096, entropy_loss_weight: float = 0.0,
                  entropy_temperature: float = 0.01):
         super().__init__()
-        if codebook_size < 1 or code_dim < 1:
-            raise ValueError(f"codebook_size and code_dim must be positive, got {codebook_size} and {code_dim}")
-        if lookup_dim is not None and lookup_dim < 1:
-            raise ValueError(f"lookup_dim must be a positive int or None, got {lookup_dim}")
-        if restart_dead_codes and (dead_code_steps < 1 or restart_buffer_size < 1):
-            raise ValueError("dead_code_steps and restart_buffer_size must be >= 1 when restart_dead_codes is on, "
-                             f"got {dead_code_steps} and {restart_buffer_size}")
-        if entropy_loss_weight < 0 or entropy_temperature <= 0:
-            raise ValueError(f"entropy_loss_weight must be >= 0 and entropy_temperature > 0, got "
-                             f"{entropy_loss_weight} and {entropy_temperature}")
+        check_options(codebook_size, code_dim, beta, lookup_dim, restart_dead_codes, dead_code_steps,
+                      restart_buffer_size, entropy_loss_weight, entropy_temperature)
         self.codebook_size, self.code_dim, self.beta = codebook_size, code_dim, beta
         self.entropy_loss_weight, self.entropy_temperature = entropy_loss_weight, entropy_temperature
         self.l2_normalize, self.lookup_dim = l2_normalize, lookup_dim

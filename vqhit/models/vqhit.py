@@ -22,7 +22,7 @@ from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
 from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
 from .pretrained import ConfigMixin, PretrainedMixin
-from .quantizer import VectorQuantizer
+from .quantizer import VectorQuantizer, check_options as check_quantizer_options
 
 DECODERS = ("hit", "conv", "vit")
 # Images are expected in [-1, 1]; a little overshoot (resampling) is fine, [0, 255] is not.
@@ -132,6 +132,13 @@ class VQHiTConfig(ConfigMixin):
                              f"{(self.resolution // grid).bit_length()} decoder stages")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        check_quantizer_options(self.codebook_size, self.code_dim, self.beta, self.lookup_dim,
+                                self.restart_dead_codes, self.dead_code_steps,
+                                entropy_loss_weight=self.entropy_loss_weight,
+                                entropy_temperature=self.entropy_temperature)
+        for name in ("mlp_ratio", "decoder_memory_dim"):
+            self.check_range(name, 1)
+        self.check_range("bn_momentum", 0, 1)
 
     @property
     def grid(self) -> int:
