@@ -186,6 +186,20 @@ def test_psnr_closed_form():
         psnr(x, y[:2])
 
 
+@pytest.mark.parametrize("metric", [psnr, ssim])
+def test_psnr_and_ssim_refuse_images_outside_minus_one_to_one(metric):
+    # Clamped to [-1, 1], these would all be the same image: PSNR inf, SSIM 1.
+    tens = torch.full((1, 3, 16, 16), 10, dtype=torch.uint8)
+    twenties = torch.full((1, 3, 16, 16), 20, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"floating-point images in \[-1, 1\]; got dtype torch.uint8.*/ 127.5 - 1"):
+        metric(tens, twenties)
+    with pytest.raises(ValueError, match=r"images in \[-1, 1\]; got values reaching 10\. Convert.*x / 127.5 - 1"):
+        metric(tens.float(), twenties.float())
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    overshoot = (x * 1.2).clamp(-1.4, 1.4)  # a decoder's output a little outside: clamped, as saving it would
+    np.testing.assert_allclose(metric(x, overshoot).numpy(), metric(x, overshoot.clamp(-1, 1)).numpy(), rtol=1e-6)
+
+
 def test_ssim_matches_skimage():
     from skimage.metrics import structural_similarity
 

@@ -15,8 +15,9 @@ Conventions that decide the numbers (state them in every report):
 - Inception is torch-fidelity's port of the TF FID network, fed uint8 images produced by ROUNDING.
 - Feature statistics are float64 sums; the covariance uses ddof=1 (np.cov's default, as in
   pytorch-fid and torch-fidelity). There is no padded sampler: every process counts only its real samples.
-- PSNR / SSIM / LPIPS clamp their [-1, 1] inputs to the valid range first (what saving the image would
-  do) and return one value per image; the caller averages.
+- PSNR / SSIM / LPIPS take float images in [-1, 1] and clamp them to that range first (what saving the image
+  would do; an overshoot beyond 1.5, such as [0, 255] images, and integer images are a ValueError) and return one
+  value per image; the caller averages.
 """
 from __future__ import annotations
 
@@ -53,16 +54,30 @@ __all__ = [
 # helpers
 
 
+# Images are expected in [-1, 1]; a little overshoot (a decoder's output, resampling) is fine and clamped, [0, 255]
+# is not. The tokenizer checks its inputs against the same limit.
+INPUT_RANGE_LIMIT = 1.5
+
+
 def _check_image_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
     if x.ndim != 4 or x.shape != y.shape:
         raise ValueError(
             f"{name} expects two image batches of the same shape (B, C, H, W); got {tuple(x.shape)} and "
             f"{tuple(y.shape)}. Add a batch dimension with x[None] for a single image."
         )
+    for images in (x, y):  # clamping would turn uint8 or [0, 255] images into a plausible, wrong number
+        if not images.is_floating_point():
+            raise ValueError(f"{name} expects floating-point images in [-1, 1]; got dtype {images.dtype}. Convert "
+                             f"uint8 images with x.float() / 127.5 - 1.")
+        peak = images.detach().abs().max().item() if images.numel() else 0.0
+        if peak > INPUT_RANGE_LIMIT:
+            raise ValueError(f"{name} expects images in [-1, 1]; got values reaching {peak:.4g}. Convert [0, 255] "
+                             f"images with x / 127.5 - 1 (a small overshoot, up to {INPUT_RANGE_LIMIT}, is "
+                             f"clamped).")
 
 
 def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images -> [0, 1], clamped (generator/decoder outputs are unbounded)."""
+    """[-1, 1] images -> [0, 1], clamped (decoder outputs overshoot a little; _check_image_pair refuses more)."""
     return ((x.clamp(-1, 1) + 1) / 2)
 
 

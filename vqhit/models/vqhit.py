@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..metrics import INPUT_RANGE_LIMIT
 from ..presets import TOKENIZER_PRESETS
 from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
@@ -25,8 +26,6 @@ from .pretrained import ConfigMixin, PretrainedMixin
 from .quantizer import VectorQuantizer, check_options as check_quantizer_options
 
 DECODERS = ("hit", "conv", "vit")
-# Images are expected in [-1, 1]; a little overshoot (resampling) is fine, [0, 255] is not.
-INPUT_RANGE_LIMIT = 1.5
 
 
 class HiTDecoder(nn.Module):
