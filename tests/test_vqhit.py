@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vqhit import VQHiT, list_presets
+from vqhit import HiTGenerator, VQHiT, list_presets
 from vqhit.presets import ENCODER_PARAMS, TOKENIZER_DECODER_PARAMS
 
 
@@ -135,6 +135,17 @@ def test_uint8_indices_decode_like_int64(tiny):
     idx[0, 0, 0] = 255
     with torch.no_grad():
         torch.testing.assert_close(tiny.decode_indices(idx.to(torch.uint8)), tiny.decode_indices(idx))
+
+
+@pytest.mark.parametrize("decoder", ["hit", "conv"])
+def test_an_empty_batch_decodes_to_an_empty_image_batch(decoder):
+    model = VQHiT.from_preset("vqhit-tiny", decoder=decoder).eval()
+    assert model.encode(torch.zeros(0, 3, 64, 64)).shape == (0, 8, 8)
+    images = model.decode_indices(torch.zeros(0, 8, 8, dtype=torch.long))
+    assert images.shape == (0, 3, 64, 64) and images.dtype == torch.float32
+    assert model.decode(torch.zeros(0, 32, 8, 8)).shape == (0, 3, 64, 64)
+    generator = HiTGenerator.from_preset("hit-tiny").eval()
+    assert generator(torch.randn(0, 64)).shape == (0, 3, 32, 32)
 
 
 def test_decode_says_what_shape_it_expects(tiny):

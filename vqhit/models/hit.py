@@ -335,6 +335,8 @@ class HiTGenerator(PretrainedMixin, nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
+        if z.shape[0] == 0:  # the stages' reshapes cannot infer a size from no elements
+            return z.new_empty((0, 3, self.config.resolution, self.config.resolution))
         s = self.config.start_resolution
         x = self.to_map(z).view(z.shape[0], s, s, -1)  # row-major (h, w, c), as the release reshapes
         memory = self.memory(z[:, None]) if self.memory is not None else None  # once, shared by all stages

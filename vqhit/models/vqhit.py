@@ -40,6 +40,7 @@ class HiTDecoder(nn.Module):
                  cross_attention: bool = True, mlp_ratio: int = 4, checkpoint_mlp: bool = False):
         super().__init__()
         norm_layer = norm_layer or norm_factory("batch")
+        self.resolution = grid * 2 ** (len(widths) - 1)
         self.to_map = nn.Linear(code_dim, widths[0])
         self.memory = Memory(code_dim, grid * grid, memory_dim, norm_layer) if cross_attention else None
         self.stages = HiTStages(grid, widths, heads, blocks, block_sizes, memory_dim, norm_layer=norm_layer,
@@ -49,6 +50,8 @@ class HiTDecoder(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         b, h, w, d = codes.shape
+        if b == 0:  # the stages' reshapes cannot infer a size from no elements; an empty batch decodes to one
+            return codes.new_empty((0, 3, self.resolution, self.resolution))
         memory = self.memory(codes.reshape(b, h * w, d)) if self.memory is not None else None
         return self.stages(self.to_map(codes), memory)
 
