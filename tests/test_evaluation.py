@@ -143,7 +143,7 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     # Second run: the file is read, not recomputed or rewritten. Shift its mean so its use is visible.
     ReferenceStatistics(saved.mu + 1.0, saved.sigma, saved.n, saved.protocol).save(ref)
     stamp = ref.stat().st_mtime_ns
-    again = main(argv)
+    again = main(argv + ["--overwrite"])  # the same --output-dir: its eval_rfid.json is replaced only when asked
     assert again["settings"]["reference_statistics"]["status"] == "loaded"
     assert ref.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(fid_calls[1][0], saved.mu + 1.0)
@@ -151,7 +151,7 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     assert again["metrics"]["rfid"] != pytest.approx(report["metrics"]["rfid"])
 
     with pytest.raises(ValueError, match="another protocol"):  # 1 image is not the set the file describes
-        main(argv + ["--num-images", "1", "--no-lpips"])
+        main(argv + ["--num-images", "1", "--no-lpips", "--overwrite"])
 
 
 def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tmp_path, make_images, monkeypatch):
@@ -167,7 +167,7 @@ def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tm
     main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
     argv = ["--model", str(model_dir), "--data", str(tmp_path / "images"), "--no-fid", "--no-lpips",
             "--batch-size", "2", "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress",
-            "--no-model-card"]
+            "--no-model-card", "--overwrite"]
 
     with pytest.warns(BadImageWarning, match=r"small\.png is 40x32.*upsampled"):
         report = main(argv)  # the protocol's default: the 40 x 32 image is upsampled (ADM), not dropped
@@ -211,7 +211,7 @@ def test_eval_rfid_offline_reports_what_needs_no_weights_and_names_the_flags_oth
     model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
     main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
     argv = ["--model", str(model_dir), "--data", str(folder), "--num-workers", "0", "--output-dir",
-            str(tmp_path / "out")]
+            str(tmp_path / "out"), "--overwrite"]
 
     report = main(argv + ["--no-fid", "--no-lpips"])
     metrics = report["metrics"]
@@ -296,3 +296,23 @@ def test_eval_gan_script(random_inception_weights, fid_calls, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="reference"):
         main(["--model", str(model_dir), "--ref-stats", str(tmp_path / "missing.npz")])
+
+
+@pytest.mark.parametrize("script, report", [("eval_rfid.py", "eval_rfid.json"), ("eval_gan.py", "samples.png")])
+def test_eval_scripts_check_their_output_folder_before_any_work(script, report, tmp_path, folder):
+    """An earlier report (another model's, in the shared default folder) is not replaced unless --overwrite, and an
+    --output-dir that is a file is refused: both at the start (here before --model, which does not exist, is read),
+    not after an evaluation whose results would then be lost."""
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name="script")["main"]
+    argv = ["--model", str(tmp_path / "no-such-model"), "--data", str(folder), "--no-progress"]
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / report).write_text("the first model's report")
+    with pytest.raises(UsageError, match=f"--output-dir {out} already holds 1 of the .* files .*{report}.*"
+                                         f"new folder.*--overwrite"):
+        main(argv + ["--output-dir", str(out)])
+    assert (out / report).read_text() == "the first model's report"
+    with pytest.raises(UsageError, match="--model"):  # asked for: the check passes and the script goes on
+        main(argv + ["--output-dir", str(out), "--overwrite"])
+    with pytest.raises(UsageError, match=f"--output-dir {out / report} is a file, not a folder"):
+        main(argv + ["--output-dir", str(out / report), "--overwrite"])
