@@ -316,3 +316,32 @@ def test_eval_scripts_check_their_output_folder_before_any_work(script, report, 
         main(argv + ["--output-dir", str(out), "--overwrite"])
     with pytest.raises(UsageError, match=f"--output-dir {out / report} is a file, not a folder"):
         main(argv + ["--output-dir", str(out / report), "--overwrite"])
+
+
+def test_a_damaged_or_foreign_weights_file_is_one_error_naming_its_option(folder, tmp_path, capsys):
+    """Garbage, another network's tensors, a pickled object or a folder given as --inception-weights or
+    --lpips-backbone: one `error:` line naming the option, the file, why and the fix; no traceback."""
+    from vqhit import cli
+
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    junk, wrong, not_tensors = tmp_path / "junk.pth", tmp_path / "wrong.pth", tmp_path / "list.pth"
+    junk.write_text("junk\n")
+    torch.save({"a": torch.zeros(2), "features.0.weight": torch.zeros(3)}, wrong)
+    torch.save([torch.zeros(2)], not_tensors)
+    cases = [(junk, "unreadable as a torch file"), (tmp_path, "it is a folder"),
+             (not_tensors, "it holds a list, not a state dict of tensors")]
+    for option, off, extra in [("--inception-weights", "--no-lpips", (wrong, "the tensors of another network: "
+                                                                       "472 missing, 2 unexpected")),
+                               ("--lpips-backbone", "--no-fid", (wrong, "9 of the 10 backbone tensors missing"))]:
+        for path, why in [*cases, extra]:
+            argv = ["--model", str(model_dir), "--data", str(folder), off, option, str(path), "--num-workers", "0",
+                    "--output-dir", str(tmp_path / "out"), "--no-progress"]
+            with pytest.raises(SystemExit) as exit_info:
+                cli.run(main, argv)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "Traceback" not in err, err
+            err = err.splitlines()[-1]  # (after the datasets library's progress line)
+            assert err.startswith(f"error: {option} {path}: not a weights file of ") and f"({why}" in err, err
+            assert "leave the option out to download it" in err and "weights_path" not in err
