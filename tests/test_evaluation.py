@@ -345,3 +345,33 @@ def test_a_damaged_or_foreign_weights_file_is_one_error_naming_its_option(folder
             err = err.splitlines()[-1]  # (after the datasets library's progress line)
             assert err.startswith(f"error: {option} {path}: not a weights file of ") and f"({why}" in err, err
             assert "leave the option out to download it" in err and "weights_path" not in err
+
+
+def test_a_damaged_ref_stats_file_or_a_folder_is_one_error_naming_the_option(folder, random_inception_weights,
+                                                                            tmp_path):
+    """Text, a truncated zip, object (pickled) arrays, a bare .npy or a folder as --ref-stats: refused before any
+    work, naming --ref-stats and the fix; the file is left as it was."""
+    np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    good = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "text.npz").write_text("not statistics\n")
+    (tmp_path / "truncated.npz").write_bytes(good[: len(good) // 2])
+    np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(3))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "folder").mkdir()
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    rfid = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    for name, why in [("text.npz", "unreadable: ValueError"), ("truncated.npz", "unreadable: BadZipFile"),
+                      ("objects.npz", "unreadable: ValueError Object arrays"),
+                      ("array.npy", "it is a single .npy array")]:
+        before = (tmp_path / name).read_bytes()
+        with pytest.raises(UsageError, match=rf"--ref-stats {tmp_path / name}: not a statistics file \({why}.*\); "
+                                             r"pass an \.npz with 'mu' and 'sigma'"):
+            rfid(["--model", str(model_dir), "--data", str(folder), "--ref-stats", str(tmp_path / name), "--no-lpips",
+                  "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        assert (tmp_path / name).read_bytes() == before
+    gan = runpy.run_path(str(ROOT / "scripts" / "eval_gan.py"), run_name="script")["main"]
+    model_dir = HiTGenerator.from_preset("hit-tiny").save_pretrained(tmp_path / "gan")
+    with pytest.raises(UsageError, match=rf"--ref-stats {tmp_path / 'folder'} is a folder; pass the path of an \.npz"):
+        gan(["--model", str(model_dir), "--ref-stats", str(tmp_path / "folder"), "--inception-weights",
+             str(random_inception_weights), "--output-dir", str(tmp_path / "out"), "--no-progress"])
