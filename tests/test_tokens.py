@@ -146,8 +146,10 @@ def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_enc
     assert summary.encoded == [] and summary.reused == [0, 1, 2]
     assert json.loads(manifest.read_text()) == json.loads(good_manifest)
     manifest.unlink()
-    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size"):
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size") as refused:
         encode_dataset(model, dataset, out, **{**encode, "shard_size": 3})  # other settings: refused, not mixed in
+    # The shards are good tokens of the earlier settings: the fix is another folder, as with tokens.json there.
+    assert "use a new output folder" in str(refused.value) and "delete it" not in str(refused.value)
     encode_dataset(model, dataset, out, **encode)
 
     # A shard of another folder (other shard size) copied in is refused by name, not decoded as if it were ours.

@@ -58,6 +58,8 @@ MANIFEST_KEYS = ("format", "version", "model", "preset", "tokenizer_fingerprint"
                  "resolution", "dtype", "preprocessing", "data", "label_column", "precision", "num_items",
                  "shard_size", "num_shards")
 REENCODE = "delete it and run scripts/encode.py again with the same arguments: only missing shards are encoded"
+NEW_FOLDER = ("resuming needs the same model, data, preprocessing and shard size: to encode with other settings, use "
+              "a new output folder")
 
 
 def shard_name(k: int) -> str:
@@ -179,13 +181,14 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
     if not path.exists():
         # No manifest (never written, or deleted because it was damaged): the shards' own metadata say how they
         # were made, so those of this run's settings are kept and anything else is refused.
+        # A whole shard made with other settings is another run's good tokens: not to be deleted, but not resumed.
         for shard in sorted(output_dir.glob("shard-*.safetensors")) if output_dir.is_dir() else []:
-            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]))
+            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]), fix=NEW_FOLDER)
         return
     diff = _manifest_differences(read_manifest(output_dir), manifest)
     if diff:
-        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
-                         f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
+        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}; "
+                         f"{NEW_FOLDER}.")
 
 
 def _manifest_differences(existing: dict, manifest: dict) -> dict:
@@ -250,8 +253,9 @@ def read_shard_metadata(path) -> dict:
     return metadata
 
 
-def check_shard(path, manifest: dict, k: int) -> dict:
-    """Read shard k's header and check it belongs to the folder `manifest` describes; returns its metadata."""
+def check_shard(path, manifest: dict, k: int, fix: str = REENCODE) -> dict:
+    """Read shard k's header and check it belongs to the folder `manifest` describes; returns its metadata. `fix`:
+    the advice when it is a whole shard that does not belong (a damaged one is always to be re-encoded)."""
     metadata = read_shard_metadata(path)
     diff = _manifest_differences({key: metadata[key] for key in MANIFEST_KEYS}, manifest)
     expected = [metadata["num_images"], manifest["grid"], manifest["grid"]]
@@ -260,7 +264,7 @@ def check_shard(path, manifest: dict, k: int) -> dict:
     if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
         diff["indices shape (ids)"] = (f"{metadata['shape']} ({len(metadata['ids'])})", expected)
     if diff:
-        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
+        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {fix}.")
     return metadata
 
 
