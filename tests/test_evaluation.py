@@ -375,3 +375,15 @@ def test_a_damaged_ref_stats_file_or_a_folder_is_one_error_naming_the_option(fol
     with pytest.raises(UsageError, match=rf"--ref-stats {tmp_path / 'folder'} is a folder; pass the path of an \.npz"):
         gan(["--model", str(model_dir), "--ref-stats", str(tmp_path / "folder"), "--inception-weights",
              str(random_inception_weights), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+
+
+@pytest.mark.parametrize("data", ["folder", "builtin:photos-heldout"])
+def test_a_split_the_data_does_not_have_is_refused_naming_split(data, folder, tmp_path):
+    data = str(folder) if data == "folder" else data
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    with pytest.raises(UsageError, match=f"--split validation: {data} has only the split 'train'.*leave --split out"):
+        main(["--model", str(model_dir), "--data", data, "--split", "validation", "--no-fid", "--no-lpips",
+              "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()  # no report recording a split the data does not have
