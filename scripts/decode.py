@@ -8,11 +8,14 @@
 Process r decodes the shards k = r (mod #processes). Images are the decoder's output clamped to [-1, 1]
 and rounded to uint8. The tokenizer must be the one whose encoder and codebook made the tokens (checked by
 fingerprint; a decoder fine-tuned later on the same codes passes); --allow-other-tokenizer overrides that.
+Nothing is overwritten: when any file it would write is already in --output-dir (an earlier decode's, or the
+source images themselves), it stops before decoding; decode into a new folder, or pass --overwrite.
 """
 import argparse
 
 from vqhit import cli
 from vqhit.distributed import process_state
+from vqhit.files import check_output_folder
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import NAME_BY, decode_tokens
 
@@ -30,15 +33,20 @@ def parse_args(argv=None):
     p.add_argument("--allow-other-tokenizer", action="store_true", help="Decode even though --model's encoder or "
                    "codebook differs from the one that made the tokens (only for a decoder trained on these codes; "
                    "otherwise the images are meaningless)")
+    p.add_argument("--overwrite", action="store_true", help="Replace files of --output-dir that have the names of "
+                   "decoded images (by default any such file stops the script before it decodes anything, a re-run's "
+                   "as much as the user's own images)")
     cli.add_run_options(p, batch_size=32, batch_of="token grids", workers=False)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_folder(args.output_dir)
     model = cli.load_model(VQHiT, args)
     written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,
-                            allow_other_tokenizer=args.allow_other_tokenizer, progress=not args.no_progress)
+                            allow_other_tokenizer=args.allow_other_tokenizer, overwrite=args.overwrite,
+                            progress=not args.no_progress)
     state = process_state()
     if state.is_main_process:
         print(f"{args.output_dir}: {written} images from the main process ({state.num_processes} processes)")

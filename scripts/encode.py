@@ -15,6 +15,7 @@ import argparse
 
 from vqhit import cli
 from vqhit.distributed import process_state
+from vqhit.files import check_output_folder
 from vqhit.models.vqhit import VQHiT
 from vqhit.tokens import encode_dataset
 
@@ -38,6 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_folder(args.output_dir)
     model = cli.load_model(VQHiT, args)
     label_column = None if args.label_column.lower() == "none" else args.label_column
     dataset = cli.eval_dataset_from_args(args, model.config.resolution, max_images=args.max_images,

@@ -21,6 +21,7 @@ from vqhit.distributed import process_state
 from vqhit.errors import UsageError
 from vqhit.evaluation import (INTERPOLATIONS, evaluate_generator, format_report, save_interpolations, save_sample_grid,
                               write_report)
+from vqhit.files import check_output_folder
 from vqhit.models.hit import HiTGenerator
 
 
@@ -49,7 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--interpolation", default="linear", choices=INTERPOLATIONS, help="Linear interpolation "
                    "z0 + t (z1 - z0), or spherical (slerp) (default: %(default)s)")
     p.add_argument("--output-dir", default="eval", help="Where eval_gan.json, samples.png and interpolation.png "
-                   "are written (default: %(default)s)")
+                   "are written; one that already holds any of them (another model's, or an earlier run's) is "
+                   "refused at the start: give each evaluation its own folder, or pass --overwrite "
+                   "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="Replace those files of --output-dir")
     cli.add_run_options(p, batch_size=50, batch_of="samples (and reference images)", precision_note="for the "
                         "generator; Inception always runs in float32")
     return p.parse_args(argv)
@@ -57,6 +61,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = Path(args.output_dir)
+    outputs = ["eval_gan.json", *["samples.png"] * (args.grid_size > 0),
+               *["interpolation.png"] * (args.interp_rows > 0)]
+    check_output_folder(out, outputs, overwrite=args.overwrite)  # now, not after the evaluation
     if args.data is None and (args.ref_stats is None or not os.path.exists(args.ref_stats)):
         raise UsageError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
     generator = cli.load_model(HiTGenerator, args)
@@ -69,7 +77,6 @@ def main(argv=None):
                                 is_split_size=args.is_split_size, precision=args.precision,
                                 progress=not args.no_progress)
     if process_state().is_main_process:
-        out = Path(args.output_dir)
         files = {}
         if args.grid_size > 0:
             files["sample_grid"] = str(save_sample_grid(generator, out / "samples.png", rows=args.grid_size,

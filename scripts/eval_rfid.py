@@ -25,8 +25,11 @@ from pathlib import Path
 from vqhit import cli
 from vqhit.distributed import process_state
 from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, write_report
+from vqhit.files import check_output_folder
 from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
 from vqhit.models.vqhit import VQHiT
+
+REPORT = "eval_rfid.json"
 
 
 def parse_args(argv=None):
@@ -44,7 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
                    "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
     p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS: no AlexNet backbone needed")
-    p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written (default: %(default)s)")
+    p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written; one that already holds an "
+                   "eval_rfid.json (another model's, or an earlier run's) is refused at the start: give each "
+                   "evaluation its own folder, or pass --overwrite (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="Replace the eval_rfid.json of --output-dir")
     p.add_argument("--no-model-card", action="store_true", help="Leave the model folder's README.md alone (by "
                    "default a local --model folder gets a model card with these figures and settings)")
     cli.add_run_options(p, batch_size=32, batch_of="images", precision_note="for the tokenizer; Inception always "
@@ -54,6 +60,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_folder(args.output_dir, [REPORT], overwrite=args.overwrite)  # now, not after the evaluation
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
         if local else {}
@@ -65,7 +72,7 @@ def main(argv=None):
                                 num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress)
     report["settings"].update(weights)
     if process_state().is_main_process:
-        path = write_report(report, f"{args.output_dir}/eval_rfid.json")
+        path = write_report(report, Path(args.output_dir) / REPORT)
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
         if local and not args.no_model_card:
             if weights_sha256(args.model) != weights["weights_sha256"]:  # e.g. a training run exported meanwhile

@@ -143,7 +143,7 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     # Second run: the file is read, not recomputed or rewritten. Shift its mean so its use is visible.
     ReferenceStatistics(saved.mu + 1.0, saved.sigma, saved.n, saved.protocol).save(ref)
     stamp = ref.stat().st_mtime_ns
-    again = main(argv)
+    again = main(argv + ["--overwrite"])  # the same --output-dir: its eval_rfid.json is replaced only when asked
     assert again["settings"]["reference_statistics"]["status"] == "loaded"
     assert ref.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(fid_calls[1][0], saved.mu + 1.0)
@@ -151,7 +151,7 @@ def test_eval_rfid_script_report_and_cached_reference(folder, random_inception_w
     assert again["metrics"]["rfid"] != pytest.approx(report["metrics"]["rfid"])
 
     with pytest.raises(ValueError, match="another protocol"):  # 1 image is not the set the file describes
-        main(argv + ["--num-images", "1", "--no-lpips"])
+        main(argv + ["--num-images", "1", "--no-lpips", "--overwrite"])
 
 
 def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tmp_path, make_images, monkeypatch):
@@ -167,7 +167,7 @@ def test_eval_rfid_without_fid_upsamples_small_images_and_min_size_skips_them(tm
     main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
     argv = ["--model", str(model_dir), "--data", str(tmp_path / "images"), "--no-fid", "--no-lpips",
             "--batch-size", "2", "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress",
-            "--no-model-card"]
+            "--no-model-card", "--overwrite"]
 
     with pytest.warns(BadImageWarning, match=r"small\.png is 40x32.*upsampled"):
         report = main(argv)  # the protocol's default: the 40 x 32 image is upsampled (ADM), not dropped
@@ -211,7 +211,7 @@ def test_eval_rfid_offline_reports_what_needs_no_weights_and_names_the_flags_oth
     model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
     main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
     argv = ["--model", str(model_dir), "--data", str(folder), "--num-workers", "0", "--output-dir",
-            str(tmp_path / "out")]
+            str(tmp_path / "out"), "--overwrite"]
 
     report = main(argv + ["--no-fid", "--no-lpips"])
     metrics = report["metrics"]
@@ -296,3 +296,94 @@ def test_eval_gan_script(random_inception_weights, fid_calls, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="reference"):
         main(["--model", str(model_dir), "--ref-stats", str(tmp_path / "missing.npz")])
+
+
+@pytest.mark.parametrize("script, report", [("eval_rfid.py", "eval_rfid.json"), ("eval_gan.py", "samples.png")])
+def test_eval_scripts_check_their_output_folder_before_any_work(script, report, tmp_path, folder):
+    """An earlier report (another model's, in the shared default folder) is not replaced unless --overwrite, and an
+    --output-dir that is a file is refused: both at the start (here before --model, which does not exist, is read),
+    not after an evaluation whose results would then be lost."""
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name="script")["main"]
+    argv = ["--model", str(tmp_path / "no-such-model"), "--data", str(folder), "--no-progress"]
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / report).write_text("the first model's report")
+    with pytest.raises(UsageError, match=f"--output-dir {out} already holds 1 of the .* files .*{report}.*"
+                                         f"new folder.*--overwrite"):
+        main(argv + ["--output-dir", str(out)])
+    assert (out / report).read_text() == "the first model's report"
+    with pytest.raises(UsageError, match="--model"):  # asked for: the check passes and the script goes on
+        main(argv + ["--output-dir", str(out), "--overwrite"])
+    with pytest.raises(UsageError, match=f"--output-dir {out / report} is a file, not a folder"):
+        main(argv + ["--output-dir", str(out / report), "--overwrite"])
+
+
+def test_a_damaged_or_foreign_weights_file_is_one_error_naming_its_option(folder, tmp_path, capsys):
+    """Garbage, another network's tensors, a pickled object or a folder given as --inception-weights or
+    --lpips-backbone: one `error:` line naming the option, the file, why and the fix; no traceback."""
+    from vqhit import cli
+
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    junk, wrong, not_tensors = tmp_path / "junk.pth", tmp_path / "wrong.pth", tmp_path / "list.pth"
+    junk.write_text("junk\n")
+    torch.save({"a": torch.zeros(2), "features.0.weight": torch.zeros(3)}, wrong)
+    torch.save([torch.zeros(2)], not_tensors)
+    cases = [(junk, "unreadable as a torch file"), (tmp_path, "it is a folder"),
+             (not_tensors, "it holds a list, not a state dict of tensors")]
+    for option, off, extra in [("--inception-weights", "--no-lpips", (wrong, "the tensors of another network: "
+                                                                       "472 missing, 2 unexpected")),
+                               ("--lpips-backbone", "--no-fid", (wrong, "9 of the 10 backbone tensors missing"))]:
+        for path, why in [*cases, extra]:
+            argv = ["--model", str(model_dir), "--data", str(folder), off, option, str(path), "--num-workers", "0",
+                    "--output-dir", str(tmp_path / "out"), "--no-progress"]
+            with pytest.raises(SystemExit) as exit_info:
+                cli.run(main, argv)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "Traceback" not in err, err
+            err = err.splitlines()[-1]  # (after the datasets library's progress line)
+            assert err.startswith(f"error: {option} {path}: not a weights file of ") and f"({why}" in err, err
+            assert "leave the option out to download it" in err and "weights_path" not in err
+
+
+def test_a_damaged_ref_stats_file_or_a_folder_is_one_error_naming_the_option(folder, random_inception_weights,
+                                                                            tmp_path):
+    """Text, a truncated zip, object (pickled) arrays, a bare .npy or a folder as --ref-stats: refused before any
+    work, naming --ref-stats and the fix; the file is left as it was."""
+    np.savez(tmp_path / "good.npz", mu=np.zeros(3), sigma=np.eye(3))
+    good = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "text.npz").write_text("not statistics\n")
+    (tmp_path / "truncated.npz").write_bytes(good[: len(good) // 2])
+    np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(3))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "folder").mkdir()
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    rfid = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    for name, why in [("text.npz", "unreadable: ValueError"), ("truncated.npz", "unreadable: BadZipFile"),
+                      ("objects.npz", "unreadable: ValueError Object arrays"),
+                      ("array.npy", "it is a single .npy array")]:
+        before = (tmp_path / name).read_bytes()
+        with pytest.raises(UsageError, match=rf"--ref-stats {tmp_path / name}: not a statistics file \({why}.*\); "
+                                             r"pass an \.npz with 'mu' and 'sigma'"):
+            rfid(["--model", str(model_dir), "--data", str(folder), "--ref-stats", str(tmp_path / name), "--no-lpips",
+                  "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        assert (tmp_path / name).read_bytes() == before
+    gan = runpy.run_path(str(ROOT / "scripts" / "eval_gan.py"), run_name="script")["main"]
+    model_dir = HiTGenerator.from_preset("hit-tiny").save_pretrained(tmp_path / "gan")
+    with pytest.raises(UsageError, match=rf"--ref-stats {tmp_path / 'folder'} is a folder; pass the path of an \.npz"):
+        gan(["--model", str(model_dir), "--ref-stats", str(tmp_path / "folder"), "--inception-weights",
+             str(random_inception_weights), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+
+
+@pytest.mark.parametrize("data", ["folder", "builtin:photos-heldout"])
+def test_a_split_the_data_does_not_have_is_refused_naming_split(data, folder, tmp_path):
+    data = str(folder) if data == "folder" else data
+    torch.manual_seed(0)
+    model_dir = VQHiT.from_preset("vqhit-tiny").save_pretrained(tmp_path / "model")
+    main = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
+    with pytest.raises(UsageError, match=f"--split validation: {data} has only the split 'train'.*leave --split out"):
+        main(["--model", str(model_dir), "--data", data, "--split", "validation", "--no-fid", "--no-lpips",
+              "--num-workers", "0", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()  # no report recording a split the data does not have

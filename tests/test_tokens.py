@@ -146,8 +146,10 @@ def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_enc
     assert summary.encoded == [] and summary.reused == [0, 1, 2]
     assert json.loads(manifest.read_text()) == json.loads(good_manifest)
     manifest.unlink()
-    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size"):
+    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size") as refused:
         encode_dataset(model, dataset, out, **{**encode, "shard_size": 3})  # other settings: refused, not mixed in
+    # The shards are good tokens of the earlier settings: the fix is another folder, as with tokens.json there.
+    assert "use a new output folder" in str(refused.value) and "delete it" not in str(refused.value)
     encode_dataset(model, dataset, out, **encode)
 
     # A shard of another folder (other shard size) copied in is refused by name, not decoded as if it were ours.
@@ -223,3 +225,54 @@ def test_decode_by_id_never_writes_two_images_to_one_file(setup, tmp_path):
     for image, source in zip(expected, tokens.ids):  # each file holds its own image, not the other's
         name = {"a.jpg": "a.jpg.png", "a.png": "a.png", "b.jpg": "b.png"}[source]
         assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / name)), image)
+
+
+def test_decode_never_replaces_existing_files_unless_asked(setup, encoded, tmp_path, capsys):
+    """--name-by id into the source folder would replace the user's photographs with reconstructions: refused
+    before anything is decoded, as is a re-run into the same folder; --overwrite replaces them."""
+    from vqhit import cli
+
+    out, _ = encoded
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    source = tmp_path / "source"
+    files = {}
+    for path in setup["files"]:
+        relative = path.relative_to(setup["root"] / "images")
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        files[relative] = path.read_bytes()
+        (source / relative).write_bytes(files[relative])
+    argv = ["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(source), "--name-by", "id",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(decode, argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: --output-dir {source} already holds 5 of the 5 files") and "--overwrite" in error
+    assert len(error.splitlines()) == 1
+    assert all((source / relative).read_bytes() == data for relative, data in files.items())  # untouched
+
+    pngs = tmp_path / "png"
+    argv = ["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(pngs), "--no-progress"]
+    assert decode(argv) == 5
+    (pngs / "00000002.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"already holds 5 of the 5 files .*--overwrite"):
+        decode(argv)  # a re-run into the same folder is refused alike
+    assert (pngs / "00000002.png").read_bytes() == b"mine"
+    assert decode(argv + ["--overwrite"]) == 5
+    assert Image.open(pngs / "00000002.png").size == (64, 64)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(setup, encoded, tmp_path):
+    out, _ = encoded
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    encode = runpy.run_path(str(ROOT / "scripts" / "encode.py"), run_name="script")["main"]
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    for output_dir, where in ((a_file, "is a file"), (a_file / "sub", f"lies under {a_file}, which is a file")):
+        with pytest.raises(ValueError, match=f"--output-dir {output_dir} {where}, not a folder"):
+            encode(["--model", str(setup["model_dir"]), "--data", str(setup["root"] / "images"), "--output-dir",
+                    str(output_dir), "--num-workers", "0", "--no-progress"])
+        with pytest.raises(ValueError, match=f"--output-dir {output_dir} {where}, not a folder"):
+            decode(["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(output_dir),
+                    "--no-progress"])
+    assert a_file.read_text() == "not a folder"

@@ -136,6 +136,10 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     are read up to the first usable one, so a source with none fails here with one error naming it.
     """
     dangling = {}
+    if cfg.split != "train" and (cfg.source in BUILTIN_SOURCES or os.path.isdir(os.path.expanduser(cfg.source))):
+        # A built-in set or a plain image folder has one split; another must not be accepted (and recorded in reports)
+        raise UsageError(f"--split {cfg.split}: {cfg.source} has only the split 'train' (a local folder or a built-in "
+                         f"set is one split); leave --split out, or point --data at the images of that split.")
     if cfg.source in BUILTIN_SOURCES:
         photos, cut = BUILTIN_SOURCES[cfg.source]
         table = builtin_photos(tile=max(128, cfg.resolution), photos=photos) if cut == "tiles" else whole_photos(photos)

@@ -81,13 +81,31 @@ class ReferenceStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
-        with np.load(path) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise UsageError(f"{path} is not a statistics file: it needs 'mu' and 'sigma' arrays (the format of "
-                                 f"vqhit, pytorch-fid and torch-fidelity); it has {sorted(data.keys())}.")
-            n = int(data["n"]) if "n" in data else None
-            protocol = json.loads(str(data["protocol"])) if "protocol" in data else None
-            return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, protocol)
+        """Read an .npz with mu and sigma; a folder, a damaged file or another kind of file is one UsageError
+        naming --ref-stats and the fix."""
+        def refuse(why: str) -> UsageError:
+            return UsageError(f"--ref-stats {path}: not a statistics file ({why}); pass an .npz with 'mu' and 'sigma' "
+                              f"arrays (the format of vqhit, pytorch-fid and torch-fidelity), or delete the file so "
+                              f"that it is computed from --data and saved there.")
+
+        if Path(path).is_dir():
+            raise UsageError(f"--ref-stats {path} is a folder; pass the path of an .npz file (loaded if it exists, "
+                             f"else computed from --data and saved there).")
+        try:
+            data = np.load(path)  # allow_pickle=False: a statistics file holds plain arrays only
+            if isinstance(data, np.ndarray):
+                raise refuse("it is a single .npy array, not an .npz archive")
+            with data:
+                if "mu" not in data or "sigma" not in data:
+                    raise refuse(f"it has {sorted(data.keys())}")
+                n = int(data["n"]) if "n" in data else None
+                protocol = json.loads(str(data["protocol"])) if "protocol" in data else None
+                return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, protocol)
+        except UsageError:
+            raise
+        except Exception as err:  # whatever a damaged file trips over: BadZipFile, pickled data, bad JSON, EOF ...
+            first_line = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            raise refuse(f"unreadable: {type(err).__name__} {first_line}".strip()) from err
 
     def check_protocol(self, protocol: dict, path) -> None:
         if self.protocol is None:

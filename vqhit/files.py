@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import UsageError
+
 
 def default_file_mode() -> int:
     """The mode a newly created file gets under the process's umask (0o666 minus the umask's bits)."""
@@ -79,3 +81,22 @@ def replace_folder(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+def check_output_folder(folder, files=(), *, overwrite: bool = False, option: str = "--output-dir") -> Path:
+    """Refuse, before any work, an output folder that cannot be written or would lose the user's files: one that is
+    a file (or lies under one), or, unless `overwrite`, one that already holds any of `files` (names relative to
+    it). `option` is the setting the user named the folder with; the error names it and the fix."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == folder else f"lies under {path}, which is a file"
+                raise UsageError(f"{option} {folder} {where}, not a folder; give a folder (new or existing)")
+            break
+    existing = [name for name in files if (folder / name).exists()] if not overwrite else []
+    if existing:
+        raise UsageError(f"{option} {folder} already holds {len(existing)} of the {len(files)} files this would "
+                         f"write (e.g. {existing[0]}); write into a new folder, or pass --overwrite (overwrite=True) "
+                         f"to replace them")
+    return folder

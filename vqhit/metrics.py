@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -110,11 +111,6 @@ class InceptionFeatures(nn.Module):
         # Imported here: torch-fidelity takes seconds to import and most users of vqhit never need it.
         from torch_fidelity import feature_extractor_inceptionv3 as inception
 
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise NotFoundError(
-                f"Inception weights file {str(weights_path)!r} does not exist. Pass the path of "
-                "weights-inception-2015-12-05-6726825d.pth, or weights_path=None to download it."
-            )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         state = _inception_state_dict(weights_path, inception.URL_INCEPTION_V3)
@@ -124,9 +120,14 @@ class InceptionFeatures(nn.Module):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
-        self.net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                         feature_extractor_weights_path=buffer,
-                                                         feature_extractor_internal_dtype=internal_dtype)
+        try:
+            self.net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                             feature_extractor_weights_path=buffer,
+                                                             feature_extractor_internal_dtype=internal_dtype)
+        except RuntimeError as err:  # load_state_dict's: tensors of another network (its message lists every key)
+            if weights_path is None or "Error(s) in loading state_dict" not in str(err):
+                raise
+            raise _not_a_weights_file(weights_path, INCEPTION_OPTION, _state_dict_mismatch(err)) from None
         self.to(device)
 
     @property
@@ -146,23 +147,67 @@ class InceptionFeatures(nn.Module):
         return pool, logits
 
 
+# The options that name local weights files, and what each should be: the errors name them and the fix.
+INCEPTION_OPTION = ("--inception-weights", "weights file of torch-fidelity's FID Inception",
+                    "pass weights-inception-2015-12-05-6726825d.pth, or leave the option out to download it")
+LPIPS_OPTION = ("--lpips-backbone", "weights file of torchvision's AlexNet",
+                "pass torchvision's alexnet-owt-7be5be79.pth, or leave the option out to download it (or --no-lpips)")
+
+
+def _not_a_weights_file(path, option: tuple[str, str, str], why: str) -> UsageError:
+    name, what, fix = option
+    return UsageError(f"{name} {path}: not a {what} ({why}); {fix}")
+
+
+def _load_weights_file(path, option: tuple[str, str, str]) -> dict:
+    """A local weights file the user named, as a state dict of tensors, loaded with weights_only=True (a weights
+    file cannot run code). A missing, damaged or foreign file is one UsageError naming the option and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{option[0]} {path}: the file does not exist; {option[2]}")
+    if path.is_dir():
+        raise _not_a_weights_file(path, option, "it is a folder")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # objects beyond tensors: refused by weights_only=True
+        reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
+        raise _not_a_weights_file(path, option, f"it holds more than tensors, and weights files are loaded with "
+                                  f"weights_only=True so that they cannot run code: {reason}; re-save a state dict "
+                                  f"with torch.save(state_dict, path)") from err
+    except Exception as err:  # a damaged or non-torch file: the unpickler trips over it anywhere (KeyError, EOF ...)
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise _not_a_weights_file(path, option, f"unreadable as a torch file: {type(err).__name__} "
+                                  f"{first_line}".strip()) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _not_a_weights_file(path, option, f"it holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def _state_dict_mismatch(err: RuntimeError) -> str:
+    """load_state_dict's error (kilobytes: every key) in one short phrase."""
+    counts = []
+    for line in str(err).splitlines():
+        for kind in ("Missing", "Unexpected"):
+            if f"{kind} key(s)" in line:
+                counts.append(f"{line.count(chr(34)) // 2} {kind.lower()}")  # the keys are listed in double quotes
+    shapes = str(err).count("size mismatch")
+    counts += [f"{shapes} of other shapes"] if shapes else []
+    return f"the tensors of another network: {', '.join(counts)}"
+
+
 def _inception_state_dict(weights_path, url: str) -> dict:
     """The Inception weights from `weights_path`, or downloaded from `url` (None), loaded with weights_only=True: a
     weights file cannot run code. The official file is a plain state dict and loads unchanged."""
-    source = "the downloaded Inception weights" if weights_path is None else str(weights_path)
+    if weights_path is not None:
+        return _load_weights_file(weights_path, INCEPTION_OPTION)
     try:
-        if weights_path is None:
-            with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d"
-                                          ".pth)", "weights_path=..., or --inception-weights PATH in the scripts (or "
-                                          "--no-fid in eval_rfid.py, to skip rFID)"):
-                return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-        return torch.load(weights_path, map_location="cpu", weights_only=True)
+        with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d"
+                                      ".pth)", "weights_path=..., or --inception-weights PATH in the scripts (or "
+                                      "--no-fid in eval_rfid.py, to skip rFID)"):
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
-        raise UsageError(f"{source} is not a plain state dict of tensors: it is loaded with weights_only=True so a "
-                         f"weights file cannot run code ({reason}). Pass "
-                         f"weights-inception-2015-12-05-6726825d.pth, or re-save your file with "
-                         f"torch.save(state_dict, path).") from err
+        raise UsageError(f"the downloaded Inception weights are not a plain state dict of tensors ({err}); delete "
+                         f"the file from the torch hub cache to download it again.") from err
 
 
 class FeatureStatistics:
@@ -361,16 +406,19 @@ class LPIPSMetric(nn.Module):
     def _load_backbone(self, path: str | Path) -> None:
         # lpips splits torchvision's `features` Sequential into slices that keep the original indices
         # as module names ("slice2.3.weight" is torchvision's "features.3.weight").
-        if not Path(path).is_file():
-            raise NotFoundError(f"LPIPS backbone file {str(path)!r} does not exist (--lpips-backbone); pass a "
-                                f"torchvision AlexNet state dict such as alexnet-owt-7be5be79.pth")
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = _load_weights_file(path, LPIPS_OPTION)
         target = self.lpips.net.state_dict()
         mapped = {name: source["features." + name.split(".", 1)[1]] for name in target
                   if "features." + name.split(".", 1)[1] in source}
-        if mapped.keys() != target.keys():
-            raise UsageError(f"{path} is not a torchvision state dict for the LPIPS backbone: missing "
-                             f"{sorted(set(target) - set(mapped))[:4]}...")
+        missing = sorted("features." + name.split(".", 1)[1] for name in set(target) - set(mapped))
+        if missing:
+            raise _not_a_weights_file(path, LPIPS_OPTION, f"{len(missing)} of the {len(target)} backbone tensors "
+                                      f"missing, e.g. {missing[0]}")
+        shapes = [name for name in target if mapped[name].shape != target[name].shape]
+        if shapes:
+            name = "features." + shapes[0].split(".", 1)[1]
+            raise _not_a_weights_file(path, LPIPS_OPTION, f"{len(shapes)} tensors of other shapes, e.g. {name} "
+                                      f"{tuple(mapped[shapes[0]].shape)} instead of {tuple(target[shapes[0]].shape)}")
         self.lpips.net.load_state_dict(mapped)
 
     @torch.no_grad()

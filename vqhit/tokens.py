@@ -47,7 +47,7 @@ from .config_values import differences
 from .data import ImageDataset, check_eval_dataset, collate_images, data_settings
 from .distributed import process_state, state_and_device
 from .errors import UsageError
-from .files import atomic_write
+from .files import atomic_write, check_output_folder
 from .metrics import to_uint8
 from .precision import autocast, check_precision
 
@@ -58,6 +58,8 @@ MANIFEST_KEYS = ("format", "version", "model", "preset", "tokenizer_fingerprint"
                  "resolution", "dtype", "preprocessing", "data", "label_column", "precision", "num_items",
                  "shard_size", "num_shards")
 REENCODE = "delete it and run scripts/encode.py again with the same arguments: only missing shards are encoded"
+NEW_FOLDER = ("resuming needs the same model, data, preprocessing and shard size: to encode with other settings, use "
+              "a new output folder")
 
 
 def shard_name(k: int) -> str:
@@ -130,7 +132,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
     precision = check_precision(precision)
     state, device = state_and_device(device)
-    output_dir = Path(output_dir)
+    output_dir = check_output_folder(output_dir)
     model = model.to(device).eval()
     manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
     _check_existing_manifest(output_dir, manifest)
@@ -179,13 +181,14 @@ def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
     if not path.exists():
         # No manifest (never written, or deleted because it was damaged): the shards' own metadata say how they
         # were made, so those of this run's settings are kept and anything else is refused.
+        # A whole shard made with other settings is another run's good tokens: not to be deleted, but not resumed.
         for shard in sorted(output_dir.glob("shard-*.safetensors")) if output_dir.is_dir() else []:
-            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]))
+            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]), fix=NEW_FOLDER)
         return
     diff = _manifest_differences(read_manifest(output_dir), manifest)
     if diff:
-        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}. "
-                         f"Resuming needs the same model, data, preprocessing and shard size; use a new output folder.")
+        raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}; "
+                         f"{NEW_FOLDER}.")
 
 
 def _manifest_differences(existing: dict, manifest: dict) -> dict:
@@ -250,8 +253,9 @@ def read_shard_metadata(path) -> dict:
     return metadata
 
 
-def check_shard(path, manifest: dict, k: int) -> dict:
-    """Read shard k's header and check it belongs to the folder `manifest` describes; returns its metadata."""
+def check_shard(path, manifest: dict, k: int, fix: str = REENCODE) -> dict:
+    """Read shard k's header and check it belongs to the folder `manifest` describes; returns its metadata. `fix`:
+    the advice when it is a whole shard that does not belong (a damaged one is always to be re-encoded)."""
     metadata = read_shard_metadata(path)
     diff = _manifest_differences({key: metadata[key] for key in MANIFEST_KEYS}, manifest)
     expected = [metadata["num_images"], manifest["grid"], manifest["grid"]]
@@ -260,7 +264,7 @@ def check_shard(path, manifest: dict, k: int) -> dict:
     if metadata["shape"] != expected or len(metadata["ids"]) != metadata["num_images"]:
         diff["indices shape (ids)"] = (f"{metadata['shape']} ({len(metadata['ids'])})", expected)
     if diff:
-        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {REENCODE}.")
+        raise UsageError(f"{path} does not belong with this folder's tokens (shard, folder): {diff}; {fix}.")
     return metadata
 
 
@@ -358,7 +362,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by: str = "index", device=None,
-                  allow_other_tokenizer: bool = False, progress: bool = True) -> int:
+                  allow_other_tokenizer: bool = False, overwrite: bool = False, progress: bool = True) -> int:
     """Decode every shard to PNGs in `output_dir`; returns the number of images this process wrote.
 
     name_by="index": <dataset position>.png (zero-padded to 8 digits); "id": the source file's relative path
@@ -368,9 +372,13 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     fingerprint; a decoder trained later on those codes is fine):
     another tokenizer of the same preset reads the same index range but means other images by it. Pass
     allow_other_tokenizer=True only for a decoder you know was trained on these codes.
+
+    Before anything is decoded, a file of `output_dir` that decoding would write (a re-run's, or the user's own
+    images: --name-by id into the source folder) is refused unless overwrite=True (--overwrite) replaces them.
     """
     if name_by not in NAME_BY:
         raise ValueError(f"name_by={name_by!r}; use one of {NAME_BY}.")
+    check_output_folder(output_dir)
     manifest = read_manifest(token_dir)
     config = model.config
     if (manifest["codebook_size"], manifest["grid"]) != (config.codebook_size, config.grid):
@@ -389,15 +397,18 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
     state, device = state_and_device(device)
     model = model.to(device).eval()
     paths = shard_paths(token_dir)
+    # Every process names every shard's files, so all of them see the same files already there and agree.
     if name_by == "id":  # names are checked across all shards: two processes must not write the same file either
-        id_names = _names_by_id([read_shard_metadata(p) for p in paths], warn=state.is_main_process)
+        names = _names_by_id([read_shard_metadata(p) for p in paths], warn=state.is_main_process)
+    else:
+        names = [[f"{i:08d}.png" for i in _dataset_index(p).tolist()] for p in paths]
+    output_dir = check_output_folder(output_dir, [name for shard in names for name in shard], overwrite=overwrite)
+    state.wait_for_everyone()  # no process writes a file before all have checked that none is there
     mine = range(state.process_index, len(paths), state.num_processes)
-    output_dir = Path(output_dir)
     written = 0
     for k in tqdm(mine, desc="decode", disable=not (progress and state.is_main_process), dynamic_ncols=True):
         shard = read_shard(paths[k])
-        names = [f"{i:08d}.png" for i in shard["dataset_index"].tolist()] if name_by == "index" else id_names[k]
-        for chunk, chunk_names in zip(shard["indices"].split(batch_size), _chunks(names, batch_size)):
+        for chunk, chunk_names in zip(shard["indices"].split(batch_size), _chunks(names[k], batch_size)):
             images = to_uint8(model.decode_indices(chunk.to(device).long()).float()).permute(0, 2, 3, 1).cpu()
             for image, name in zip(images.numpy(), chunk_names):
                 target = output_dir / name
@@ -406,6 +417,12 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
             written += len(chunk)
     state.wait_for_everyone()
     return written
+
+
+def _dataset_index(path) -> torch.Tensor:
+    """A shard's dataset positions alone (the names of --name-by index), without reading its tokens."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("dataset_index")
 
 
 def _names_by_id(headers: list[dict], warn: bool) -> list[list[str]]:
