@@ -142,6 +142,33 @@ def test_sigterm_stops_with_a_checkpoint_and_the_same_command_continues_exactly(
     assert sorted(logged_steps(stopped)) == list(range(1, 9))  # each step logged once
 
 
+def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
+    # Slurm, Ctrl-C in a terminal and `kill -TERM -PGID` signal the DataLoader's workers too: they must ignore it and
+    # serve batches until the training process has written its checkpoint, and then end with it.
+    out = tmp_path / "run"
+    reached = 0
+    # SIGUSR1 goes to the resumed run, whose loader starts inside an epoch (a loader of its own, built on resume)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        proc = subprocess.Popen([sys.executable, SCRIPT, *ARGS, "--num-workers", "2", "--steps", "200",
+                                 "--output-dir", str(out)], env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own group, as a job
+        try:
+            deadline = time.time() + 300
+            while not logged_steps(out) or max(logged_steps(out)) < reached + 2:
+                assert time.time() < deadline and proc.poll() is None, "the run ended before the signal"
+                time.sleep(0.05)
+            os.killpg(proc.pid, sig)
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+        assert "DataLoader worker" not in output
+        previous, reached = reached, int(list_checkpoints(out)[-1].name.split("-")[1])
+        assert previous + 2 <= reached < 200 and f"stopped at step {reached} of 200 by {sig.name}" in output
+        assert not list(out.glob(".*.tmp"))  # the checkpoint was completed, not left half-written
+
+
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert [status for status, _ in run(straight, 6, world=2)] == [0, 0]

@@ -226,7 +226,7 @@ class Trainer:
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
         self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
-                                  seed=config.seed, drop_last=True)
+                                  seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals))
         if not isinstance(self.dataset, torch.utils.data.IterableDataset) and len(loader) == 0:
             raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
                              f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
@@ -403,10 +403,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
-        """Train to `config.steps`; returns the EMA model. The output folder is unlocked however this ends."""
+        """Train to `config.steps`; returns the EMA model. The output folder is unlocked and the data workers are
+        stopped however this ends."""
         try:
             return self._fit()
         finally:
+            self.batches.close()
             self.folder.unlock()
 
     def _fit(self) -> nn.Module:
