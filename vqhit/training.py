@@ -43,7 +43,7 @@ from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
 from .precision import autocast
-from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, parse_signals
+from .preemption import EXIT_PREEMPTED, Interrupted, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
@@ -407,6 +407,8 @@ class Trainer:
         stopped however this ends."""
         try:
             return self._fit()
+        except KeyboardInterrupt as e:  # Ctrl-C, when SIGINT is not a stop signal: no checkpoint, say which to resume
+            raise e if isinstance(e, Interrupted) else Interrupted(self._interrupted_message()) from None
         finally:
             self.batches.close()
             self.folder.unlock()
@@ -432,7 +434,7 @@ class Trainer:
         last_checkpoint = time.monotonic()
         window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
-        with StopSignals(parse_signals(cfg.stop_signals)) as stop:
+        with bar, StopSignals(parse_signals(cfg.stop_signals)) as stop:  # the bar ends its line however this ends
             while self.state.step < cfg.steps:
                 for _ in range(cfg.grad_accum):
                     real = next(self.batches)["image"].to(acc.device, non_blocking=True)
@@ -492,6 +494,13 @@ class Trainer:
             print(f"finished at step {self.state.step}: the EMA model is in {model} "
                   f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
         return self.ema.model
+
+    def _interrupted_message(self) -> str:
+        found = list_checkpoints(self.output_dir)  # complete ones only: one being written is a .tmp folder
+        where = (f"the latest checkpoint is {found[-1]}: the same command with --resume auto continues from it, and "
+                 f"the training since its step {checkpoint_step(found[-1])} is lost" if found else
+                 "no checkpoint was written yet: the training so far is lost")
+        return f"interrupted at step {self.state.step} of {self.config.steps}; {where}"
 
     def _forget_logs_after(self, step: int) -> None:
         """Drop the logs.jsonl lines a killed run wrote after the checkpoint this run starts from, so that after any
