@@ -106,6 +106,13 @@ def test_resume_with_another_architecture_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-1: it was trained as --model hit-tiny.*"
                                          r"multi_query.*\(True, False\)"):
         trainer(run, steps=2, resume="latest", model_options={"multi_query": False})
+    # the discriminator's architecture is refused the same way, naming the options, before the folder is touched
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-1: this run asks for another discriminator "
+                                         r"architecture \(--disc-channel-multiplier 1 -> 2, --disc-max-channels 32 "
+                                         r"-> 16; .*Resume without changing --disc-channel-multiplier or "
+                                         r"--disc-max-channels") as e:
+        trainer(run, steps=2, resume="latest", disc_max_channels=16, disc_channel_multiplier=2)
+    assert "damaged" not in str(e.value)
     # a runtime option may change on resume
     trainer(run, steps=2, resume="latest", model_options={"checkpoint_mlp": True}).fit()
 

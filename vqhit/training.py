@@ -164,9 +164,12 @@ def build_model(config: TrainConfig, task: str) -> nn.Module:
     return model
 
 
+DISCRIMINATOR_OPTIONS = ("disc_channel_multiplier", "disc_max_channels")  # its architecture, beside the resolution
+
+
 def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) -> None:
-    """Refuse, in one sentence, to resume a checkpoint of another preset or architecture option (before anything in
-    the output folder is touched)."""
+    """Refuse, in one sentence, to resume a checkpoint of another preset, architecture option or discriminator
+    architecture (before anything in the output folder is touched)."""
     saved = saved_config(checkpoint)
     config_class = model_class(task).config_class
     try:
@@ -182,6 +185,14 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
             f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
             f"(--init-from {checkpoint.parent / 'model'} keeps the weights)")
+    disc = {f"--{key.replace('_', '-')}": (saved[key], getattr(config, key)) for key in DISCRIMINATOR_OPTIONS
+            if key in saved and saved[key] != getattr(config, key)}
+    if disc:
+        changes = ", ".join(f"{option} {theirs} -> {ours}" for option, (theirs, ours) in disc.items())
+        raise UsageError(
+            f"cannot resume {checkpoint}: this run asks for another discriminator architecture ({changes}; checkpoint "
+            f"-> this run). Resume without changing {' or '.join(disc)}, or start a new run (--init-from "
+            f"{checkpoint.parent / 'model'} keeps the generator's weights)")
 
 
 class Trainer:
