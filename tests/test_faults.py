@@ -177,6 +177,16 @@ def test_two_runs_cannot_write_one_folder(tmp_path):
     trainer(run, steps=2, resume="latest").fit()  # released: the folder can be used again
 
 
+def test_steps_below_the_checkpoints_step_are_refused_before_anything_is_touched(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=3, checkpoint_every=3).fit()
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=r"--steps 2 is below the step of .*checkpoint-3 \(3\): the run is already "
+                                         r"past it. Give --steps 3 or more"):
+        trainer(run, steps=2, resume="auto")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_a_resume_at_the_last_step_exports_the_model(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=2, checkpoint_every=2).fit()

@@ -30,8 +30,8 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
-                            resolve_resume, save_checkpoint)
+from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, checkpoint_step, export_model, list_checkpoints,
+                            load_checkpoint, read_state, resolve_resume, save_checkpoint)
 from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
@@ -195,6 +195,16 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
             f"{checkpoint.parent / 'model'} keeps the generator's weights)")
 
 
+def check_steps_reach(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a --steps below the step of the checkpoint to resume: the run is already past it, and training cannot go
+    back (equal is fine: the run is finished, and a resume only exports its model again)."""
+    step = read_state(checkpoint)["step"]
+    if config.steps < step:
+        raise UsageError(f"--steps {config.steps} is below the step of {checkpoint} ({step}): the run is already past "
+                         f"it. Give --steps {step} or more to continue it, or resume a checkpoint at or before step "
+                         f"{config.steps} (--resume {checkpoint.parent}/{CHECKPOINT_PREFIX}M)")
+
+
 class Trainer:
     """Builds a run (models, data, optimisers, output folder), then `fit()` trains it.
 
@@ -211,6 +221,7 @@ class Trainer:
         self.resume_path = resolve_resume(config.resume, self.output_dir)
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
+            check_steps_reach(config, self.resume_path)
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
         distributed.init_restarted_process_group(config.collective_timeout)
@@ -436,6 +447,9 @@ class Trainer:
                   f"{cfg.grad_accum} accumulation steps", flush=True)
             save_config(cfg, self.output_dir / "train_config.yaml")
             self._forget_logs_after(start_step)
+            if start_step >= cfg.steps:
+                print(f"the run is already finished at step {start_step} (--steps {cfg.steps}): nothing to train; "
+                      f"its model is exported again", flush=True)
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
         acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
                           init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
@@ -498,7 +512,10 @@ class Trainer:
             self.export()  # also when a resume found the run already finished
         acc.wait_for_everyone()
         if self.task == "vqhit" and cfg.heldout_data:
-            self.heldout_report()
+            if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
+                acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
+            else:
+                self.heldout_report()
         acc.end_training()
         if acc.is_main_process:
             model = self.output_dir / "model"
@@ -526,6 +543,19 @@ class Trainer:
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
             path.write_text("".join(kept))
+
+    def _heldout_reported(self, step: int) -> bool:
+        """Whether logs.jsonl holds the held-out report of `step` already (read by the main process, told to all)."""
+        found = False
+        path = self.output_dir / "logs.jsonl"
+        if self.accelerator.is_main_process and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                found = found or (isinstance(row, dict) and row.get("step") == step and "heldout/psnr" in row)
+        return bool(distributed.all_reduce_sum(torch.tensor([float(found)]))[0])
 
     def _bar_text(self, window: dict, logs: dict) -> str:
         """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
