@@ -126,6 +126,19 @@ def test_nan_advice_without_a_checkpoint_does_not_point_at_resume(tmp_path):
     assert "--resume" not in str(e.value)
 
 
+def test_a_divergence_is_one_error_line_advising_a_finite_lower_lr(tmp_path):
+    from vqhit.errors import UsageError
+    t = trainer(tmp_path / "run", steps=3, checkpoint_every=10)
+    t.config.lr = float("inf")  # as given on the command line (or a run whose lr is not a number)
+    for optimizer in (t.opt_g, t.opt_d):
+        optimizer.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite .*start again with a finite positive --lr "
+                                                 r"\(e.g. --lr 1e-4 --overwrite\)") as e:
+        t.fit()
+    assert isinstance(e.value, UsageError)  # the scripts print it as one `error:` line, without a traceback
+    assert "--lr inf" not in str(e.value)
+
+
 def test_a_resume_that_fails_at_its_first_step_is_advised_an_earlier_checkpoint(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=3, checkpoint_every=1).fit()

@@ -35,7 +35,7 @@ from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, checkpoint_step, ex
 from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
-from .errors import UsageError
+from .errors import DivergedError, UsageError
 from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -352,12 +352,16 @@ class Trainer:
             names = [k for k, b in zip(losses, bad.tolist()) if b]
             # checkpoint-N holds the weights that this step (number N + 1) started from: it is not a good one.
             good = [c for c in list_checkpoints(self.output_dir) if checkpoint_step(c) < self.state.step]
-            restart = f"start again with a lower --lr (e.g. --lr {self.config.lr / 2:g} --overwrite)"
-            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with a lower learning rate, "
-                     f"--resume {good[-1]} --lr {self.config.lr / 2:g}" if good else
+            lr = self.config.lr
+            # half the learning rate; a learning rate that is not a finite positive number has no lower one to try
+            finite = math.isfinite(lr) and lr > 0
+            lower, example = ("a lower", f"{lr / 2:g}") if finite else ("a finite positive", "1e-4")
+            restart = f"start again with {lower} --lr (e.g. --lr {example} --overwrite)"
+            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with {lower} learning rate, "
+                     f"--resume {good[-1]} --lr {example}" if good else
                      f"No checkpoint was written yet: {restart}" if not list_checkpoints(self.output_dir) else
                      f"The run's checkpoints all start from weights at or after this step: {restart}")
-            raise FloatingPointError(
+            raise DivergedError(
                 f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
                 f"{where}{', or --precision fp32' if self.config.precision != 'fp32' else ''}")
 
