@@ -142,6 +142,53 @@ def test_sigterm_stops_with_a_checkpoint_and_the_same_command_continues_exactly(
     assert sorted(logged_steps(stopped)) == list(range(1, 9))  # each step logged once
 
 
+def signal_group(out: Path, sig: signal.Signals, at_step: int, *extra: str) -> tuple[int, str]:
+    """Run the script (200 steps, 2 DataLoader workers) in a process group of its own, as a job or a terminal runs
+    it; once `at_step` is logged send `sig` to the whole group, as Slurm, Ctrl-C and `kill -TERM -PGID` do. Returns
+    the exit status and the output."""
+    proc = subprocess.Popen([sys.executable, SCRIPT, *ARGS, "--num-workers", "2", "--steps", "200", "--output-dir",
+                             str(out), *extra], env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not logged_steps(out) or max(logged_steps(out)) < at_step:
+            assert time.time() < deadline and proc.poll() is None, "the run ended before the signal"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, output
+
+
+def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
+    # The DataLoader's workers get the signal too: they must ignore it and serve batches until the training process
+    # has written its checkpoint, and then end with it.
+    out = tmp_path / "run"
+    reached = 0
+    # SIGUSR1 goes to the resumed run, whose loader starts inside an epoch (a loader of its own, built on resume)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        status, output = signal_group(out, sig, reached + 2)
+        assert status == EXIT_PREEMPTED, output[-3000:]
+        assert "DataLoader worker" not in output
+        previous, reached = reached, int(list_checkpoints(out)[-1].name.split("-")[1])
+        assert previous + 2 <= reached < 200 and f"stopped at step {reached} of 200 by {sig.name}" in output
+        assert not list(out.glob(".*.tmp"))  # the checkpoint was completed, not left half-written
+
+
+def test_ctrl_c_says_which_checkpoint_to_resume_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    status, output = signal_group(out, signal.SIGINT, 5)  # checkpoints every 4 steps
+    assert status == 130 and "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and f"latest checkpoint is {out / 'checkpoint-4'}" in last
+    assert "--resume auto" in last and "since its step 4 is lost" in last
+    # listed as a stop signal, SIGINT stops with a checkpoint as the others do
+    status, output = signal_group(out, signal.SIGINT, 7, "--stop-signals", "SIGINT")
+    assert status == EXIT_PREEMPTED and "by SIGINT" in output, output[-3000:]
+
+
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert [status for status, _ in run(straight, 6, world=2)] == [0, 0]

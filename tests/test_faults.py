@@ -106,6 +106,13 @@ def test_resume_with_another_architecture_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-1: it was trained as --model hit-tiny.*"
                                          r"multi_query.*\(True, False\)"):
         trainer(run, steps=2, resume="latest", model_options={"multi_query": False})
+    # the discriminator's architecture is refused the same way, naming the options, before the folder is touched
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-1: this run asks for another discriminator "
+                                         r"architecture \(--disc-channel-multiplier 1 -> 2, --disc-max-channels 32 "
+                                         r"-> 16; .*Resume without changing --disc-channel-multiplier or "
+                                         r"--disc-max-channels") as e:
+        trainer(run, steps=2, resume="latest", disc_max_channels=16, disc_channel_multiplier=2)
+    assert "damaged" not in str(e.value)
     # a runtime option may change on resume
     trainer(run, steps=2, resume="latest", model_options={"checkpoint_mlp": True}).fit()
 
@@ -117,6 +124,19 @@ def test_nan_advice_without_a_checkpoint_does_not_point_at_resume(tmp_path):
     with pytest.raises(FloatingPointError, match="No checkpoint was written yet: start again with a lower --lr") as e:
         t.fit()
     assert "--resume" not in str(e.value)
+
+
+def test_a_divergence_is_one_error_line_advising_a_finite_lower_lr(tmp_path):
+    from vqhit.errors import UsageError
+    t = trainer(tmp_path / "run", steps=3, checkpoint_every=10)
+    t.config.lr = float("inf")  # as given on the command line (or a run whose lr is not a number)
+    for optimizer in (t.opt_g, t.opt_d):
+        optimizer.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite .*start again with a finite positive --lr "
+                                                 r"\(e.g. --lr 1e-4 --overwrite\)") as e:
+        t.fit()
+    assert isinstance(e.value, UsageError)  # the scripts print it as one `error:` line, without a traceback
+    assert "--lr inf" not in str(e.value)
 
 
 def test_a_resume_that_fails_at_its_first_step_is_advised_an_earlier_checkpoint(tmp_path):
@@ -168,6 +188,16 @@ def test_two_runs_cannot_write_one_folder(tmp_path):
         trainer(run, steps=1)
     first.fit()
     trainer(run, steps=2, resume="latest").fit()  # released: the folder can be used again
+
+
+def test_steps_below_the_checkpoints_step_are_refused_before_anything_is_touched(tmp_path):
+    run = tmp_path / "run"
+    trainer(run, steps=3, checkpoint_every=3).fit()
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=r"--steps 2 is below the step of .*checkpoint-3 \(3\): the run is already "
+                                         r"past it. Give --steps 3 or more"):
+        trainer(run, steps=2, resume="auto")
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_a_resume_at_the_last_step_exports_the_model(tmp_path):

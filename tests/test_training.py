@@ -384,6 +384,12 @@ def test_tokenizer_run_ends_with_a_heldout_report(tmp_path, capsys):
     assert "builtin:photos-heldout (12 images, never trained on)" in out
     assert "builtin:photos-whole (11 images, the training images)" in out and "generalisation gap" in out
     assert (tmp_path / "run" / "samples" / "heldout-step-0000001.png").is_file()
+    # the same command again (a job script rerun after the end): nothing is trained, reported or logged twice
+    logs = (tmp_path / "run" / "logs.jsonl").read_text()
+    make_trainer(tmp_path, "vqhit", steps=1, adv_start=10, heldout_data="builtin:photos-heldout", resume="auto").fit()
+    assert (tmp_path / "run" / "logs.jsonl").read_text() == logs
+    out = capsys.readouterr().out
+    assert "already finished at step 1 (--steps 1): nothing to train" in out and "PSNR" not in out
 
 
 def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):

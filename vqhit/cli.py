@@ -13,7 +13,8 @@ from the `add_*_options` functions below, and build the model and the dataset fr
 
 `run` calls `main`. A `UsageError` (`vqhit.errors`: raised where the library checks what the user chose, and by
 `ArgumentParser` for a malformed command line) prints one line, `error: <message>`, from the first process only,
-and exits with status 2. Any other exception is a bug and propagates with its traceback.
+and exits with status 2. Ctrl-C (KeyboardInterrupt) prints its message, or `interrupted`, and exits with status 130.
+Any other exception is a bug and propagates with its traceback.
 
 Under `accelerate launch`, the launcher adds a traceback of its own (CalledProcessError) whenever the script exits
 non-zero; its `-q` (`--quiet`) flag leaves that out for one-process launches, which is why the README's commands
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
+from .preemption import EXIT_INTERRUPTED
 
 _PROJECT = Path(__file__).resolve().parent.parent  # vqhit/ and scripts/
 
@@ -196,3 +198,7 @@ def run(main, argv: list[str] | None = None):
             if _rank() == 0:  # every process meets the same mistake; one line is enough
                 print(f"error: {_message(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except KeyboardInterrupt as err:  # Ctrl-C: the user knows why it stopped; say what is left, not where it was
+            if _rank() == 0:
+                print(str(err) or "interrupted", file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)

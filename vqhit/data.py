@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Sampler, get_worker_info
 from . import distributed
 from .downloads import local_or_hub
 from .errors import UsageError
+from .preemption import ignore_in_workers
 
 TRANSFORMS = ("random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "imagenet_gan_eval", "resize")
 # Transforms with no randomness: what evaluation and encoding may read (never a random crop, never a flip).
@@ -272,18 +273,20 @@ def from_hf_dataset(table: datasets.Dataset | datasets.IterableDataset, cfg: Dat
 
 
 def build_dataloader(dataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
-                     drop_last: bool = True) -> DataLoader:
+                     drop_last: bool = True, ignore_signals=()) -> DataLoader:
     """A DataLoader whose collate drops skipped items (a batch may come out smaller, or None if all failed).
 
     Map-style: the order is a permutation seeded by ``(seed, dataset.epoch)``, sharded ``rank::world_size``
     when torch.distributed is initialised. Call ``dataset.set_epoch(e)`` before each epoch; it changes both
     the order and the augmentations. Workers are not persistent so that they see the new epoch.
+    ``ignore_signals``: signals the worker processes ignore (the training loop's stop signals, which a signal to the
+    whole process group would otherwise deliver to the workers too, killing them).
     """
     # A private generator: iter(DataLoader) draws its workers' base seed from it, never from the global RNG
     # that the training loop's latents come from (a resumed run would otherwise draw different latents).
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images,
                   drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                  generator=torch.Generator().manual_seed(seed))
+                  generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_in_workers(ignore_signals))
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset.shuffle = shuffle  # datasets' buffer shuffle; a DataLoader cannot shuffle a stream
         return DataLoader(dataset, **common)
@@ -381,6 +384,14 @@ class TrainingBatches:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now (the position is kept: `next` goes on from it). Workers that
+        ignore the stop signals (`ignore_signals`) must be stopped this way: at interpreter exit, multiprocessing
+        ends them with SIGTERM and waits for them."""
+        if self._iterator is not None:
+            self._iterator.close()  # drops the DataLoader iterator, which shuts its workers down
+            self._iterator = None
+
     def __next__(self) -> dict:
         """The next batch that every process can use (a batch of only unreadable images is skipped by all)."""
         if self._iterator is None:
@@ -401,7 +412,8 @@ class TrainingBatches:
                 bs = loader.batch_size
                 loader = DataLoader(self.dataset, batch_size=bs, sampler=SkipFirst(loader.sampler, skip * bs),
                                     num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                    drop_last=loader.drop_last, generator=loader.generator)
+                                    drop_last=loader.drop_last, generator=loader.generator,
+                                    worker_init_fn=loader.worker_init_fn)
                 skip = 0
             yield from loader
             epoch += 1

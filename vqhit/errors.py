@@ -5,8 +5,9 @@ download their machine cannot make) raises a `UsageError` whose message names th
 (`--data`, `--batch-size`) and the fix. The scripts print it as one line, `error: ...`, and exit with status 2
 (`vqhit.cli.run`); any other exception is a bug and keeps its traceback.
 
-`UsageError` is a `ValueError`, so library callers catch it as they always did. `NotFoundError` and
-`UnavailableError` are also the built-in types those checks raised before (`FileNotFoundError`, `RuntimeError`).
+`UsageError` is a `ValueError`, so library callers catch it as they always did. `NotFoundError`,
+`UnavailableError` and `DivergedError` are also the built-in types those checks raised before (`FileNotFoundError`,
+`RuntimeError`, `FloatingPointError`).
 """
 
 
@@ -20,3 +21,8 @@ class NotFoundError(UsageError, FileNotFoundError):
 
 class UnavailableError(UsageError, RuntimeError):
     """Something the command needs is not available now: a folder another run holds, a download with no network."""
+
+
+class DivergedError(UsageError, FloatingPointError):
+    """Training diverged (a loss became NaN or infinite): the message names the checkpoint to go back to and a lower
+    learning rate; a setting to change, not a bug."""

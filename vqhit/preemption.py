@@ -8,15 +8,24 @@ and the run exits with `EXIT_PREEMPTED`. The same command line with `--resume au
 
 Signals after the first one are acknowledged and ignored, so a second SIGTERM during the checkpoint cannot
 interrupt it (only SIGKILL can, and a checkpoint is written to a temporary folder renamed when complete).
+
+A signal sent to the whole process group (Slurm, `kill -TERM -PGID`) also reaches the DataLoader's worker processes:
+they ignore the stop signals (`ignore_in_workers`), so that only the training process reacts and the workers keep
+serving batches until it has written its checkpoint. A worker still ends with its parent (torch's watchdog).
+
+Ctrl-C (SIGINT, unless it is listed as a stop signal) stops at once, without a checkpoint: the training loop turns its
+KeyboardInterrupt into an `Interrupted` that names the checkpoint to resume, and the scripts exit with status 130.
 """
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
 
 from .errors import UsageError
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: the shell's status for a process ended by Ctrl-C
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose; run the same command again to continue
 DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
 
@@ -27,6 +36,17 @@ class Preempted(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a KeyboardInterrupt whose message says what was lost and which checkpoint to resume."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
         self.message = message
 
     def __str__(self) -> str:
@@ -76,3 +96,15 @@ class StopSignals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+
+def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def ignore_in_workers(signals: list[signal.Signals]):
+    """A DataLoader `worker_init_fn` that makes its workers ignore `signals` (the run's stop signals): a signal to the
+    whole process group then stops the training process cleanly instead of killing its workers (whose death fails the
+    step and the checkpoint write). None when there is nothing to ignore. Picklable, for spawned workers too."""
+    return functools.partial(_ignore_signals, tuple(int(s) for s in signals)) if signals else None

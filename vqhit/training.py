@@ -30,12 +30,12 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpointing import (OutputFolder, checkpoint_step, export_model, list_checkpoints, load_checkpoint,
-                            resolve_resume, save_checkpoint)
+from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, checkpoint_step, export_model, list_checkpoints,
+                            load_checkpoint, read_state, resolve_resume, save_checkpoint)
 from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
-from .errors import UsageError
+from .errors import DivergedError, UsageError
 from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -43,7 +43,7 @@ from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
 from .precision import autocast
-from .preemption import EXIT_PREEMPTED, Preempted, StopSignals, parse_signals
+from .preemption import EXIT_PREEMPTED, Interrupted, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
@@ -164,9 +164,12 @@ def build_model(config: TrainConfig, task: str) -> nn.Module:
     return model
 
 
+DISCRIMINATOR_OPTIONS = ("disc_channel_multiplier", "disc_max_channels")  # its architecture, beside the resolution
+
+
 def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) -> None:
-    """Refuse, in one sentence, to resume a checkpoint of another preset or architecture option (before anything in
-    the output folder is touched)."""
+    """Refuse, in one sentence, to resume a checkpoint of another preset, architecture option or discriminator
+    architecture (before anything in the output folder is touched)."""
     saved = saved_config(checkpoint)
     config_class = model_class(task).config_class
     try:
@@ -182,6 +185,24 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
             f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
             f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
             f"(--init-from {checkpoint.parent / 'model'} keeps the weights)")
+    disc = {f"--{key.replace('_', '-')}": (saved[key], getattr(config, key)) for key in DISCRIMINATOR_OPTIONS
+            if key in saved and saved[key] != getattr(config, key)}
+    if disc:
+        changes = ", ".join(f"{option} {theirs} -> {ours}" for option, (theirs, ours) in disc.items())
+        raise UsageError(
+            f"cannot resume {checkpoint}: this run asks for another discriminator architecture ({changes}; checkpoint "
+            f"-> this run). Resume without changing {' or '.join(disc)}, or start a new run (--init-from "
+            f"{checkpoint.parent / 'model'} keeps the generator's weights)")
+
+
+def check_steps_reach(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a --steps below the step of the checkpoint to resume: the run is already past it, and training cannot go
+    back (equal is fine: the run is finished, and a resume only exports its model again)."""
+    step = read_state(checkpoint)["step"]
+    if config.steps < step:
+        raise UsageError(f"--steps {config.steps} is below the step of {checkpoint} ({step}): the run is already past "
+                         f"it. Give --steps {step} or more to continue it, or resume a checkpoint at or before step "
+                         f"{config.steps} (--resume {checkpoint.parent}/{CHECKPOINT_PREFIX}M)")
 
 
 class Trainer:
@@ -200,6 +221,7 @@ class Trainer:
         self.resume_path = resolve_resume(config.resume, self.output_dir)
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
+            check_steps_reach(config, self.resume_path)
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
         distributed.init_restarted_process_group(config.collective_timeout)
@@ -226,7 +248,7 @@ class Trainer:
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
         self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
-                                  seed=config.seed, drop_last=True)
+                                  seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals))
         if not isinstance(self.dataset, torch.utils.data.IterableDataset) and len(loader) == 0:
             raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
                              f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
@@ -330,12 +352,16 @@ class Trainer:
             names = [k for k, b in zip(losses, bad.tolist()) if b]
             # checkpoint-N holds the weights that this step (number N + 1) started from: it is not a good one.
             good = [c for c in list_checkpoints(self.output_dir) if checkpoint_step(c) < self.state.step]
-            restart = f"start again with a lower --lr (e.g. --lr {self.config.lr / 2:g} --overwrite)"
-            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with a lower learning rate, "
-                     f"--resume {good[-1]} --lr {self.config.lr / 2:g}" if good else
+            lr = self.config.lr
+            # half the learning rate; a learning rate that is not a finite positive number has no lower one to try
+            finite = math.isfinite(lr) and lr > 0
+            lower, example = ("a lower", f"{lr / 2:g}") if finite else ("a finite positive", "1e-4")
+            restart = f"start again with {lower} --lr (e.g. --lr {example} --overwrite)"
+            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with {lower} learning rate, "
+                     f"--resume {good[-1]} --lr {example}" if good else
                      f"No checkpoint was written yet: {restart}" if not list_checkpoints(self.output_dir) else
                      f"The run's checkpoints all start from weights at or after this step: {restart}")
-            raise FloatingPointError(
+            raise DivergedError(
                 f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
                 f"{where}{', or --precision fp32' if self.config.precision != 'fp32' else ''}")
 
@@ -403,10 +429,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
-        """Train to `config.steps`; returns the EMA model. The output folder is unlocked however this ends."""
+        """Train to `config.steps`; returns the EMA model. The output folder is unlocked and the data workers are
+        stopped however this ends."""
         try:
             return self._fit()
+        except KeyboardInterrupt as e:  # Ctrl-C, when SIGINT is not a stop signal: no checkpoint, say which to resume
+            raise e if isinstance(e, Interrupted) else Interrupted(self._interrupted_message()) from None
         finally:
+            self.batches.close()
             self.folder.unlock()
 
     def _fit(self) -> nn.Module:
@@ -421,6 +451,9 @@ class Trainer:
                   f"{cfg.grad_accum} accumulation steps", flush=True)
             save_config(cfg, self.output_dir / "train_config.yaml")
             self._forget_logs_after(start_step)
+            if start_step >= cfg.steps:
+                print(f"the run is already finished at step {start_step} (--steps {cfg.steps}): nothing to train; "
+                      f"its model is exported again", flush=True)
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
         acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
                           init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
@@ -430,7 +463,7 @@ class Trainer:
         last_checkpoint = time.monotonic()
         window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
-        with StopSignals(parse_signals(cfg.stop_signals)) as stop:
+        with bar, StopSignals(parse_signals(cfg.stop_signals)) as stop:  # the bar ends its line however this ends
             while self.state.step < cfg.steps:
                 for _ in range(cfg.grad_accum):
                     real = next(self.batches)["image"].to(acc.device, non_blocking=True)
@@ -483,13 +516,23 @@ class Trainer:
             self.export()  # also when a resume found the run already finished
         acc.wait_for_everyone()
         if self.task == "vqhit" and cfg.heldout_data:
-            self.heldout_report()
+            if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
+                acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
+            else:
+                self.heldout_report()
         acc.end_training()
         if acc.is_main_process:
             model = self.output_dir / "model"
             print(f"finished at step {self.state.step}: the EMA model is in {model} "
                   f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
         return self.ema.model
+
+    def _interrupted_message(self) -> str:
+        found = list_checkpoints(self.output_dir)  # complete ones only: one being written is a .tmp folder
+        where = (f"the latest checkpoint is {found[-1]}: the same command with --resume auto continues from it, and "
+                 f"the training since its step {checkpoint_step(found[-1])} is lost" if found else
+                 "no checkpoint was written yet: the training so far is lost")
+        return f"interrupted at step {self.state.step} of {self.config.steps}; {where}"
 
     def _forget_logs_after(self, step: int) -> None:
         """Drop the logs.jsonl lines a killed run wrote after the checkpoint this run starts from, so that after any
@@ -504,6 +547,19 @@ class Trainer:
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
             path.write_text("".join(kept))
+
+    def _heldout_reported(self, step: int) -> bool:
+        """Whether logs.jsonl holds the held-out report of `step` already (read by the main process, told to all)."""
+        found = False
+        path = self.output_dir / "logs.jsonl"
+        if self.accelerator.is_main_process and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                found = found or (isinstance(row, dict) and row.get("step") == step and "heldout/psnr" in row)
+        return bool(distributed.all_reduce_sum(torch.tensor([float(found)]))[0])
 
     def _bar_text(self, window: dict, logs: dict) -> str:
         """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
