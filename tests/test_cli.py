@@ -29,7 +29,13 @@ def run_script(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def folders(tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a folder")
     return tmp_path
+
+
+# A tokenizer run of a few seconds: where a mistake went unnoticed, the test fails fast
+TINY_RUN = ["--model", "vqhit-tiny", "--batch-size", "1", "--num-samples", "1", "--num-workers", "0", "--cpu-threads",
+            "1", "--perceptual", "none", "--heldout-data", "none", "--max-images", "2"]
 
 
 # (script, arguments, what the one line must say). {tmp} is a fresh folder; {tmp}/empty holds no image.
@@ -48,6 +54,44 @@ MISTAKES = [
      "no such folder: {tmp}/missing (the image folder or Hub dataset given to --data)"),
     ("train_gan", ["--model", "hit-tiny", "--model-option", "mlp_ratio=abc", "--output-dir", "{tmp}/run"],
      "mlp_ratio must be an int, got 'abc'"),
+    # values the optimiser, the data or the networks would refuse (or silently misuse), refused at the start
+    *[("train_vqhit", [*TINY_RUN, "--steps", "1", option, value, "--output-dir", "{tmp}/run"], says)
+      for option, value, says in [
+          ("--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+          ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+          ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+          ("--min-crop-area", "0", "--min-crop-area must be in (0, 1]"),
+          ("--min-crop-area", "2", "--min-crop-area must be in (0, 1]"),
+          ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+          ("--disc-channel-multiplier", "0", "--disc-channel-multiplier must be at least 1, got 0"),
+          ("--lecam-weight", "-1", "--lecam-weight must be a finite number >= 0"),
+          ("--ema-decay", "2", "--ema-decay must be in [0, 1], got 2.0"),
+          ("--ema-decay", "-0.5", "--ema-decay must be in [0, 1], got -0.5"),
+          ("--ema-start", "-1", "--ema-start must be at least 0, got -1"),
+          ("--adv-start", "-1", "--adv-start must be at least 0, got -1"),
+          ("--r1-weight", "-1", "--r1-weight must be a finite number >= 0"),
+          ("--bcr-weight", "-1", "--bcr-weight must be a finite number >= 0"),
+          ("--adv-weight", "-1", "--adv-weight must be a finite number >= 0"),
+          ("--perceptual-weight", "-1", "--perceptual-weight must be a finite number >= 0"),
+          ("--model-option", "codebook_size=0", "--model-option codebook_size=0: codebook_size and code_dim must be "
+                                                "positive"),
+          ("--heldout-data", "{tmp}/missing", "no such folder: {tmp}/missing (the image folder or Hub dataset given "
+                                              "to --heldout-data)"),
+          ("--heldout-data", "{tmp}/empty", "--heldout-data {tmp}/empty: no image files found in it"),
+          ("--heldout-data", "builtin:phtos", "--heldout-data builtin:phtos is not a built-in source"),
+      ]],
+    *[("train_vqhit", [*TINY_RUN, "--steps", "1", "--output-dir", folder], says) for folder, says in [
+        ("{tmp}/file", "--output-dir {tmp}/file is a file, not a folder"),
+        ("{tmp}/file/run", "--output-dir {tmp}/file/run is under {tmp}/file, which is a file"),
+        ("/proc/vqhit-run", "--output-dir /proc/vqhit-run: cannot create a folder in /proc"),
+        ("", "--output-dir is empty"),
+    ]],
+    # train_gan.py does not offer the tokenizer's options
+    *[("train_gan", ["--model", "hit-tiny", "--batch-size", "1", "--num-samples", "1", "--num-workers", "0", "--steps",
+                     "1", "--max-images", "2", *given, "--output-dir", "{tmp}/run"],
+       f"unrecognized arguments: {given[0]}")
+      for given in [["--taming-checkpoint", "/x.ckpt"], ["--heldout-data", "builtin:photos-heldout"],
+                    ["--perceptual", "lpips"], ["--adv-weight", "0.5"]]],
     ("encode", ["--model", "{tmp}/no-model", "--data", "builtin:photos", "--output-dir", "{tmp}/tokens"],
      "--model {tmp}/no-model: no such folder"),
     ("decode", ["--model", "{tmp}", "--tokens", "{tmp}", "--output-dir", "{tmp}/png"], "--model {tmp}: no config.json"),
@@ -57,7 +101,7 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("script, argv, says", MISTAKES, ids=[" ".join([m[0], *m[1][:2]]) for m in MISTAKES])
+@pytest.mark.parametrize("script, argv, says", MISTAKES, ids=[f"{m[0]}: {m[2][:60]}" for m in MISTAKES])
 def test_a_mistake_is_one_line_naming_the_option(script, argv, says, folders, capsys):
     argv = [a.replace("{tmp}", str(folders)) for a in argv]
     code, out, err = run_script(script, argv, capsys)
@@ -65,6 +109,7 @@ def test_a_mistake_is_one_line_naming_the_option(script, argv, says, folders, ca
     assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback, nothing else
     assert says.replace("{tmp}", str(folders)) in err
     assert "Traceback" not in out + err and "DataConfig" not in err
+    assert sorted(p.name for p in folders.iterdir()) == ["empty", "file"]  # no output folder, no probe left
 
 
 def test_only_the_first_process_prints_a_mistake(monkeypatch, capsys):
@@ -186,3 +231,69 @@ def test_other_processes_stop_quietly_on_a_mistake_the_main_process_found(monkey
     monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: torch.tensor([1.0, 0.0]))  # main: a bug
     with pytest.raises(RuntimeError, match="the main process failed"):
         Trainer._on_main(other, never_called)
+
+
+def test_a_config_file_value_is_checked_as_the_option_is(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("min_crop_area: 0\n")
+    code, out, err = run_script("train_vqhit", ["--model", "vqhit-tiny", "--config", str(config), "--output-dir",
+                                                str(tmp_path / "run")], capsys)
+    assert code == 2 and err.startswith("error: --min-crop-area must be in (0, 1]") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gan_neither_offers_nor_reads_the_tokenizer_options(tmp_path, capsys):
+    from vqhit.train_config import build_parser
+
+    def options(task):
+        return {s for action in build_parser("", task)._actions for s in action.option_strings}
+
+    tokenizer_only = {"--taming-checkpoint", "--heldout-data", "--perceptual", "--perceptual-weight",
+                      "--perceptual-pretrained", "--vgg-weights", "--adv-weight", "--adv-start",
+                      "--adaptive-adv-weight"}
+    assert tokenizer_only <= options("vqhit") and not tokenizer_only & options("gan")
+    config = tmp_path / "gan.yaml"
+    config.write_text("steps: 3\nperceptual: lpips\n")
+    code, out, err = run_script("train_gan", ["--config", str(config), "--output-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and "sets perceptual, which only scripts/train_vqhit.py uses" in err
+
+
+def test_the_output_folder_check_leaves_nothing_behind(tmp_path):
+    from vqhit.train_config import check_output_dir
+
+    check_output_dir(str(tmp_path / "new" / "run"))  # can be made: no error, and nothing made
+    check_output_dir(str(tmp_path))  # an existing folder
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-step tokenizer run with a checkpoint, to resume."""
+    output_dir = tmp_path_factory.mktemp("tiny") / "run"
+    cli.run(script_main("train_vqhit"), [*TINY_RUN, "--steps", "1", "--checkpoint-every", "1", "--output-dir",
+                                         str(output_dir)])
+    return output_dir
+
+
+@pytest.mark.parametrize("option, says", [("embed_dim=32", "unknown VQHiTConfig keys ['embed_dim']"),
+                                          ("mlp_ratio=abc", "mlp_ratio must be an int, got 'abc'")])
+def test_a_model_option_mistake_on_resume_is_one_line(tiny_run, option, says, capsys):
+    code, out, err = run_script("train_vqhit", [*TINY_RUN, "--steps", "2", "--output-dir", str(tiny_run), "--resume",
+                                                "auto", "--model-option", option], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --model vqhit-tiny --model-option {option}: {says}")
+
+
+def test_a_resume_on_other_data_or_another_seed_says_so(tiny_run):
+    from vqhit.train_config import parse_config
+
+    resume = [*TINY_RUN, "--output-dir", str(tiny_run), "--resume", "auto"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse_config(resume, "test", "vqhit")  # the same data and seed: nothing to say
+        assert not [str(w.message) for w in caught if "trained" in str(w.message)]
+        parse_config([*resume, "--data", "builtin:photos-whole", "--seed", "5"], "test", "vqhit")
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("--data builtin:photos-whole: ") and "was trained on --data builtin:photos" in m
+               and "data position" in m and "reused" in m for m in said), said
+    assert any(m.startswith("--seed 5: ") and "trained with --seed 0" in m for m in said), said

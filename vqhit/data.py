@@ -164,6 +164,25 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     return dataset
 
 
+def check_source(source: str, option: str) -> None:
+    """Check what can be checked of an image source without reading it, with errors naming `option`: a built-in name
+    is known, a local folder exists and holds image files. For a source read only late in a run (the held-out
+    images, after training), so a mistake in it is found at the start. A Hub id is checked when it is loaded."""
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise UsageError(f"{option} {source} is not a built-in source; use one of "
+                             f"{', '.join(sorted(BUILTIN_SOURCES))}, a folder of images or a Hub dataset id.")
+        return
+    found = local_or_hub(source, f"image folder or Hub dataset given to {option}")
+    if isinstance(found, Path):
+        if not found.is_dir():
+            raise UsageError(f"{option} {source} is a file, not a folder; give a folder of images, a Hub dataset id, "
+                             "or a builtin: source.")
+        if _scan_folder(str(found))[0] == 0:
+            raise UsageError(f"{option} {source}: no image files found in it; give a folder holding images, a Hub "
+                             "dataset id, or a builtin: source.")
+
+
 def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     """Read items up to the first usable one; when there is none, raise one error naming the source and why.
 

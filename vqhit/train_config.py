@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import tempfile
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +40,9 @@ TASKS = ("gan", "vqhit")
 SCRIPT = {"gan": "train_gan.py", "vqhit": "train_vqhit.py"}
 
 
-def opt(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices=None, task: str | None = None):
+    """A config key; `task` set: the key means something to that task's script only, the other does not offer it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "task": task})
 
 
 def opt_factory(factory, help: str):
@@ -60,8 +64,9 @@ class TrainConfig:
                                       "command line --model-option KEY=VALUE (repeatable, VALUE parsed as YAML)")
     init_from: str | None = opt(None, "Start from a save_pretrained folder (or Hub id) of the same architecture; "
                                 "runtime model options (freeze_*, checkpoint_mlp, syncbatch) may differ")
-    taming_checkpoint: str | None = opt(None, "Tokenizer only: import encoder, quant_conv and codebook from a "
-                                        "taming VQGAN .ckpt (combine with model option freeze_encoder/freeze_codebook)")
+    taming_checkpoint: str | None = opt(None, "Import encoder, quant_conv and codebook from a "
+                                        "taming VQGAN .ckpt (combine with model option freeze_encoder/freeze_codebook)",
+                                        task="vqhit")
     disc_channel_multiplier: int = opt(1, "Discriminator channel multiplier m: 1 for ImageNet, 2 for faces")
     disc_max_channels: int = opt(512, "Cap on the discriminator's widths; 512 is the paper's table, the tiny CPU "
                                  "demos use 64")
@@ -84,9 +89,9 @@ class TrainConfig:
                         "image, upsampling small ones as ADM's crop does (one warning, then counted)")
     max_images: int | None = opt(None, "Use only the first N images (quick runs)")
     num_workers: int = opt(4, "DataLoader worker processes per training process")
-    heldout_data: str | None = opt(None, "Tokenizer only: images never trained on, reconstructed at the end of "
+    heldout_data: str | None = opt(None, "Images never trained on, reconstructed at the end of "
                                    "training (PSNR, SSIM, codebook usage printed, grid saved in samples/); e.g. "
-                                   "'builtin:photos-heldout'")
+                                   "'builtin:photos-heldout'", task="vqhit")
     # -- optimisation -----------------------------------------------------------------------------------
     batch_size: int = opt(32, "Images per process per micro-batch (global batch = this x processes x grad_accum; "
                           "the paper's is 256, 32 at 1024x1024)")
@@ -114,19 +119,21 @@ class TrainConfig:
     cpu_threads: int = opt(0, "Threads per process when training on CPU: 0 = as launched (accelerate launch "
                            "starts one, or OMP_NUM_THREADS), -1 = every core this process may use, shared among "
                            "this machine's processes, N = N")
-    # -- tokenizer losses (train_vqhit.py) --------------------------------------------------------------
+    # -- tokenizer losses (train_vqhit.py only: train_gan.py does not offer them) ------------------------
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
-                          "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"])
+                          "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"], task="vqhit")
     perceptual_weight: float | None = opt(None, "Weight of the perceptual loss; default: follows --perceptual, the "
                                           "paper's 5e-5 for vgg_l2, 1.0 for lpips, 0 for none (the scales are "
-                                          "explained in vqhit/losses.py: every squared norm is a per-element mean)")
+                                          "explained in vqhit/losses.py: every squared norm is a per-element mean)",
+                                          task="vqhit")
     perceptual_pretrained: bool = opt(True, "Use ImageNet-pretrained VGG (downloaded when online, or from "
-                                      "--vgg-weights); false = random VGG (tests, offline demos)")
-    vgg_weights: str | None = opt(None, "Local torchvision vgg16 state dict, for offline machines")
-    adv_weight: float = opt(0.1, "Weight of the adversarial term of the tokenizer (the paper's lambda2 = 0.1)")
-    adv_start: int = opt(0, "Step at which the tokenizer's adversarial term (and D training) starts")
+                                      "--vgg-weights); false = random VGG (tests, offline demos)", task="vqhit")
+    vgg_weights: str | None = opt(None, "Local torchvision vgg16 state dict, for offline machines", task="vqhit")
+    adv_weight: float = opt(0.1, "Weight of the adversarial term of the tokenizer (the paper's lambda2 = 0.1)",
+                            task="vqhit")
+    adv_start: int = opt(0, "Step at which the tokenizer's adversarial term (and D training) starts", task="vqhit")
     adaptive_adv_weight: bool = opt(False, "Scale the adversarial term by taming's gradient-norm ratio at the "
-                                    "decoder's last layer")
+                                    "decoder's last layer", task="vqhit")
     # -- output -----------------------------------------------------------------------------------------
     output_dir: str | None = opt(None, "Where checkpoints, samples, TensorBoard logs and the exported model go "
                                  "(default: runs/MODEL)")
@@ -160,13 +167,10 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        for name, low in [*((name, 1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
-                                                    "sample_every", "checkpoint_every", "keep_checkpoints",
-                                                    "num_samples", "max_images")),
-                          ("num_workers", 0), ("min_size", 0), ("cpu_threads", -1)]:
+        for name, (valid, rule) in LIMITS.items():
             value = getattr(self, name)
-            if value is not None and value < low:
-                raise UsageError(f"{flag(name)} must be at least {low}, got {value}")
+            if value is not None and not valid(value):  # None: unset (max_images: all; a derived weight: later)
+                raise UsageError(f"{flag(name)} {rule}, got {value}")
         try:
             betas = [convert_value(b, float) for b in self.adam_betas]
         except TypeError:
@@ -175,13 +179,7 @@ class TrainConfig:
             raise UsageError(f"--adam-betas must be two numbers in [0, 1), e.g. --adam-betas 0.0 0.99; got "
                              f"{self.adam_betas!r}")
         self.adam_betas = betas
-        if not 0 <= self.lecam_decay < 1:
-            raise UsageError(f"--lecam-decay must be in [0, 1), got {self.lecam_decay}")
         parse_signals(self.stop_signals)
-        if self.checkpoint_every_minutes < 0:
-            raise UsageError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
-        if self.collective_timeout <= 0:
-            raise UsageError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}"
         self.derived_keys = tuple(key for key in DERIVED_DEFAULTS if getattr(self, key) is None)
@@ -191,6 +189,38 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _at_least(low: int):
+    return (lambda v: v >= low), f"must be at least {low}"
+
+
+def _in(low: float, high: float, open_high: bool = False):
+    return ((lambda v: low <= v < high) if open_high else (lambda v: low <= v <= high),
+            f"must be in [{low}, {high}{')' if open_high else ']'}")
+
+
+_WEIGHT = (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0 (0 disables the term)"
+
+# The valid values of the numeric keys: (test, what the error says). Checked when a TrainConfig is made, so a value
+# the networks, the optimiser or the data would refuse (or silently misuse) is refused before anything is built,
+# naming its option, whether it came from the command line, a --config file or a checkpoint's saved config.
+LIMITS = {
+    **{name: _at_least(1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
+                                       "sample_every", "checkpoint_every", "keep_checkpoints", "num_samples",
+                                       "max_images", "disc_channel_multiplier", "disc_max_channels")},
+    **{name: _at_least(0) for name in ("num_workers", "min_size", "ema_start", "adv_start")},
+    "cpu_threads": _at_least(-1),
+    "seed": _in(0, 2**32 - 1),  # numpy's seeds
+    "lr": ((lambda v: math.isfinite(v) and v > 0), "must be a finite number > 0"),
+    "min_crop_area": ((lambda v: 0 < v <= 1), "must be in (0, 1] (the smallest random crop's share of the short "
+                      "side's square)"),
+    "ema_decay": _in(0, 1),
+    "lecam_decay": _in(0, 1, open_high=True),
+    **{name: _WEIGHT for name in ("r1_weight", "bcr_weight", "lecam_weight", "adv_weight", "perceptual_weight")},
+    "checkpoint_every_minutes": ((lambda v: v >= 0), "must be >= 0"),
+    "collective_timeout": ((lambda v: v > 0), "must be > 0 seconds"),
+}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -274,6 +304,8 @@ def build_parser(description: str, task: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of config keys (see configs/); command-line options win")
     defaults = task_defaults(task)
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("task") not in (None, task):
+            continue  # not offered: argparse refuses it as an unrecognized argument
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
@@ -319,11 +351,44 @@ def parse_config(argv: list[str] | None, description: str, task: str) -> TrainCo
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
     file_values = load_yaml(config_file) if config_file else {}
+    foreign = [k for k in file_values if k in FIELDS and FIELDS[k].metadata.get("task") not in (None, task)]
+    if foreign:  # the script would ignore them
+        raise UsageError(f"--config {config_file} sets {', '.join(foreign)}, which only scripts/"
+                         f"{SCRIPT[FIELDS[foreign[0]].metadata['task']]} uses; remove it from the file")
     options = args.pop("model_options", None)
     given = {**file_values, **args}
     if options:
         given["model_options"] = _model_options(options, given.get("model_options"))
-    return resolve_config(given, task, source=str(config_file or "the command line"))
+    config = resolve_config(given, task, source=str(config_file or "the command line"))
+    check_paths(config, task)
+    return config
+
+
+def check_paths(config: TrainConfig, task: str) -> None:
+    """Check the folders the run will write and read late, before anything is built: the output folder can be
+    made (nothing is left behind by the check), and the held-out images, read only after training, exist."""
+    check_output_dir(config.output_dir)
+    if task == "vqhit" and config.heldout_data:
+        from .data import check_source  # here: reading datasets is the data module's
+
+        check_source(config.heldout_data, "--heldout-data")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """An error naming --output-dir unless it is a folder, or a folder can be created there: its deepest existing
+    folder takes a new sub-folder (made under a unique name and removed, so processes checking at once agree)."""
+    if not output_dir:
+        raise UsageError("--output-dir is empty; give the folder to write the run to (default: runs/MODEL)")
+    path = Path(output_dir).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise UsageError(f"--output-dir {output_dir} {where}, not a folder; choose another --output-dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vqhit-check-", dir=existing))
+    except OSError as err:
+        raise UsageError(f"--output-dir {output_dir}: cannot create a folder in {existing} ({err.strerror}); choose "
+                         f"another --output-dir") from None
 
 
 def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfig:
@@ -349,6 +414,7 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
         for key in ("overwrite", "init_from", "taming_checkpoint"):
             base.pop(key, None)
         _warn_kept_weights(base, given, checkpoint)
+        _warn_changed_data(base, given, checkpoint)
     else:
         base = task_defaults(task, given.get("model"))
     values = {**base, **given}
@@ -364,6 +430,29 @@ def _warn_kept_weights(saved: dict, given: dict, checkpoint: Path) -> None:
             warnings.warn(f"{flag(choice)} {given[choice]}: keeping {flag(key)} {saved[key]}, which "
                           f"{checkpoint}/train_config.yaml sets for {flag(choice)} {saved.get(choice)}; give "
                           f"{flag(key)} to change it")
+
+
+def _warn_changed_data(saved: dict, given: dict, checkpoint: Path) -> None:
+    """A resume continues at the saved data position, which counts batches of the saved data in the saved seed's
+    order: a new --data or --seed makes that position point elsewhere. Allowed (it can be meant), but said."""
+    if "data" in given and not _same_source(given["data"], saved.get("data")):
+        warnings.warn(f"--data {given['data']}: {checkpoint} was trained on --data {saved.get('data')}; its data "
+                      f"position (how far into the old data's epoch the run was) is reused on the new data, which "
+                      f"now differs")
+    if "seed" in given and given["seed"] != saved.get("seed"):
+        warnings.warn(f"--seed {given['seed']}: {checkpoint} was trained with --seed {saved.get('seed')}; the data "
+                      f"order follows the seed, so the rest of this epoch is another shuffle (some images seen twice, "
+                      f"others skipped) and the sample grids change")
+
+
+def _same_source(a, b) -> bool:
+    """Whether two --data values name the same images: equal, or the same local folder spelled differently."""
+    if a == b:
+        return True
+    try:
+        return Path(str(a)).expanduser().samefile(Path(str(b)).expanduser())
+    except OSError:
+        return False
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,15 +147,25 @@ def check_preset(config: TrainConfig, task: str) -> None:
                          f"{f'; did you mean {close[0]}?' if close else ''} Choose one of {', '.join(presets)}")
 
 
+@contextmanager
+def naming_model_options(config: TrainConfig) -> Iterator[None]:
+    """A ValueError raised while the preset's config or modules are built with the run's --model-option values
+    (an unknown key, a wrong type, an impossible architecture, a zero codebook size) is the user's: name them.
+    Without options the preset itself failed: a bug, which keeps its traceback."""
+    try:
+        yield
+    except ValueError as err:
+        if not config.model_options:
+            raise
+        options = " ".join(f"{k}={v}" for k, v in config.model_options.items())
+        raise UsageError(f"--model {config.model} --model-option {options}: {err}") from None
+
+
 def build_model(config: TrainConfig, task: str) -> nn.Module:
     check_preset(config, task)
     cls = model_class(task)
-    try:  # the config's own checks of the options: an unknown key, a wrong type, an impossible architecture
-        model_config = cls.config_class.from_preset(config.model, **config.model_options)
-    except ValueError as err:
-        options = " ".join(f"{k}={v}" for k, v in config.model_options.items())
-        raise UsageError(f"--model {config.model} --model-option {options}: {err}") from None
-    model = cls(model_config)
+    with naming_model_options(config):
+        model = cls(cls.config_class.from_preset(config.model, **config.model_options))
     loads = [("--init-from", config.init_from, model.load_weights)]
     if task == "vqhit":
         loads.append(("--taming-checkpoint", config.taming_checkpoint, model.load_taming_checkpoint))
@@ -177,7 +189,8 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
     except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
         raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
             from None
-    ours = config_class.from_preset(config.model, **config.model_options)
+    with naming_model_options(config):
+        ours = config_class.from_preset(config.model, **config.model_options)
     diff = ours.architecture_differences(theirs)
     if diff:
         raise UsageError(
