@@ -40,6 +40,7 @@ TINY_RUN = ["--model", "vqhit-tiny", "--batch-size", "1", "--num-samples", "1", 
 
 # (script, arguments, what the one line must say). {tmp} is a fresh folder; {tmp}/empty holds no image.
 MISTAKES = [
+    ("train_vqhit", ["--config", "{tmp}/empty"], "--config {tmp}/empty is a folder; give the path of a YAML file"),
     ("train_vqhit", ["--steps", "-1"], "--steps must be at least 1, got -1"),
     ("train_vqhit", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ("train_vqhit", ["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
@@ -110,6 +111,18 @@ def test_a_mistake_is_one_line_naming_the_option(script, argv, says, folders, ca
     assert says.replace("{tmp}", str(folders)) in err
     assert "Traceback" not in out + err and "DataConfig" not in err
     assert sorted(p.name for p in folders.iterdir()) == ["empty", "file"]  # no output folder, no probe left
+
+
+@pytest.mark.parametrize("script, other, model", [("train_vqhit", "train_gan", "hit-tiny"),
+                                                  ("train_gan", "train_vqhit", "vqhit-tiny")])
+def test_a_checkpoint_of_the_other_script_is_named_as_such(script, other, model, tmp_path, capsys):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text('{"step": 2}')
+    (checkpoint / "train_config.yaml").write_text(f"model: {model}\n")
+    code, _, err = run_script(script, ["--resume", str(checkpoint)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"a checkpoint of scripts/{other}.py (--model {model}); resume it with that script" in err
 
 
 def test_only_the_first_process_prints_a_mistake(monkeypatch, capsys):

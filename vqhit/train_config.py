@@ -263,6 +263,8 @@ def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--config {path} is a folder; give the path of a YAML file (e.g. one of configs/)")
     if not path.is_file():
         raise NotFoundError(f"--config {path}: no such file")
     try:
@@ -406,6 +408,7 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
         checkpoint = resolve_resume(resume, Path(output_dir))  # None: --resume auto with nothing to resume
     if checkpoint is not None:
         base = saved_config(checkpoint)
+        _check_task(base, checkpoint, task)
         base["output_dir"] = given.get("output_dir") or str(checkpoint.parent)
         if "model_options" in given:  # options given on resume add to the saved ones
             given = {**given, "model_options": {**(base.get("model_options") or {}), **given["model_options"]}}
@@ -421,6 +424,17 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     if resume:
         values["resume"] = resume
     return config_from_dict(values, source=source)
+
+
+def _check_task(saved: dict, checkpoint: Path, task: str) -> None:
+    """Refuse a checkpoint of the other script's task, naming that script (its model is no preset of this one)."""
+    from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
+
+    other = "vqhit" if task == "gan" else "gan"
+    presets = GENERATOR_PRESETS if other == "gan" else TOKENIZER_PRESETS
+    if saved.get("model") in presets:
+        raise UsageError(f"--resume {checkpoint}: a checkpoint of scripts/{SCRIPT[other]} (--model {saved['model']}); "
+                         f"resume it with that script")
 
 
 def _warn_kept_weights(saved: dict, given: dict, checkpoint: Path) -> None:
