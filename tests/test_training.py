@@ -2,6 +2,8 @@
 import copy
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +392,32 @@ def test_tokenizer_run_ends_with_a_heldout_report(tmp_path, capsys):
     assert (tmp_path / "run" / "logs.jsonl").read_text() == logs
     out = capsys.readouterr().out
     assert "already finished at step 1 (--steps 1): nothing to train" in out and "PSNR" not in out
+
+
+def test_a_stop_signal_after_the_last_checkpoint_lets_the_report_finish(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the held-out report runs (training done and checkpointed) used to kill the process without its
+    report; the report now finishes and the run ends normally."""
+    from vqhit import training
+
+    report = training.Trainer.heldout_report
+
+    def signalled_report(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this (the main) thread
+        return report(self)
+
+    def killed(signum, frame):  # SIGTERM's default, death, as an exception this test can see
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(training.Trainer, "heldout_report", signalled_report)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        make_trainer(tmp_path, "vqhit", steps=1, adv_start=10, heldout_data="builtin:photos-heldout").fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert sum("heldout/psnr" in r for r in rows) == 1
+    out, err = capsys.readouterr()
+    assert "received SIGTERM: training is complete and checkpointed" in err and "finished at step 1" in out
 
 
 def test_decoder_only_fine_tuning_keeps_every_token_id(tmp_path):

@@ -69,11 +69,22 @@ def parse_signals(names: str | None) -> list[signal.Signals]:
     return found
 
 
-class StopSignals:
-    """While active (a `with` block), the first of `signals` sets `received` instead of killing the process."""
+# What a stop signal does (first, and on a repeat) while training, and after the last step's checkpoint, when only the
+# export and the held-out report are left: both short, so they finish (rather than the process being killed without
+# its report) and the run ends as it would have.
+WHILE_TRAINING = (f"finishing this step, then writing a checkpoint and exiting (status {EXIT_PREEMPTED})",
+                  "still writing the checkpoint")
+WHILE_FINISHING = ("training is complete and checkpointed; finishing the export and the held-out report first",
+                   "still finishing the export and the held-out report")
 
-    def __init__(self, signals: list[signal.Signals]):
+
+class StopSignals:
+    """While active (a `with` block), the first of `signals` sets `received` instead of killing the process; `doing`
+    says what happens next (`WHILE_TRAINING` or `WHILE_FINISHING`)."""
+
+    def __init__(self, signals: list[signal.Signals], doing: tuple[str, str] = WHILE_TRAINING):
         self.signals = signals
+        self.doing, self.still_doing = doing
         self.received: str | None = None
         self._previous: dict = {}
 
@@ -81,10 +92,9 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            print(f"received {name}: finishing this step, then writing a checkpoint and exiting "
-                  f"(status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            print(f"received {name}: {self.doing}", file=sys.stderr, flush=True)
         else:
-            print(f"received {name} again: still writing the checkpoint", file=sys.stderr, flush=True)
+            print(f"received {name} again: {self.still_doing}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers

@@ -45,7 +45,7 @@ from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
 from .precision import autocast
-from .preemption import EXIT_PREEMPTED, Interrupted, Preempted, StopSignals, parse_signals
+from .preemption import EXIT_PREEMPTED, WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
@@ -525,14 +525,15 @@ class Trainer:
                     acc.print(message, flush=True)
                     raise Preempted(message)
         bar.close()
-        if acc.is_main_process:
-            self.export()  # also when a resume found the run already finished
-        acc.wait_for_everyone()
-        if self.task == "vqhit" and cfg.heldout_data:
-            if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
-                acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
-            else:
-                self.heldout_report()
+        with StopSignals(parse_signals(cfg.stop_signals), WHILE_FINISHING):  # short: a stop signal lets it finish
+            if acc.is_main_process:
+                self.export()  # also when a resume found the run already finished
+            acc.wait_for_everyone()
+            if self.task == "vqhit" and cfg.heldout_data:
+                if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
+                    acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
+                else:
+                    self.heldout_report()
         acc.end_training()
         if acc.is_main_process:
             model = self.output_dir / "model"
