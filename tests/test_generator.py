@@ -173,3 +173,14 @@ def test_wrong_latent_width_is_an_error():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="hit-b-256"):
         HiTGenerator.from_preset("hit-xl-256")
+
+
+def test_latents_of_another_float_dtype_are_converted_and_integer_ones_refused():
+    torch.manual_seed(0)
+    G = HiTGenerator.from_preset("hit-tiny").eval()
+    z = torch.randn(2, G.config.latent_dim)
+    with torch.no_grad():
+        assert torch.equal(G(z.double()), G(z))
+        assert G.to(torch.bfloat16)(z).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="floating-point latents"):
+        G(z.long())

@@ -128,6 +128,14 @@ def test_nan_images_are_refused(tiny):
         tiny(x)
 
 
+def test_images_of_another_float_dtype_are_converted_to_the_models(tiny):
+    tiny.eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(tiny.encode(x.double()), tiny.encode(x))
+    low = VQHiT.from_preset("vqhit-tiny").to(torch.bfloat16).eval()
+    assert torch.equal(low.encode(x), low.encode(x.bfloat16()))
+
+
 def test_uint8_indices_decode_like_int64(tiny):
     """load_tokens returns uint8 for a 256-code book: 255 must not wrap around in the range check."""
     tiny.eval()

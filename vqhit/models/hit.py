@@ -335,6 +335,9 @@ class HiTGenerator(PretrainedMixin, nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"expected floating-point latents (e.g. torch.randn), got dtype {z.dtype}")
+        z = z.to(self.to_map.weight.dtype)  # latents are data: float64 ones drive a float32 model, float32 a bf16 one
         if z.shape[0] == 0:  # the stages' reshapes cannot infer a size from no elements
             return z.new_empty((0, 3, self.config.resolution, self.config.resolution))
         s = self.config.start_resolution

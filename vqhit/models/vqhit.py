@@ -225,6 +225,7 @@ class VQHiT(PretrainedMixin, nn.Module):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Continuous encoder output before quantization, channels-last (B, h, w, code_dim)."""
         self._check_images(images)
+        images = images.to(self.quant_conv.weight.dtype)  # images are data: float64 ones feed a float32 model, etc.
         if not torch.is_grad_enabled() and not self.encoder.training:
             # Inference: channels-last images make every convolution of the encoder run in oneDNN's NHWC layout,
             # without a layout conversion per layer (~15% faster on CPU, benchmarks/README.md). The function is the
