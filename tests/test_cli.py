@@ -40,6 +40,7 @@ TINY_RUN = ["--model", "vqhit-tiny", "--batch-size", "1", "--num-samples", "1", 
 
 # (script, arguments, what the one line must say). {tmp} is a fresh folder; {tmp}/empty holds no image.
 MISTAKES = [
+    ("train_vqhit", ["--stop-signals", "SIGTERM,,SIGUSR1"], "--stop-signals SIGTERM,,SIGUSR1: an empty name"),
     ("train_vqhit", ["--config", "{tmp}/empty"], "--config {tmp}/empty is a folder; give the path of a YAML file"),
     ("train_vqhit", ["--steps", "-1"], "--steps must be at least 1, got -1"),
     ("train_vqhit", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),

@@ -60,6 +60,9 @@ def parse_signals(names: str | None) -> list[signal.Signals]:
     found = []
     for name in names.split(","):
         name = name.strip().upper()
+        if not name:
+            raise UsageError(f"--stop-signals {names}: an empty name between commas; give a comma-separated list "
+                             f"such as {DEFAULT_STOP_SIGNALS}, or none")
         name = name if name.startswith("SIG") else "SIG" + name
         sig = getattr(signal, name, None)
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
