@@ -135,7 +135,8 @@ def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_enc
 
     manifest = out / "tokens.json"
     for kind, text in {"truncated": good_manifest[:40], "not an object": "[1, 2]",
-                       "missing keys": json.dumps({"format": "vqhit-tokens"})}.items():
+                       "missing keys": json.dumps({"format": "vqhit-tokens"}),
+                       "a count as text": json.dumps({**json.loads(good_manifest), "num_shards": "3"})}.items():
         manifest.write_text(text)
         for run in (lambda: decode(decode_argv), lambda: encode_dataset(model, dataset, out, **encode)):
             with pytest.raises(ValueError, match=r"tokens\.json is (damaged|not a vqhit token manifest).*delete it "

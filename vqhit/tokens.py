@@ -298,6 +298,12 @@ def read_manifest(token_dir) -> dict:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise UsageError(f"{path} is damaged (missing {missing}); {rewrite}.")
+    counts = ("codebook_size", "grid", "resolution", "num_items", "shard_size", "num_shards")
+    wrong = {key: manifest[key] for key in counts
+             if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 0}
+    if wrong:  # e.g. an edit that left "5" for 5: every reader below does arithmetic with them
+        raise UsageError(f"{path} is damaged ({', '.join(f'{k}: {v!r}' for k, v in wrong.items())}, where whole "
+                         f"numbers belong); {rewrite}.")
     return manifest
 
 
