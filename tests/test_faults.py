@@ -98,6 +98,10 @@ def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
     weights_file.write_bytes(weights_file.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: a file in it is damaged"):
         trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
+    weights_file.unlink()  # named, rather than the file Accelerate would look for next (pytorch_model.bin)
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: it is incomplete, model.safetensors "
+                                         "missing; resume from an earlier checkpoint"):
+        trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
 
 
 def test_resume_with_another_architecture_names_both(tmp_path):

@@ -189,7 +189,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, *, ema_model, conf
         ema_model.save_pretrained(tmp / "ema", training_step=step)
         save_config(config, tmp / "train_config.yaml")
         give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
-        (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2) + "\n")  # last: marks the folder complete
+        # The files of every process, listed: a resume names one that went missing instead of failing in a library.
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        (tmp / STATE_FILE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")  # last: complete
         replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
         folder.prune(config.keep_checkpoints)
         export_model(ema_model, output_dir, step)
@@ -225,6 +227,11 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
             raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
                              f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
                 from None
+    missing = [name for name in saved.get("files", []) if not (path / name).is_file()]  # older checkpoints list none
+    if missing:
+        raise UsageError(f"cannot resume from {path}: it is incomplete, {', '.join(missing[:3])}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; resume from an "
+                         f"earlier checkpoint in {path.parent}")
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
