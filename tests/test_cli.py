@@ -40,6 +40,7 @@ TINY_RUN = ["--model", "vqhit-tiny", "--batch-size", "1", "--num-samples", "1", 
 
 # (script, arguments, what the one line must say). {tmp} is a fresh folder; {tmp}/empty holds no image.
 MISTAKES = [
+    ("train_gan", ["--collective-timeout", "inf"], "--collective-timeout must be a finite number of seconds > 0"),
     ("train_vqhit", ["--stop-signals", "SIGTERM,,SIGUSR1"], "--stop-signals SIGTERM,,SIGUSR1: an empty name"),
     ("train_vqhit", ["--config", "{tmp}/empty"], "--config {tmp}/empty is a folder; give the path of a YAML file"),
     ("train_vqhit", ["--steps", "-1"], "--steps must be at least 1, got -1"),

@@ -84,6 +84,18 @@ def test_resume_is_exact_when_unreadable_images_empty_whole_batches(tmp_path):
     assert resumed.batches.micro_batches == straight.batches.micro_batches > 8  # skipped batches were drawn too
 
 
+def test_processes_that_accelerate_takes_for_one_each_are_told_the_fix(tmp_path, monkeypatch):
+    """torchrun's processes on a machine without GPUs, launched without ACCELERATE_USE_CPU=1: Accelerate sees one
+    process in each, so every one took itself for the main process and they raced for the output folder."""
+    from vqhit import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="torch.distributed runs 2 processes but Accelerate sees 1; .*"
+                                         "ACCELERATE_USE_CPU=1"):
+        trainer(tmp_path / "run", steps=1)
+    assert not (tmp_path / "run").exists()
+
+
 def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=2, checkpoint_every=1).fit()

@@ -219,7 +219,7 @@ LIMITS = {
     "lecam_decay": _in(0, 1, open_high=True),
     **{name: _WEIGHT for name in ("r1_weight", "bcr_weight", "lecam_weight", "adv_weight", "perceptual_weight")},
     "checkpoint_every_minutes": ((lambda v: v >= 0), "must be >= 0"),
-    "collective_timeout": ((lambda v: v > 0), "must be > 0 seconds"),
+    "collective_timeout": ((lambda v: 0 < v < math.inf), "must be a finite number of seconds > 0"),
 }
 
 

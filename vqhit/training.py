@@ -242,6 +242,7 @@ class Trainer:
                                        project_dir=str(self.output_dir),
                                        kwargs_handlers=[*distributed.ddp_kwargs(),
                                                         *distributed.process_group_kwargs(config.collective_timeout)])
+        distributed.process_state()  # torchrun's processes that Accelerate took for one each (no GPU, no --cpu)
         if self.accelerator.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(_cpu_threads(config.cpu_threads))
         if self.accelerator.is_main_process:
