@@ -193,8 +193,29 @@ def test_resuming_from_the_past_keeps_the_newer_checkpoints(tmp_path):
     trainer(run, steps=3, checkpoint_every=1).fit()
     trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
     aside = list(run.glob("superseded-1-*"))
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3",
+                                                                             "logs.jsonl"]
+    assert [json.loads(line)["step"] for line in (aside[0] / "logs.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_a_checkpoint_from_elsewhere_moves_the_folders_own_run_aside(tmp_path):
+    """Resuming another folder's checkpoint into a used folder mixed the two runs: their checkpoints side by side
+    (one replaced by the other's of the same step), pruning deleting the folder's own, one log for both."""
+    src, run = tmp_path / "src", tmp_path / "run"
+    trainer(src, steps=2, checkpoint_every=1, seed=1).fit()
+    trainer(run, steps=3, checkpoint_every=1).fit()
+    states = {p.name: (p / "train_state.json").read_text() for p in list_checkpoints(run)}
+    log = (run / "logs.jsonl").read_text()
+    trainer(run, steps=4, checkpoint_every=1, keep_checkpoints=1, resume=str(src / "checkpoint-2")).fit()
+    aside = list(run.glob("superseded-2-*"))
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3",
+                                                          "logs.jsonl", "model"]
+    assert {p.name: (p / "train_state.json").read_text() for p in list_checkpoints(aside[0])} == states
+    assert (aside[0] / "logs.jsonl").read_text() == log
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-4"]  # pruning kept to this lineage
+    assert [json.loads(line)["step"] for line in (run / "logs.jsonl").read_text().splitlines()] == [3, 4]
 
 
 def test_two_runs_cannot_write_one_folder(tmp_path):

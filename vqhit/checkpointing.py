@@ -147,14 +147,25 @@ class OutputFolder:
                 done.append(f"--overwrite: deleted {', '.join(used)} of the earlier run in {self.path}")
             return done
         resume_step = read_state(resume_from)["step"]
-        newer = [p for p in checkpoints if checkpoint_step(p) > resume_step]
-        if newer and resume_from.resolve().parent == self.path.resolve():
+        # The folder's checkpoints that are not of the lineage resumed: the newer ones of this folder when an older
+        # one is resumed, every one (and the export) when the checkpoint comes from elsewhere (another folder, a
+        # superseded-* one). Moved aside untouched, with the log as it was, so that pruning and the log see only
+        # this lineage and nothing is lost.
+        own = resume_from.resolve().parent == self.path.resolve()
+        other = [p for p in checkpoints if checkpoint_step(p) > resume_step or not own]
+        if not own and (self.path / "model").exists():
+            other.append(self.path / "model")
+        if other:
             aside = self.path / f"superseded-{resume_step}-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
-            for p in newer:
+            for p in other:
                 os.replace(p, aside / p.name)
-            done.append(f"resuming from step {resume_step}: the newer {', '.join(p.name for p in newer)} "
-                        f"were moved, untouched, to {aside}")
+            log = self.path / "logs.jsonl"
+            if log.is_file():
+                (shutil.copy2 if own else os.replace)(log, aside / log.name)  # own: the resumed part goes on
+            whose = "the newer" if own else f"another lineage's (not {resume_from.parent})"
+            done.append(f"resuming from step {resume_step}: {whose} {', '.join(p.name for p in other)} were moved, "
+                        f"untouched, to {aside}")
         return done
 
     def prune(self, keep: int) -> None:
