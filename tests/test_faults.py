@@ -96,6 +96,30 @@ def test_processes_that_accelerate_takes_for_one_each_are_told_the_fix(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_stop_signal_while_the_run_starts_stops_it_after_its_first_step(tmp_path, monkeypatch):
+    """SIGTERM while a run reads its data or its checkpoint killed it (status 143, no message, not requeued)."""
+    from vqhit import training
+
+    build = training.Trainer._build
+
+    def signalled_build(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this (the main) thread
+        return build(self, *args, **kwargs)
+
+    def killed(signum, frame):  # SIGTERM's default, death, as an exception this test can see
+        raise RuntimeError("killed by SIGTERM")
+
+    monkeypatch.setattr(training.Trainer, "_build", signalled_build)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            training.train(config_from_dict({**TINY, "output_dir": str(tmp_path / "run"), "steps": 5}), "gan")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 75 and "stopped at step 1 of 5 by SIGTERM" in str(stopped.value)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+
+
 def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=2, checkpoint_every=1).fit()

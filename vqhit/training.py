@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -225,10 +225,11 @@ class Trainer:
     is created on disk; the output folder is locked last.
     """
 
-    def __init__(self, config: TrainConfig, task: str):
+    def __init__(self, config: TrainConfig, task: str, stop: StopSignals | None = None):
         if task not in ("gan", "vqhit"):
             raise ValueError(f"task must be 'gan' or 'vqhit', got {task!r}")
         self.config, self.task = config, task
+        self.stop = stop  # the stop signals' catcher when the caller installed it before building (`train`)
         self.output_dir = Path(config.output_dir)
         check_preset(config, task)
         self.resume_path = resolve_resume(config.resume, self.output_dir)
@@ -477,7 +478,8 @@ class Trainer:
         last_checkpoint = time.monotonic()
         window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
-        with bar, StopSignals(parse_signals(cfg.stop_signals)) as stop:  # the bar ends its line however this ends
+        stopper = nullcontext(self.stop) if self.stop is not None else StopSignals(parse_signals(cfg.stop_signals))
+        with bar, stopper as stop:  # the bar ends its line however this ends
             while self.state.step < cfg.steps:
                 for _ in range(cfg.grad_accum):
                     real = next(self.batches)["image"].to(acc.device, non_blocking=True)
@@ -662,5 +664,10 @@ def _grad_norm(model: nn.Module) -> float:
 
 
 def train(config: TrainConfig, task: str) -> nn.Module:
-    """Train a HiT GAN (`task="gan"`) or a VQ-HiT tokenizer (`task="vqhit"`); returns the EMA model."""
-    return Trainer(config, task).fit()
+    """Train a HiT GAN (`task="gan"`) or a VQ-HiT tokenizer (`task="vqhit"`); returns the EMA model.
+
+    The stop signals are caught from the start: one that arrives while the run starts up (reading the data, loading
+    a checkpoint, which can take minutes on a cluster) stops it after its first step, with a checkpoint, as one
+    during training does, instead of killing it before it can say so."""
+    with StopSignals(parse_signals(config.stop_signals)) as stop:
+        return Trainer(config, task, stop=stop).fit()
