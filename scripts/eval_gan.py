@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Evaluate a HiT generator: FID and Inception Score, a sample grid and latent interpolation strips.
 
-    python scripts/eval_gan.py --model runs/gan-demo/model --data builtin:photos --num-samples 1000
+    python scripts/eval_gan.py --model runs/hit-tiny/model --data builtin:photos --num-samples 1000
     accelerate launch --num_processes 8 scripts/eval_gan.py --model runs/ffhq256/model \\
         --data /data/ffhq256 --transform resize --ref-stats stats/ffhq256.npz           # 50k samples
     python scripts/eval_gan.py --model runs/celebahq256/model --ref-stats stats/celebahq256.npz --num-samples 30000
@@ -27,7 +27,7 @@ from vqhit.models.hit import HiTGenerator
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_option(p, "The generator", "runs/gan-demo/model")
+    cli.add_model_option(p, "The generator", "runs/hit-tiny/model")
     cli.add_dataset_options(p, "Reference images for FID", transform="center_crop", required=False,
                             data_note="; needed unless --ref-stats names an existing file")
     p.add_argument("--ref-stats", default=None, help="Reference Inception statistics (.npz with mu and sigma; "

@@ -4,7 +4,7 @@
     accelerate launch scripts/train_gan.py                      # the CPU demo: hit-tiny on built-in photos
     accelerate launch scripts/train_gan.py --steps 600          # the demo, with one setting changed
     accelerate launch scripts/train_gan.py --model hit-b-256 --data /data/ffhq256   # the paper recipe of hit-b-256
-    accelerate launch --multi_gpu --num_processes 8 scripts/train_gan.py --config configs/ffhq256_gan.yaml \
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_gan.py --config configs/ffhq256_gan.yaml \\
         --output-dir runs/ffhq256 --resume auto                 # one command for the first start and every restart
 
 Every option starts from the recipe of the chosen --model: the CPU demo's for the default hit-tiny, the paper's for

@@ -4,7 +4,7 @@
     accelerate launch scripts/train_vqhit.py                    # the CPU demo: vqhit-demo on built-in photos
     accelerate launch scripts/train_vqhit.py --steps 1500       # the demo, with one setting changed
     accelerate launch scripts/train_vqhit.py --model vqhit-b-f16-1024 --data /data/imagenet   # the paper recipe
-    accelerate launch --multi_gpu --num_processes 8 scripts/train_vqhit.py --config configs/imagenet256_vqhit.yaml \
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vqhit.py --config configs/imagenet256_vqhit.yaml \\
         --output-dir runs/imagenet256 --resume auto             # one command for the first start and every restart
 
 Every option starts from the recipe of the chosen --model: the CPU demo's for the default vqhit-demo (no network

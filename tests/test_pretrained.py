@@ -258,7 +258,7 @@ def test_compiled_modules_save_and_load_under_their_own_keys(tmp_path):
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, model.state_dict()[key.replace("decoder.", "decoder._orig_mod.", 1)])
     model.load_weights(folder)  # into a model whose decoder is compiled
-    assert model._holds_this_model(folder)
+    assert model.holds_this_model(folder)
 
     whole = torch.compile(HiTGenerator.from_preset("hit-tiny").eval())
     assert set(load_file(str(whole.save_pretrained(tmp_path / "g") / "model.safetensors"))) == set(

@@ -454,6 +454,14 @@ def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, cap
     assert f"sha256 `{sha[:16]}` (after\n1 training steps)" in card and "| PSNR (dB) |" in card
     assert "| data | builtin:photos-heldout |" in card and "| crop | adm_center_crop |" in card
 
+    # a finished run resumed (a job restarted after the end) has nothing new to export: the weights file is not
+    # rewritten (its bytes could differ: safetensors does not fix the order of its metadata), and the figures stay
+    inode = (model_dir / "model.safetensors").stat().st_ino
+    make_trainer(tmp_path, "vqhit", steps=1, checkpoint_every=1, adv_start=10, resume="latest").fit()
+    assert (model_dir / "model.safetensors").stat().st_ino == inode
+    assert (model_dir / "README.md").read_text() == card
+    assert hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest() == sha
+
     make_trainer(tmp_path, "vqhit", steps=2, checkpoint_every=1, adv_start=10, resume="latest").fit()
     card = (model_dir / "README.md").read_text()
     assert "PSNR" not in card and "sha256" not in card  # the figures of step 1 left with step 1's weights

@@ -32,6 +32,7 @@ import torch
 
 from .errors import UnavailableError, UsageError
 from .files import give_default_mode, replace_folder
+from .models.pretrained import training_step
 from .train_config import save_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -215,6 +216,8 @@ def export_model(model, output_dir: Path, step: int) -> Path:
     at every instant: the first export appears complete by one rename; later ones replace each file by a rename
     (their configs are the same run's), and drop a model card's figures of earlier weights."""
     directory = output_dir / "model"
+    if directory.is_dir() and training_step(directory) == step and model.holds_this_model(directory):
+        return directory  # a finished run resumed: rewriting the same weights would drop the card's figures of them
     if directory.is_dir():
         model.save_pretrained(directory, training_step=step)
     else:

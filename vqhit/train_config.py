@@ -312,8 +312,9 @@ def build_parser(description: str, task: str) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
         allowed = f"; one of {', '.join(choices)}" if choices else ""
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
-                      help=f"{f.metadata['help']} (default: {defaults[f.name]!r}{allowed})")
+        # a help text that states its default itself (None: derived when the run starts) is not given a second one
+        default = "" if "(default:" in f.metadata["help"] else f" (default: {defaults[f.name]!r}{allowed})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']}{default}")
         if f.name == "model_options":
             parser.add_argument("--model-option", action="append", metavar="KEY=VALUE", **kwargs)
         elif t is bool:

@@ -210,7 +210,7 @@ def check_same_architecture(config: TrainConfig, checkpoint: Path, task: str) ->
 
 def check_steps_reach(config: TrainConfig, checkpoint: Path) -> None:
     """Refuse a --steps below the step of the checkpoint to resume: the run is already past it, and training cannot go
-    back (equal is fine: the run is finished, and a resume only exports its model again)."""
+    back (equal is fine: the run is finished, and a resume only makes sure its model is exported)."""
     step = read_state(checkpoint)["step"]
     if config.steps < step:
         raise UsageError(f"--steps {config.steps} is below the step of {checkpoint} ({step}): the run is already past "
@@ -468,7 +468,7 @@ class Trainer:
             self._forget_logs_after(start_step)
             if start_step >= cfg.steps:
                 print(f"the run is already finished at step {start_step} (--steps {cfg.steps}): nothing to train; "
-                      f"its model is exported again", flush=True)
+                      f"its model is exported again if model/ does not hold it", flush=True)
         # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
         acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
                           init_kwargs={"tensorboard": {"purge_step": start_step + 1}})

@@ -298,7 +298,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
                                      ignore_patterns=ignore_patterns, delete_patterns=delete_patterns)
 
         folder = getattr(self, "_pretrained_folder", None)
-        if folder is not None and self._holds_this_model(folder):
+        if folder is not None and self.holds_this_model(folder):
             return upload(folder)
         with tempfile.TemporaryDirectory() as tmp:
             fresh = Path(tmp) / "model"
@@ -308,7 +308,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             self._write(fresh, None, model_card_kwargs)
             return upload(fresh)
 
-    def _holds_this_model(self, folder: Path) -> bool:
+    def holds_this_model(self, folder: Path) -> bool:
         """Whether `folder` holds a model card and exactly this model's config and weights."""
         if not all((folder / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)):
             return False
