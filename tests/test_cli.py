@@ -142,6 +142,20 @@ def test_only_the_first_process_prints_a_mistake(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: --steps must be at least 1, got -1\n"
 
 
+def test_a_mistake_in_a_processs_own_data_is_printed_by_that_process(monkeypatch, capsys):
+    """Another process's shard holds the unreadable image: only it knows, so it says so, naming itself."""
+    from vqhit.errors import OwnDataError
+
+    def main(argv):
+        raise OwnDataError("--data imgs: img039.png is an unreadable image")
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error (process 1): --data imgs: img039.png is an unreadable image\n"
+
+
 def test_a_bug_keeps_its_traceback():
     def buggy(argv):
         return {}["missing key"]  # a KeyError is never the user's

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import list_presets
-from vqhit.errors import UsageError
+from vqhit.errors import OwnDataError, UsageError
 from vqhit.losses import d_logistic_loss, r1_penalty
 from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
@@ -186,6 +186,10 @@ def test_folder_with_corrupt_and_grayscale_images(tmp_path):
     assert trainer.dataset.num_skipped == 1
     with pytest.raises(ValueError, match="broken.png"):
         make_trainer(tmp_path / "raise", data=str(folder), steps=1, max_images=None, bad_images="raise").fit()
+    # met during training, in this process's share of the data: an error this process reports whatever its rank
+    (folder / "broken.png").rename(folder / "zz-broken.png")
+    with pytest.raises(OwnDataError, match="zz-broken.png"):
+        make_trainer(tmp_path / "raise-late", data=str(folder), steps=8, max_images=None, bad_images="raise").fit()
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import OwnDataError, UsageError
 from .preemption import EXIT_INTERRUPTED
 
 _PROJECT = Path(__file__).resolve().parent.parent  # vqhit/ and scripts/
@@ -195,8 +195,11 @@ def run(main, argv: list[str] | None = None):
         try:
             return main(argv)
         except UsageError as err:
-            if _rank() == 0:  # every process meets the same mistake; one line is enough
+            rank = _rank()
+            if rank == 0:  # every process meets the same mistake; one line is enough
                 print(f"error: {_message(err)}", file=sys.stderr, flush=True)
+            elif isinstance(err, OwnDataError):  # ... except one in this process's own share of the data
+                print(f"error (process {rank}): {_message(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt as err:  # Ctrl-C: the user knows why it stopped; say what is left, not where it was
             if _rank() == 0:

@@ -19,6 +19,11 @@ class NotFoundError(UsageError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class OwnDataError(UsageError):
+    """A mistake in the data that only this process met (an unreadable image of its shard, with --bad-images raise):
+    the other processes cannot know it, so this one reports it, whatever its rank."""
+
+
 class UnavailableError(UsageError, RuntimeError):
     """Something the command needs is not available now: a folder another run holds, a download with no network."""
 

@@ -37,7 +37,7 @@ from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, checkpoint_step, ex
 from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
-from .errors import DivergedError, UsageError
+from .errors import DivergedError, OwnDataError, UsageError
 from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -482,7 +482,10 @@ class Trainer:
         with bar, stopper as stop:  # the bar ends its line however this ends
             while self.state.step < cfg.steps:
                 for _ in range(cfg.grad_accum):
-                    real = next(self.batches)["image"].to(acc.device, non_blocking=True)
+                    try:
+                        real = next(self.batches)["image"].to(acc.device, non_blocking=True)
+                    except UsageError as err:  # an image of this process's shard: only this process knows it
+                        raise OwnDataError(str(err)) from None
                     with acc.accumulate(self.model, self.D):
                         logs = self.train_step(real)
                     seen += real.shape[0]
