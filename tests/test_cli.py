@@ -85,7 +85,7 @@ MISTAKES = [
       ]],
     *[("train_vqhit", [*TINY_RUN, "--steps", "1", "--output-dir", folder], says) for folder, says in [
         ("{tmp}/file", "--output-dir {tmp}/file is a file, not a folder"),
-        ("{tmp}/file/run", "--output-dir {tmp}/file/run is under {tmp}/file, which is a file"),
+        ("{tmp}/file/run", "--output-dir {tmp}/file/run lies under {tmp}/file, which is a file"),
         ("/proc/vqhit-run", "--output-dir /proc/vqhit-run: cannot create a folder in /proc"),
         ("", "--output-dir is empty"),
     ]],

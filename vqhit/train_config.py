@@ -32,6 +32,7 @@ import yaml
 from .cli import ArgumentParser
 from .config_values import convert_value
 from .errors import NotFoundError, UsageError
+from .files import check_output_folder
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -382,11 +383,8 @@ def check_output_dir(output_dir: str) -> None:
     folder takes a new sub-folder (made under a unique name and removed, so processes checking at once agree)."""
     if not output_dir:
         raise UsageError("--output-dir is empty; give the folder to write the run to (default: runs/MODEL)")
-    path = Path(output_dir).expanduser()
+    path = check_output_folder(Path(output_dir).expanduser())  # neither a file nor under one
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise UsageError(f"--output-dir {output_dir} {where}, not a folder; choose another --output-dir")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".vqhit-check-", dir=existing))
     except OSError as err:
