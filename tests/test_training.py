@@ -487,3 +487,17 @@ def test_progress_bar_shows_window_means_and_a_finished_run_says_where_its_model
     assert f"codes used {int(last['codebook/codes_used'])} of 256" in bar and "usage" not in bar
     model = tmp_path / "run" / "model"
     assert out.splitlines()[-1] == f'finished at step 4: the EMA model is in {model} (VQHiT.from_pretrained("{model}"))'
+
+
+def test_tensorboard_gets_a_histogram_of_code_use_at_log_steps(tmp_path):
+    """At every log step: one value per code, the times it was picked since the previous log step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tmp_path, "vqhit", steps=4, log_every=2, adv_start=10, heldout_data=None).fit()
+    events = next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent
+    accumulator = EventAccumulator(str(events), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    histograms = accumulator.Histograms("codebook/code_use")
+    assert [h.step for h in histograms] == [2, 4]
+    for h in histograms:  # 256 codes; 2 steps x 2 images x an 8x8 grid = 256 picks in each window
+        assert (h.histogram_value.num, h.histogram_value.sum) == (256, 256)

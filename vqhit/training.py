@@ -507,6 +507,10 @@ class Trainer:
                     if self.task == "vqhit":
                         quantize = unwrapped.quantize
                         logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
+                        counts = distributed.all_reduce_sum(quantize.code_counts.clone())  # every process's picks
+                        if acc.is_main_process:  # how many times each code was picked since the last log step
+                            acc.get_tracker("tensorboard", unwrap=True).add_histogram("codebook/code_use",
+                                                                                      counts.float(), step)
                         quantize.reset_usage()
                     acc.log(logs, step=step)
                     self._log_line(step, logs)
