@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "eval_rfid.py")
     check_output_folder(args.output_dir, [REPORT], overwrite=args.overwrite)  # now, not after the evaluation
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \

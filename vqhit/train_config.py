@@ -33,6 +33,7 @@ from .cli import ArgumentParser
 from .config_values import convert_value
 from .errors import NotFoundError, UsageError
 from .files import check_output_folder
+from . import launcher
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -360,7 +361,7 @@ def parse_config(argv: list[str] | None, description: str, task: str) -> TrainCo
         raise UsageError(f"--config {config_file} sets {', '.join(foreign)}, which only scripts/"
                          f"{SCRIPT[FIELDS[foreign[0]].metadata['task']]} uses; remove it from the file")
     options = args.pop("model_options", None)
-    given = {**file_values, **args}
+    given = launcher.merge({**file_values, **args})  # the launcher's settings count as given options
     if options:
         given["model_options"] = _model_options(options, given.get("model_options"))
     config = resolve_config(given, task, source=str(config_file or "the command line"))
