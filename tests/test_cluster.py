@@ -265,23 +265,78 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint(tmp_path):
     assert sorted(logged_steps(killed)) == [1, 2, 3, 4, 5]
 
 
-def test_a_multi_node_run_that_torchrun_may_restart_is_told_to_give_each_attempt_its_own_store(monkeypatch):
-    from vqhit.distributed import elastic_restart_warning
+# Two nodes on this machine: two torchrun agents meeting at a c10d rendezvous on localhost, one worker each. The
+# driver kills rank 1 once (a marker file), whichever node and attempt holds it.
+NODE_DRIVER = r"""
+import os, signal, sys
+from vqhit import cli
+from vqhit.train_config import parse_config
+from vqhit.training import Trainer
+kill_step = int(sys.argv[1])
+def main(argv):
+    trainer = Trainer(parse_config(argv, "test", "gan"), "gan")
+    step = trainer.train_step
+    marker = os.path.join(trainer.config.output_dir, "killed-once")
+    def train_step(real):
+        if trainer.state.step == kill_step and trainer.accelerator.process_index == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(real)
+    trainer.train_step = train_step
+    trainer.fit()
+cli.run(main, sys.argv[2:])
+"""
 
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")  # 4 nodes: their restart counts can differ
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in elastic_restart_warning()
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: its restarts get their own keys (the test above)
-    assert elastic_restart_warning() is None
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # never restarted
-    assert elastic_restart_warning() is None
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 was set
-    assert elastic_restart_warning() is None
+
+def start_two_nodes(out: Path, steps: int, kill_step=-1, share_store=False, restarts=1,
+                    checkpoint_every=2) -> list[subprocess.Popen]:
+    port = free_port()
+    extra = {} if share_store else {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # what docs/cluster.md exports
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--max-restarts", str(restarts),
+           "--no-python", sys.executable, "-c", NODE_DRIVER, str(kill_step), *ARGS, "--steps", str(steps),
+           "--output-dir", str(out), "--checkpoint-every", str(checkpoint_every), "--collective-timeout", "60"]
+    return [subprocess.Popen(cmd, env=env(**extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
 
 
+def finish(nodes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(node.wait(timeout=600), node.stdout.read()) for node in nodes]
+
+
+def test_two_nodes_survive_a_killed_worker_bit_exact_and_refuse_a_shared_store(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert torchrun(straight, 5).returncode == 0  # two processes on one node: the reference
+    results = finish(start_two_nodes(killed, 5, kill_step=3))
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert (killed / "killed-once").exists() and "resuming" in results[0][1] + results[1][1]
+    assert_same_run(straight, killed, 5)
+    assert sorted(logged_steps(killed)) == [1, 2, 3, 4, 5]
+    # Without the exported variable, torchrun's one store for every attempt would fail the restart: the first start
+    # is refused in one line, before anything is written.
+    refused = finish(start_two_nodes(tmp_path / "refused", 5, share_store=True))
+    assert all(status != 0 for status, _ in refused)
+    assert "error: torchrun may restart this run on several nodes" in refused[0][1] + refused[1][1]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in refused[0][1] + refused[1][1]
+    assert not list_checkpoints(tmp_path / "refused")
+
+
+def test_two_nodes_stopped_by_sigterm_continue_bit_exact_with_the_same_command(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert torchrun(straight, 5, extra=("--checkpoint-every", "1000")).returncode == 0
+    nodes = start_two_nodes(stopped, 5, checkpoint_every=1000)
+    deadline = time.time() + 300
+    while not logged_steps(stopped) or max(logged_steps(stopped)) < 2:
+        assert time.time() < deadline and all(node.poll() is None for node in nodes), "the run ended before the signal"
+        time.sleep(0.05)
+    for node in nodes:  # the scheduler's SIGTERM to every node's launcher, which forwards it to its worker
+        node.send_signal(signal.SIGTERM)
+    results = finish(nodes)
+    (checkpoint,) = list_checkpoints(stopped)  # one checkpoint, at the step reached, then the run stopped
+    assert 2 <= int(checkpoint.name.split("-")[1]) < 5, results
+    assert "stopped at step" in results[0][1] + results[1][1]
+    assert [status for status, _ in finish(start_two_nodes(stopped, 5, checkpoint_every=1000))] == [0, 0]
+    assert_same_run(straight, stopped, 5)
 def test_a_hung_process_does_not_hang_the_others(tmp_path):
     started = time.time()
     # rank 1 hangs for 10 minutes inside step 2 (no stop signals: torchrun's SIGTERM then ends it at once)

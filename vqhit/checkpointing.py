@@ -28,8 +28,7 @@ import socket
 import time
 from pathlib import Path
 
-import torch
-
+from .distributed import all_gather_objects, rank, run_on_main
 from .errors import UnavailableError, UsageError
 from .files import give_default_mode, replace_folder
 from .models.pretrained import training_step
@@ -70,19 +69,66 @@ def read_state(checkpoint: Path) -> dict:
 RESUME_CHOICES = ("auto", "latest")  # besides a checkpoint folder's path
 
 
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed, found cheaply (no tensor is read), or None when it looks intact: its
+    train_state.json is readable, every file it lists is there with the size it was written with, and every
+    safetensors file's header is readable and ends where the file ends (what a truncated copy or a flaky mount
+    breaks)."""
+    try:
+        state = read_state(checkpoint)
+    except UsageError as err:
+        return str(err).split(";")[0]
+    sizes = state.get("files", {})
+    for name, size in sizes.items():
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if name.endswith(".safetensors") and not _safetensors_intact(path):
+            return f"{name} is not a readable safetensors file"
+    return None
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """The 8-byte header length, the JSON header, and the data the header promises, all within the file."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > path.stat().st_size:
+                return False
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + length + end == path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint folder that `--resume auto|latest|PATH` names (None for a fresh run).
 
     `auto` is the one command line for a first start and every restart (a job script, a requeue, an elastic
-    restart): the newest checkpoint of `output_dir` when there is one, else a fresh start.
+    restart): the newest intact checkpoint of `output_dir` when there is one, else a fresh start. `auto` and
+    `latest` pass over damaged checkpoints (`checkpoint_damage`) to the newest intact one (the run's folder
+    preparation moves the damaged ones aside); a folder whose checkpoints are all damaged is refused, never started
+    afresh. A checkpoint named by its path must be intact.
     """
     if resume is None:
         return None
     output_dir = Path(output_dir)
     if resume in RESUME_CHOICES:
         found = list_checkpoints(output_dir) if output_dir.is_dir() else []
-        if found or resume == "auto":
-            return found[-1] if found else None
+        damage = {}
+        for checkpoint in reversed(found):
+            damage[checkpoint] = checkpoint_damage(checkpoint)
+            if damage[checkpoint] is None:
+                return checkpoint
+        if found:
+            raise UsageError(f"--resume {resume}: every checkpoint in {output_dir} is damaged ("
+                             + "; ".join(f"{p.name}: {why}" for p, why in damage.items()) + "); nothing can be resumed. "
+                             "Restore one from a copy, or start again with --overwrite")
+        if resume == "auto":
+            return None
         if not output_dir.is_dir():
             raise UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
                              f"continue, or --resume auto to start fresh when there is nothing to continue")
@@ -93,7 +139,30 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder, 'auto' or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
+    damage = checkpoint_damage(path)
+    if damage:
+        raise UsageError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume an earlier one "
+                         f"(--resume {path.parent}/{CHECKPOINT_PREFIX}M), or --resume auto for the newest intact one")
     return path
+
+
+def agree_on_resume(own: Path | None) -> Path | None:
+    """The checkpoint that every process resumes: the main process's choice (`own` is this process's). A process
+    that resolved another one resumes the main process's when it sees it intact (a directory listing that this node
+    saw late); when it does not, every process stops with one line: the output folder is not shared alike."""
+    choices = all_gather_objects(None if own is None else str(own))
+    chosen = None if choices[0] is None else Path(choices[0])
+    problem = None
+    if choices[rank()] != choices[0]:
+        if chosen is None:
+            problem = f"process {rank()} sees {own}, which the main process does not see"
+        elif not chosen.is_dir() or checkpoint_damage(chosen) is not None:
+            problem = f"process {rank()} cannot read {chosen}, which the main process resumes"
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        raise UsageError(f"{problems[0]}: --output-dir must be on a file system that every node shares (and sees "
+                         "alike); give every process the same folder")
+    return chosen
 
 
 class OutputFolder:
@@ -153,6 +222,13 @@ class OutputFolder:
         # superseded-* one). Moved aside untouched, with the log as it was, so that pruning and the log see only
         # this lineage and nothing is lost.
         own = resume_from.resolve().parent == self.path.resolve()
+        for p in [p for p in checkpoints if own and checkpoint_step(p) > resume_step]:
+            why = checkpoint_damage(p)
+            if why is not None:  # passed over by --resume auto|latest: kept for a look, out of the lineage
+                aside = self.path / f"damaged-{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(p, aside)
+                checkpoints.remove(p)
+                done.append(f"{p.name} is damaged ({why}): moved to {aside.name}; resuming {resume_from.name}")
         other = [p for p in checkpoints if checkpoint_step(p) > resume_step or not own]
         if not own and (self.path / "model").exists():
             other.append(self.path / "model")
@@ -197,18 +273,23 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, *, ema_model, conf
     accelerator.save_state(str(tmp))
     (tmp / data_state_file(accelerator.process_index)).write_text(json.dumps(data_state) + "\n")
     accelerator.wait_for_everyone()  # every part is written before the folder is renamed
-    if accelerator.is_main_process:
-        ema_model.save_pretrained(tmp / "ema", training_step=step)
-        save_config(config, tmp / "train_config.yaml")
-        give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
-        # The files of every process, listed: a resume names one that went missing instead of failing in a library.
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        (tmp / STATE_FILE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")  # last: complete
-        replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
-        folder.prune(config.keep_checkpoints)
-        export_model(ema_model, output_dir, step)
-    accelerator.wait_for_everyone()
+    run_on_main(_complete_checkpoint, tmp, final, step, ema_model, config, train_state, folder, output_dir)
     return final
+
+
+def _complete_checkpoint(tmp: Path, final: Path, step: int, ema_model, config, train_state: dict,
+                         folder: OutputFolder, output_dir: Path) -> None:
+    """The main process's part of a checkpoint: the EMA model, the config, the list of files, the rename; then
+    pruning and the export. The other processes wait for it without a deadline (`run_on_main`)."""
+    ema_model.save_pretrained(tmp / "ema", training_step=step)
+    save_config(config, tmp / "train_config.yaml")
+    give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
+    # The files of every process, with their sizes: a resume names one that went missing or was cut short.
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / STATE_FILE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")  # last: complete
+    replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
+    folder.prune(config.keep_checkpoints)
+    export_model(ema_model, output_dir, step)
 
 
 def export_model(model, output_dir: Path, step: int) -> Path:
@@ -230,18 +311,20 @@ def export_model(model, output_dir: Path, step: int) -> Path:
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
     """Load a checkpoint into the prepared objects of `accelerator`; returns (train_state.json, this process's data
     position or None when the checkpoint was written by another number of processes)."""
+    from accelerate.utils import load  # Accelerate's own reader of its RNG files
+
     saved = read_state(path)
     rank = accelerator.process_index
     same_processes = saved.get("num_processes", accelerator.num_processes) == accelerator.num_processes
     if same_processes:
         rng_file = path / f"random_states_{rank}.pkl"
-        try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
-            torch.load(rng_file, weights_only=False)
+        try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first, as it reads
+            load(rng_file)  # it (weights only, no pickled code)
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
                              f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
                 from None
-    missing = [name for name in saved.get("files", []) if not (path / name).is_file()]  # older checkpoints list none
+    missing = [name for name in saved.get("files", {}) if not (path / name).is_file()]
     if missing:
         raise UsageError(f"cannot resume from {path}: it is incomplete, {', '.join(missing[:3])}"
                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; resume from an "
