@@ -412,3 +412,36 @@ def test_checkpoints_and_exports_are_flushed_to_disk_before_and_after_their_rena
         else:
             assert src in before, f"{src} not flushed before its rename"
         assert str(Path(dst).parent) in after, f"{Path(dst).parent} not flushed after renaming {dst}"
+
+
+def test_an_output_folder_without_locks_warns_and_a_held_lock_says_how_to_clear_a_dead_one(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from vqhit.checkpointing import OutputFolder
+
+    first = OutputFolder(tmp_path / "run")
+    first.lock()
+    with pytest.raises(ValueError, match=r"being written by another run \(pid \d+ on .*\).*If that run is dead.*"
+                                         r"delete .*run/.lock to go on at once"):
+        OutputFolder(tmp_path / "run").lock()
+    first.unlock()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a Lustre mount without -o flock
+    folder = OutputFolder(tmp_path / "lustre")
+    with pytest.warns(UserWarning, match="cannot be locked \\(No locks available\\).*Lustre: -o flock"):
+        folder.lock()
+    folder.unlock()
+
+
+def test_preparing_a_folder_removes_only_the_temporaries_a_run_writes(tmp_path):
+    from vqhit.checkpointing import OutputFolder
+
+    run = tmp_path / "run"
+    for name in (".checkpoint-3.tmp", ".model.tmp", ".checkpoint-2.replaced", ".cache.tmp", ".my-notes.tmp"):
+        (run / name).mkdir(parents=True)
+    OutputFolder(run).prepare(None, overwrite=False)
+    assert sorted(p.name for p in run.iterdir()) == [".cache.tmp", ".my-notes.tmp"]  # the user's are kept

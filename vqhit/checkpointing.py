@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 from .distributed import all_gather_objects, rank, run_on_main
@@ -37,6 +38,8 @@ from .train_config import save_config
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"  # written last into a checkpoint: what a resume reads first
 LOCK_FILE = ".lock"
+# The temporary folders a run writes into its output folder (`save_checkpoint`, `export_model`, `replace_folder`).
+RUN_TEMPORARIES = (f".{CHECKPOINT_PREFIX}*.tmp", ".model.tmp", f".{CHECKPOINT_PREFIX}*.replaced", ".model.replaced")
 RUN_OUTPUTS = ("model", "samples", "tensorboard", "train_config.yaml", "logs.jsonl")  # what --overwrite deletes besides checkpoints
 
 
@@ -173,6 +176,8 @@ class OutputFolder:
         self._lock_fd = None
 
     def lock(self) -> None:
+        """Take the folder's lock, or stop naming the run that holds it. A file system without locks (some Lustre
+        and NFS mounts) gets a warning instead: the run goes on, unprotected from a second run into the folder."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -180,8 +185,14 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to "
-                                   f"finish, or choose another --output-dir") from None
+            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
+                                   f"or choose another --output-dir. If that run is dead (its node went down), the "
+                                   f"file server releases its lock after a while; delete {self.path / LOCK_FILE} "
+                                   f"to go on at once") from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this file system
+            warnings.warn(f"{self.path} cannot be locked ({err.strerror}): a second run started into the same "
+                          "--output-dir would not be stopped; mount the file system with locks (Lustre: -o flock) to "
+                          "be protected", stacklevel=2)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -189,7 +200,10 @@ class OutputFolder:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            except OSError:  # never locked: a file system without locks (see `lock`)
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -199,9 +213,10 @@ class OutputFolder:
     def prepare(self, resume_from: Path | None, overwrite: bool) -> list[str]:
         """Make the folder ready for a fresh run or a resume; returns what it did, as messages for the log."""
         done = []
-        for stale in [*self.path.glob(".*.tmp"), *self.path.glob(".*.replaced")]:
-            if stale.is_dir():  # what a kill during a checkpoint write or the first export left behind
-                shutil.rmtree(stale)
+        for name in RUN_TEMPORARIES:  # what a kill during a checkpoint write or an export left behind; nothing else
+            for stale in self.path.glob(name):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
         checkpoints = list_checkpoints(self.path)
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])

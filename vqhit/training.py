@@ -38,6 +38,7 @@ from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
 from .errors import DivergedError, OwnDataError, UsageError
+from .files import atomic_write
 from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -572,7 +573,7 @@ class Trainer:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
-            path.write_text("".join(kept))
+            atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))  # a kill leaves the old log or the new
 
     def _heldout_reported(self, step: int) -> bool:
         """Whether logs.jsonl holds the held-out report of `step` already (read by the main process, told to all)."""
