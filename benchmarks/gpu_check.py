@@ -924,7 +924,10 @@ def main(argv=None) -> int:
     for name in args.parts:
         function, seconds = PARTS[name]
         started = time.monotonic()
-        entry = report["parts"][name] = {"status": "running", "budget_s": SMOKE_PART_BUDGET if args.smoke else seconds}
+        entry = report["parts"][name] = {"status": "error", "budget_s": SMOKE_PART_BUDGET if args.smoke else seconds,
+                                         "reason": "the run ended during this part (killed, or crashed)"}
+        write_report(output, report)  # what the files say if this part takes the process down
+        del entry["reason"]
         print(f"\n== {name} ({ctx.left():.0f} s left of the run's budget)", flush=True)
         try:
             if ctx.left() <= 0:
