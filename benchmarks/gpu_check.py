@@ -44,7 +44,6 @@ import gc
 import importlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re
@@ -655,8 +654,8 @@ def part_trainer_step(ctx: Context, budget: Budget) -> dict:
 
     def measure(item):
         task, model, batch = item
-        result = trainer_step(task, model, {}, batch, ctx.mode["precision"], ctx.threads, ctx.mode["repeats"], ctx.mode["min_repeat_s"],
-                              count_flops_too=True)
+        result = trainer_step(task, model, {}, batch, ctx.mode["precision"], ctx.threads, ctx.mode["repeats"],
+                              ctx.mode["min_repeat_s"], count_flops_too=True)
         with_r1, without_r1 = result["timings"]["with R1"], result["timings"]["without R1"]
         row = {"what": f"{model} Trainer.train_step", "task": task, "model": model, "batch": batch,
                "params": result["params"], "bcr_weight": result["bcr_weight"], "peak_gb": result["peak_gb"],
@@ -812,9 +811,10 @@ def markdown(report: dict) -> str:
              f"Dense bf16 peak: " + (f"{report['bf16_peak']['tflops']:g} TFLOP/s ({report['bf16_peak']['entry']})"
                                      if report['bf16_peak']['tflops'] else "unknown for this device") + ".",
              "", "## Summary", ""]
-    lines.append(format_table([{"part": name, "status": p["status"], "seconds": p.get("seconds"), "result": headline(p)}
-                               for name, p in parts.items()],
-                              [("part", "part"), ("status", "status"), ("s", "seconds"), ("result or reason", "result")]))
+    summary = [{"part": name, "status": p["status"], "seconds": p.get("seconds"), "result": headline(p)}
+               for name, p in parts.items()]
+    lines.append(format_table(summary, [("part", "part"), ("status", "status"), ("s", "seconds"),
+                                        ("result or reason", "result")]))
 
     def section(title: str, rows: list[dict], columns: list[tuple[str, str]]):
         if rows:
