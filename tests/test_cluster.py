@@ -218,6 +218,67 @@ def test_resuming_with_another_number_of_processes_continues_at_the_same_image_c
     assert images(8) == 20 + 2 * 4
 
 
+# -- what one node sees, and main-process work ----------------------------------------------------------------------
+# Runs a script with one thing changed on one rank: a node whose directory listing is late (it sees no checkpoint),
+# one that cannot read the main process's checkpoint either, or a main process whose export and held-out report are
+# slow.
+PATCHED = r"""
+import os, runpy, sys, time
+import vqhit.checkpointing as checkpointing, vqhit.training as training
+what, rank = sys.argv[1], int(os.environ.get("RANK", "0"))
+if what in ("late-listing", "unreadable") and rank == 1:
+    checkpointing.list_checkpoints = lambda output_dir: []
+if what == "unreadable" and rank == 1:
+    checkpointing.checkpoint_damage = lambda checkpoint: "not on this node"
+if what == "slow-main" and rank == 0:
+    def slow(fn):
+        return lambda *args, **kwargs: (time.sleep(6), fn(*args, **kwargs))[1]
+    checkpointing.export_model = slow(checkpointing.export_model)
+    training.heldout_report = slow(training.heldout_report)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_patched(what: str, script: str, args: list[str], world: int = 2) -> list[tuple[int, str]]:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", PATCHED, what, script, *args],
+                              env=env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+def test_every_rank_resumes_the_main_process_checkpoint_or_all_stop_in_one_line(tmp_path):
+    straight, late = tmp_path / "straight", tmp_path / "late"
+    assert [status for status, _ in run(straight, 6, world=2)] == [0, 0]
+    assert [status for status, _ in run(late, 4, world=2)] == [0, 0]
+    args = [*ARGS, "--steps", "6", "--output-dir", str(late)]
+    # rank 1's listing is late: it would start afresh, the main process resumes checkpoint-4; rank 1 sees it, follows
+    results = run_patched("late-listing", SCRIPT, args)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:]
+    assert_same_run(straight, late, 6)
+    # a node that cannot read the checkpoint (its own --output-dir): every process stops, one line says why
+    results = run_patched("unreadable", SCRIPT, [*ARGS, "--steps", "8", "--output-dir", str(late)])
+    assert [status for status, _ in results] == [2, 2]
+    assert "error: process 1 cannot read" in results[0][1] and "every node shares" in results[0][1]
+    assert "Traceback" not in results[0][1] + results[1][1]
+    assert list_checkpoints(late)[-1].name == "checkpoint-6"  # nothing trained
+
+
+def test_slow_main_process_work_does_not_trip_the_collective_timeout(tmp_path):
+    # The main process's export and held-out report take longer than --collective-timeout: the other process waits
+    # for them outside any collective.
+    out = tmp_path / "run"
+    args = ["--model", "vqhit-tiny", "--num-workers", "0", "--max-images", "8", "--batch-size", "2", "--steps", "2",
+            "--sample-every", "1000", "--disc-max-channels", "32", "--perceptual", "none", "--collective-timeout", "3",
+            "--heldout-data", "builtin:photos-heldout", "--output-dir", str(out)]
+    results = run_patched("slow-main", str(ROOT / "scripts" / "train_vqhit.py"), args)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "generalisation gap" in results[0][1] and (out / "model" / "model.safetensors").exists()
+
+
 # -- elastic restarts and a hung process ----------------------------------------------------------------------------
 DRIVER = r"""
 import os, signal, sys, time

@@ -167,6 +167,7 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+MAIN_WORK_ACK_SECONDS = 300
 _main_work = itertools.count()  # every process numbers its `run_on_main` calls alike: they are called in one order
 
 
@@ -196,9 +197,15 @@ def run_on_main(fn, *args):
             raise
         finally:
             store.set(key, outcome)
+            # The store lives in this process: stay until every other process has read the outcome (they poll, so
+            # within moments; one that died is not waited for past MAIN_WORK_ACK_SECONDS).
+            deadline = time.monotonic() + MAIN_WORK_ACK_SECONDS
+            while store.add(f"{key}/read", 0) < world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
     while not store.check([key]):
-        time.sleep(0.1)
+        time.sleep(0.05)
     outcome = store.get(key).decode()
+    store.add(f"{key}/read", 1)
     if outcome == "usage":  # the user's mistake, which the main process reports: these stop without a traceback
         raise UsageError("the main process stopped on the user's error above; this process stops too")
     if outcome != "done":

@@ -523,7 +523,7 @@ class Trainer:
                     bar.set_postfix_str(self._bar_text(window, logs))
                     window = {}
                 if step % cfg.sample_every == 0 or step == cfg.steps:
-                    self.save_samples(step)
+                    distributed.run_on_main(self.save_samples, step)  # the others wait outside the deadline
                 stopping = flags["stop"]
                 if stopping or flags["timed"] or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint = self.save_checkpoint()
@@ -605,9 +605,8 @@ class Trainer:
             with open(self.output_dir / "logs.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
 
-    def save_samples(self, step: int) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
+    def save_samples(self, step: int) -> Path:
+        """The EMA model's sample grid of `step` (main-process work: see `distributed.run_on_main`)."""
         path = self.output_dir / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.objective.save_sample_grid(self.ema.model, self.fixed_real, path)
