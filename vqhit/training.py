@@ -47,6 +47,7 @@ from .models.vqhit import VQHiT
 from .precision import autocast
 from .preemption import EXIT_PREEMPTED, WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
+from .reproducibility import use_deterministic_algorithms
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
@@ -236,6 +237,8 @@ class Trainer:
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
             check_steps_reach(config, self.resume_path)
+        if config.deterministic:  # before CUDA starts (in the Accelerator): cuBLAS reads its setting once
+            use_deterministic_algorithms()
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
         distributed.init_restarted_process_group(config.collective_timeout)
