@@ -1,17 +1,16 @@
 """Bit-exact training, and what `--deterministic` adds to it.
 
-Without the option, on CPU, a training step of either script gives the same bits however many threads run it: every
-operation the models use adds its terms in an order that does not depend on the threads (the quantizer's codebook
-gradient included: vqhit.models.quantizer). So the same command run twice, or stopped and resumed, ends with the same
-weights. Another thread count changes how matmuls and convolutions split their sums, so the bits differ from a run at
-another thread count.
+Without the option, on CPU, a training step of either script gives the same bits every time it runs, on one thread or
+several: every operation the models use adds its terms in an order that the thread count fixes, never in the order
+the threads happen to finish (the quantizer's codebook gradient included: vqhit.models.quantizer). So the same command
+run twice, or stopped and resumed, ends with the same weights. Another thread count splits the sums of matmuls and
+convolutions differently, so a run at another thread count ends with other bits.
 
 On a GPU several kernels add with atomics in whatever order the hardware schedules them (cuDNN's convolution
 backward, cuBLAS's split reductions, scatter-adds), so two runs drift apart from the first step. `--deterministic`
 (`use_deterministic_algorithms`) asks PyTorch for deterministic kernels everywhere, at some cost in speed
 (benchmarks/README.md); an operation that has none stops the run with an error naming it instead of running
-nondeterministically. On CPU it changes nothing that needs changing, and costs the time of filling new tensors
-(PyTorch fills uninitialised memory in this mode).
+nondeterministically. On CPU it changes no result, and its cost was within the noise of the benchmark.
 
 Bit-exactness holds for the same number of processes: another number cuts the batches differently.
 """
