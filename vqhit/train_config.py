@@ -121,6 +121,11 @@ class TrainConfig:
     cpu_threads: int = opt(0, "Threads per process when training on CPU: 0 = as launched (accelerate launch "
                            "starts one, or OMP_NUM_THREADS), -1 = every core this process may use, shared among "
                            "this machine's processes, N = N")
+    deterministic: bool = opt(False, "Deterministic kernels (PyTorch's deterministic algorithms, cuDNN's deterministic "
+                              "convolutions, CUBLAS_WORKSPACE_CONFIG=:4096:8), so that on a GPU the same command gives "
+                              "the same weights twice and a resumed run those of an uninterrupted one; slower, and an "
+                              "operation without a deterministic kernel stops the run naming it. CPU runs are "
+                              "bit-exact without it")
     # -- tokenizer losses (train_vqhit.py only: train_gan.py does not offer them) ------------------------
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
                           "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"], task="vqhit")

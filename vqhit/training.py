@@ -49,6 +49,7 @@ from .metrics import INPUT_RANGE_LIMIT
 from .precision import autocast
 from .preemption import WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals, preempted_advice
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
+from .reproducibility import use_deterministic_algorithms
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
@@ -243,6 +244,8 @@ class Trainer:
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
             check_steps_reach(config, self.resume_path)
+        if config.deterministic:  # before CUDA starts (in the Accelerator): cuBLAS reads its setting once
+            use_deterministic_algorithms()
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. So precision, compilation and accumulation are pinned against the launcher's
         # settings, which the configuration has turned into options (vqhit.launcher). DDP kwargs: the buffer policy
