@@ -244,13 +244,13 @@ class Trainer:
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
             check_steps_reach(config, self.resume_path)
+        distributed.check_elastic_launch()
         if config.deterministic:  # before CUDA starts (in the Accelerator): cuBLAS reads its setting once
             use_deterministic_algorithms()
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
         # and R1 must stay in fp32. So precision, compilation and accumulation are pinned against the launcher's
         # settings, which the configuration has turned into options (vqhit.launcher). DDP kwargs: the buffer policy
         # of vqhit.distributed.
-        distributed.check_elastic_launch()
         distributed.init_restarted_process_group(config.collective_timeout)
         self.accelerator = Accelerator(**launcher.PINNED_ACCELERATOR_SETTINGS, log_with="tensorboard",
                                        gradient_accumulation_plugin=GradientAccumulationPlugin(
