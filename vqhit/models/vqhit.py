@@ -21,7 +21,8 @@ from ..metrics import INPUT_RANGE_LIMIT
 from ..presets import TOKENIZER_PRESETS
 from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
-from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
+from .hit import HiTStages
+from .layers import BN_MOMENTUM, NORMS, Memory, norm_factory, trunc_normal_init
 from .pretrained import ConfigMixin, PretrainedMixin
 from .quantizer import VectorQuantizer, check_options as check_quantizer_options
 
