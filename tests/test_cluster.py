@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
-from vqhit.checkpointing import list_checkpoints
+from vqhit.resume import list_checkpoints
 from vqhit.data import DataConfig, TrainingBatches, build_dataloader, build_dataset
 from vqhit.preemption import EXIT_PREEMPTED
 
@@ -224,12 +224,12 @@ def test_resuming_with_another_number_of_processes_continues_at_the_same_image_c
 # slow.
 PATCHED = r"""
 import os, runpy, sys, time
-import vqhit.checkpointing as checkpointing, vqhit.training as training
+import vqhit.checkpointing as checkpointing, vqhit.resume as resume, vqhit.training as training
 what, rank = sys.argv[1], int(os.environ.get("RANK", "0"))
 if what in ("late-listing", "unreadable") and rank == 1:
-    checkpointing.list_checkpoints = lambda output_dir: []
+    resume.list_checkpoints = lambda output_dir: []
 if what == "unreadable" and rank == 1:
-    checkpointing.checkpoint_damage = lambda checkpoint: "not on this node"
+    resume.checkpoint_damage = lambda checkpoint: "not on this node"
 if what == "slow-main" and rank == 0:
     def slow(fn):
         return lambda *args, **kwargs: (time.sleep(6), fn(*args, **kwargs))[1]

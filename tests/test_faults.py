@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import HiTGenerator
-from vqhit.checkpointing import list_checkpoints
+from vqhit.resume import list_checkpoints
 from vqhit.train_config import config_from_dict, parse_config
 from vqhit.training import Trainer
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vqhit.checkpointing import list_checkpoints
+from vqhit.resume import list_checkpoints
 from vqhit.models.quantizer import VectorQuantizer
 from vqhit.preemption import EXIT_PREEMPTED
 

@@ -34,6 +34,7 @@ from .config_values import convert_value
 from .errors import NotFoundError, UsageError
 from .files import check_output_folder
 from . import launcher
+from .resume import resolve_resume
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -408,7 +409,6 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     resume = given.get("resume")
     checkpoint = None
     if resume:
-        from .checkpointing import resolve_resume  # the checkpoint's saved config is the base of a resume
         output_dir = given.get("output_dir") or f"runs/{given.get('model') or DEFAULT_MODEL[task]}"
         checkpoint = resolve_resume(resume, Path(output_dir))  # None: --resume auto with nothing to resume
     if checkpoint is not None:

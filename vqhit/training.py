@@ -32,8 +32,8 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from . import distributed, launcher
-from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, agree_on_resume, checkpoint_step, export_model,
-                            list_checkpoints, load_checkpoint, read_state, resolve_resume, save_checkpoint)
+from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
+from .resume import CHECKPOINT_PREFIX, agree_on_resume, checkpoint_step, list_checkpoints, read_state, resolve_resume
 from .cli import naming, usable_cores
 from .data import BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset
 from .ema import EMA
