@@ -32,7 +32,7 @@ from pathlib import Path
 from .distributed import run_on_main
 from .errors import UnavailableError, UsageError
 from .files import give_default_mode, replace_folder
-from .models.pretrained import training_step
+from .models.model_card import training_step
 from .resume import (CHECKPOINT_PREFIX, STATE_FILE, checkpoint_damage, checkpoint_step, list_checkpoints,
                      read_state)
 from .train_config import save_config
