@@ -281,4 +281,6 @@ def test_an_unknown_format_or_model_is_refused_by_the_library(tmp_path):
         export.export_model(HiTGenerator.from_preset("hit-tiny"), tmp_path / "onnx", format="tflite")
     with pytest.raises(UsageError, match="takes a VQHiT tokenizer or a HiTGenerator, got a Linear"):
         export.export_model(torch.nn.Linear(2, 2), tmp_path / "onnx")
+    with pytest.raises(UsageError, match=r"the model holds torch.bfloat16 weights; export model.float\(\)"):
+        export.export_model(HiTGenerator.from_preset("hit-tiny").to(torch.bfloat16), tmp_path / "onnx")
     assert list(tmp_path.iterdir()) == []

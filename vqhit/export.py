@@ -85,17 +85,22 @@ class TokenizerDecoder(nn.Module):
 
 def graphs(model: nn.Module) -> dict:
     """{file name: (module, example input, input name, output name)} of the graphs `model` exports."""
+    if not isinstance(model, (VQHiT, HiTGenerator)):
+        raise UsageError(f"ONNX export takes a VQHiT tokenizer or a HiTGenerator, got a {type(model).__name__}")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise UsageError(f"the graphs are float32 and the model holds {', '.join(sorted(map(str, dtypes)))} weights; "
+                         f"export model.float()")
+    device = next(model.parameters()).device
     rng = torch.Generator().manual_seed(0)  # the caller's random stream is left alone
     if isinstance(model, VQHiT):
         c = model.config
         images = torch.rand(TRACE_BATCH, 3, c.resolution, c.resolution, generator=rng) * 2 - 1
         indices = torch.randint(0, c.codebook_size, (TRACE_BATCH, c.grid, c.grid), generator=rng)
-        return {"encoder.onnx": (TokenizerEncoder(model), images, "images", "indices"),
-                "decoder.onnx": (TokenizerDecoder(model), indices, "indices", "images")}
-    if isinstance(model, HiTGenerator):
-        latents = torch.randn(TRACE_BATCH, model.config.latent_dim, generator=rng)
-        return {"generator.onnx": (model, latents, "latents", "images")}
-    raise UsageError(f"ONNX export takes a VQHiT tokenizer or a HiTGenerator, got a {type(model).__name__}")
+        return {"encoder.onnx": (TokenizerEncoder(model), images.to(device), "images", "indices"),
+                "decoder.onnx": (TokenizerDecoder(model), indices.to(device), "indices", "images")}
+    latents = torch.randn(TRACE_BATCH, model.config.latent_dim, generator=rng)
+    return {"generator.onnx": (model, latents.to(device), "latents", "images")}
 
 
 def load_pretrained(path_or_id) -> nn.Module:
