@@ -14,7 +14,7 @@ pip install 'vqhit[onnx]'.
 import argparse
 
 from vqhit import cli
-from vqhit.export import FORMATS, check_export_folder, export_model, load_pretrained
+from vqhit.export import FORMATS, check_export_folder, check_format, export_model, load_pretrained
 
 
 def parse_args(argv=None):
@@ -28,6 +28,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_format(args.format)  # before loading the model: a missing package, or the folder, is found at once
     check_export_folder(args.output_dir, overwrite=args.overwrite)
     with cli.naming("--model", args.model):
         model = load_pretrained(args.model)

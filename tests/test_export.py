@@ -266,14 +266,19 @@ def test_a_model_of_another_kind_is_named(tmp_path, capsys):
     assert code == 2 and "holds a 'discriminator' model; export takes 'vqhit' or 'hit-generator' models" in err
 
 
-def test_without_the_onnx_package_the_export_says_what_to_install(tmp_path, monkeypatch):
+def test_without_the_onnx_package_the_export_says_what_to_install(folders, monkeypatch, capsys):
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    loads = []
+    monkeypatch.setattr(export, "load_pretrained", lambda path: loads.append(path))
+    code, _, err = run_export(["--model", str(folders / "model"), "--output-dir", str(folders / "onnx")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "ONNX export needs the onnx package: pip install 'vqhit[onnx]'" in err
+    assert loads == [] and not (folders / "onnx").exists()  # said before the model was loaded
     with pytest.raises(UsageError, match=r"pip install 'vqhit\[onnx\]'"):
-        export.export_model(HiTGenerator.from_preset("hit-tiny"), tmp_path / "onnx")
-    assert list(tmp_path.iterdir()) == []
+        export.export_model(HiTGenerator.from_preset("hit-tiny"), folders / "onnx")
+    assert not (folders / "onnx").exists()
 
 
 def test_an_unknown_format_or_model_is_refused_by_the_library(tmp_path):

@@ -114,6 +114,15 @@ def load_pretrained(path_or_id) -> nn.Module:
     return MODEL_CLASSES[model_type].from_pretrained(directory)
 
 
+def check_format(format: str) -> None:
+    """Refuse an unknown export format, or one whose package is not installed."""
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if importlib.util.find_spec("onnx") is None:
+        raise UnavailableError("ONNX export needs the onnx package: pip install 'vqhit[onnx]' (onnxruntime, which "
+                               "runs the graphs, comes with it)")
+
+
 def check_export_folder(folder, *, overwrite: bool = False, option: str = "--output-dir") -> Path:
     """Refuse, before any work, a folder the export cannot write: a file (or under one), a non-empty folder unless
     `overwrite`, and a folder holding files an export does not write, which replacing it would delete."""
@@ -133,14 +142,9 @@ def check_export_folder(folder, *, overwrite: bool = False, option: str = "--out
 def export_model(model: nn.Module, output_dir, *, format: str = "onnx", overwrite: bool = False) -> Path:
     """Write the graphs of a `VQHiT` or `HiTGenerator` (see the module docstring) and its config.json into
     `output_dir`, whole or not at all. Returns the folder. The model is left as it was (its modes, its weights)."""
-    if format not in FORMATS:
-        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    check_format(format)
     todo = graphs(model)
-    folder = check_export_folder(output_dir, overwrite=overwrite)
-    if importlib.util.find_spec("onnx") is None:
-        raise UnavailableError("ONNX export needs the onnx package: pip install 'vqhit[onnx]' (onnxruntime, which "
-                               "runs the graphs, comes with it)")
-    folder = folder.resolve()
+    folder = check_export_folder(output_dir, overwrite=overwrite).resolve()
     partial = folder.with_name(f".{folder.name}.partial")
     if partial.exists():  # left by an export that was killed
         shutil.rmtree(partial)
