@@ -211,7 +211,7 @@ class VectorQuantizer(nn.Module):
                 loss = loss + self.entropy_loss_weight * entropy_loss
             quantized = flat + (codes - flat).detach()  # straight-through: forward = codes, backward = identity
             # Back in the model's dtype (a .half() or bf16 model), for the projection and the decoder after it; a
-            # float32 model under autocast keeps float32, as before.
+            # float32 model under autocast keeps float32 (autocast casts where it applies).
             quantized = quantized.view(z_search.shape).to(self.embedding.weight.dtype)
             if self.out_proj is not None:
                 quantized = self.out_proj(quantized)
