@@ -26,7 +26,7 @@ from vqhit import cli
 from vqhit.distributed import process_state
 from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, write_report
 from vqhit.files import check_output_folder
-from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
+from vqhit.models.model_card import training_step, weights_sha256, weights_signature, write_model_card
 from vqhit.models.vqhit import VQHiT
 
 REPORT, PLOT = "eval_rfid.json", "codebook_usage.png"
@@ -61,9 +61,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "eval_rfid.py")
     check_output_folder(args.output_dir, [REPORT, PLOT], overwrite=args.overwrite)  # now, not after the evaluation
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
+    signature = weights_signature(args.model) if local else None  # taken first: a replacement after it is seen
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
         if local else {}
     model = cli.load_model(VQHiT, args)
@@ -79,11 +80,12 @@ def main(argv=None):
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
         print(f"codebook plot: {Path(args.output_dir) / PLOT}")
         if local and not args.no_model_card:
-            if weights_sha256(args.model) != weights["weights_sha256"]:  # e.g. a training run exported meanwhile
+            if weights_signature(args.model) != signature:  # e.g. a training run exported meanwhile
                 print(f"model card not written: {args.model}/model.safetensors changed during the evaluation; the "
                       f"figures (of the weights it held before) are in {path}")
             else:
-                print(f"model card: {write_model_card(args.model, *model_card_tables(report))}")
+                card = write_model_card(args.model, *model_card_tables(report), sha256=weights["weights_sha256"])
+                print(f"model card: {card}")
     return report
 
 
