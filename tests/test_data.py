@@ -561,3 +561,23 @@ def test_a_resume_says_when_the_folder_changed_since_the_checkpoint(tmp_path, ma
         (warning,) = batches(streaming).load_state_dict(states[streaming])
         assert warning.startswith(f"--data {tmp_path / 'images'} has changed since the checkpoint was written (then "
                                   "8 images, names ") and "now 9 images, names " in warning
+
+
+def test_a_hub_dataset_is_pinned_by_its_commit_or_offline_by_its_fingerprint(monkeypatch):
+    import huggingface_hub
+
+    downloaded = table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}.png") for i in range(3)])
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, **kwargs: downloaded)  # no network in tests
+
+    class Info:
+        sha = "0123abcd"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, hub_id, **kwargs: Info())
+    assert build_dataset(DataConfig(source="someone/photos", resolution=8)).revision == "commit 0123abcd"
+
+    def offline(self, hub_id, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert build_dataset(DataConfig(source="someone/photos", resolution=8)).revision == \
+        f"fingerprint {downloaded._fingerprint}"
