@@ -143,6 +143,18 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's module tracker: every FLOP counts in "Global" only."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 def count_flops(fn) -> tuple[int, list[str]]:
     """FLOPs of `fn()` as FlopCounterMode counts them (2 per multiply-add of matmuls, convolutions and
     attention; elementwise work is not counted), and the attention kernels it called.
@@ -150,6 +162,10 @@ def count_flops(fn) -> tuple[int, list[str]]:
     Run it on the meta device to count without computing: shapes are all the counter needs.
     """
     counter = FlopCounterMode(display=False)
+    if hasattr(counter, "mod_tracker"):
+        # Its per-module attribution (unused here) hooks the modules' tensors in a way that autograd.grad refuses,
+        # so a training step with R1's gradient penalty could not be counted; the totals do not need it.
+        counter.mod_tracker = _NoModuleTracking()
     with counter:
         fn()
     ops = counter.get_flop_counts().get("Global", {})

@@ -34,26 +34,25 @@ import tempfile
 
 import torch
 
-from common import (base_parser, format_table, load_average, machine, peak_memory_gb, setup, time_calls,
-                    write_json)
+from common import (base_parser, count_flops, format_table, load_average, machine, peak_memory_gb, setup,
+                    time_calls, write_json)
 
 from vqhit import HiTGenerator, list_presets
-from vqhit.train_config import resolve_config
-from vqhit.training import Trainer
 from vqhit.losses import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from vqhit.models.discriminator import Discriminator
 from vqhit.precision import autocast
 
 
-def build(name: str, checkpoint_mlp: bool, channel_multiplier: int | None, device):
+def build(name: str, checkpoint_mlp: bool, channel_multiplier: int | None, device, max_channels: int = 512):
     G = HiTGenerator.from_preset(name, checkpoint_mlp=checkpoint_mlp).to(device).train()
     r = G.config.resolution
     # The paper's D: channel multiplier 2 for its face models (256, 1024), 1 for ImageNet 128.
-    D = Discriminator(r, channel_multiplier or (1 if r <= 128 else 2)).to(device).train()
+    D = Discriminator(r, channel_multiplier or (1 if r <= 128 else 2), max_channels=max_channels).to(device).train()
     return G, D
 
 
 def make_step(G, D, batch: int, precision: str, device):
+    """One GAN step of G and D as a function; each call returns its (G loss, D loss), detached, on the device."""
     opt_g = torch.optim.Adam(G.parameters(), lr=5e-5, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(D.parameters(), lr=5e-5, betas=(0.0, 0.99))
     r = G.config.resolution
@@ -79,6 +78,7 @@ def make_step(G, D, batch: int, precision: str, device):
         d_loss.backward()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
+        return g_loss.detach(), d_loss.detach()
 
     return step
 
@@ -131,38 +131,61 @@ TOKENIZER = "vqhit-b-f16-1024"
 TOKENIZER_DECODERS = {"hit": {}, "conv": {"decoder": "conv"}}  # conv = the vqgan-f16-1024 preset
 
 
-def tokenizer_step(decoder: str, batch: int, precision: str, threads: int | None, repeats: int,
-                   min_repeat_s: float) -> dict:
-    """Times `Trainer.train_step` of the tokenizer recipe with `decoder`, with R1 and without; run in a fresh
-    process so that its peak memory is this trainer's alone."""
+def trainer_step(task: str, model: str, model_options: dict, batch: int, precision: str, threads: int | None,
+                 repeats: int, min_repeat_s: float, count_flops_too: bool = False) -> dict:
+    """Times `Trainer.train_step` of `model`'s recipe (`task` "gan" or "vqhit"), with R1 and without, in interleaved
+    rounds. The perceptual VGG, if the recipe has one, has random weights. With `count_flops_too`, the warm-up of the
+    step with R1 runs under a FLOP counter and the result holds `flops` (per step) and the attention kernels."""
+    # Imported here, not at the top: the GPU check imports this module on machines that may lack Accelerate.
+    from vqhit.train_config import resolve_config
+    from vqhit.training import Trainer
+
+    counted, given = {}, {}
     if threads:
         torch.set_num_threads(threads)
+        given["cpu_threads"] = threads  # else a CPU recipe's own thread count would replace it
     with tempfile.TemporaryDirectory() as output_dir:
-        config = resolve_config({"model": TOKENIZER, "model_options": TOKENIZER_DECODERS[decoder],
+        config = resolve_config({"model": model, "model_options": model_options,
                                  "batch_size": batch, "num_workers": 0, "max_images": batch, "num_samples": batch,
                                  "perceptual_pretrained": False, "precision": precision,
-                                 "output_dir": output_dir}, "vqhit")
-        trainer = Trainer(config, "vqhit")
-        device = trainer.accelerator.device
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        real = torch.rand(batch, 3, model.config.resolution, model.config.resolution, device=device) * 2 - 1
+                                 "output_dir": output_dir, **given}, task)
+        trainer = Trainer(config, task)
+        try:
+            device = trainer.accelerator.device
+            net = trainer.accelerator.unwrap_model(trainer.model)
+            real = torch.rand(batch, 3, net.config.resolution, net.config.resolution, device=device) * 2 - 1
+            config_r1 = trainer.config.r1_weight
 
-        def without_r1():
-            trainer.config.r1_weight = 0.0
-            try:
-                trainer.train_step(real)
-            finally:
-                trainer.config.r1_weight = config_r1
+            def without_r1():
+                trainer.config.r1_weight = 0.0
+                try:
+                    trainer.train_step(real)
+                finally:
+                    trainer.config.r1_weight = config_r1
 
-        config_r1 = trainer.config.r1_weight
-        timings = time_calls({"with R1": lambda: trainer.train_step(real), "without R1": without_r1}, device,
-                             repeats, min_repeat_s)
-        trainer.folder.unlock()
+            def counted_with_r1():
+                counted["flops"], counted["sdpa"] = count_flops(lambda: trainer.train_step(real))
+
+            timings = time_calls({"with R1": lambda: trainer.train_step(real), "without R1": without_r1}, device,
+                                 repeats, min_repeat_s, {"with R1": counted_with_r1} if count_flops_too else None)
+        finally:
+            trainer.folder.unlock()
     peak = peak_memory_gb(device)
     if peak is None:  # CPU: the peak resident set of this process (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"timings": timings, "peak_gb": peak, "peak_kind": "allocator" if device.type == "cuda" else "process RSS",
-            "decoder_params": model.num_parameters(model.decoder), "threads": torch.get_num_threads()}
+            "params": net.num_parameters(),
+            "decoder_params": net.num_parameters(net.decoder) if hasattr(net, "decoder") else None,
+            "threads": torch.get_num_threads(), "bcr_weight": config.bcr_weight, **counted}
+
+
+def tokenizer_step(decoder: str, batch: int, precision: str, threads: int | None, repeats: int,
+                   min_repeat_s: float) -> dict:
+    """`trainer_step` of the tokenizer recipe with `decoder`; run in a fresh process so that its peak memory is this
+    trainer's alone."""
+    result = trainer_step("vqhit", TOKENIZER, TOKENIZER_DECODERS[decoder], batch, precision, threads, repeats,
+                          min_repeat_s)
+    return {key: result[key] for key in ("timings", "peak_gb", "peak_kind", "decoder_params", "threads")}
 
 
 def main(argv=None) -> dict:

@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "decode.py")
     check_output_folder(args.output_dir)
     model = cli.load_model(VQHiT, args)
     written = decode_tokens(model, args.tokens, args.output_dir, batch_size=args.batch_size, name_by=args.name_by,

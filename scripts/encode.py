@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "encode.py")
     check_output_folder(args.output_dir)
     model = cli.load_model(VQHiT, args)
     label_column = None if args.label_column.lower() == "none" else args.label_column

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "eval_gan.py")
     out = Path(args.output_dir)
     outputs = ["eval_gan.json", *["samples.png"] * (args.grid_size > 0),
                *["interpolation.png"] * (args.interp_rows > 0)]

@@ -26,7 +26,7 @@ from vqhit import cli
 from vqhit.distributed import process_state
 from vqhit.evaluation import evaluate_tokenizer, flatten, format_report, write_report
 from vqhit.files import check_output_folder
-from vqhit.models.pretrained import training_step, weights_sha256, write_model_card
+from vqhit.models.model_card import training_step, weights_sha256, weights_signature, write_model_card
 from vqhit.models.vqhit import VQHiT
 
 REPORT = "eval_rfid.json"
@@ -59,9 +59,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = cli.with_launcher_settings(parse_args(argv), "eval_rfid.py")
     check_output_folder(args.output_dir, [REPORT], overwrite=args.overwrite)  # now, not after the evaluation
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
+    signature = weights_signature(args.model) if local else None  # taken first: a replacement after it is seen
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
         if local else {}
     model = cli.load_model(VQHiT, args)
@@ -75,11 +76,12 @@ def main(argv=None):
         path = write_report(report, Path(args.output_dir) / REPORT)
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
         if local and not args.no_model_card:
-            if weights_sha256(args.model) != weights["weights_sha256"]:  # e.g. a training run exported meanwhile
+            if weights_signature(args.model) != signature:  # e.g. a training run exported meanwhile
                 print(f"model card not written: {args.model}/model.safetensors changed during the evaluation; the "
                       f"figures (of the weights it held before) are in {path}")
             else:
-                print(f"model card: {write_model_card(args.model, *model_card_tables(report))}")
+                card = write_model_card(args.model, *model_card_tables(report), sha256=weights["weights_sha256"])
+                print(f"model card: {card}")
     return report
 
 

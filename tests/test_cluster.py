@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import free_port
-from vqhit.checkpointing import list_checkpoints
 from vqhit.data import DataConfig, TrainingBatches, build_dataloader, build_dataset, from_hf_dataset
 from vqhit.preemption import EXIT_PREEMPTED
+from vqhit.resume import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_gan.py")
@@ -222,6 +222,67 @@ def test_resuming_with_another_number_of_processes_continues_the_epoch_at_the_sa
     assert positions(8) == [(3, 4)] * 2
 
 
+# -- what one node sees, and main-process work ----------------------------------------------------------------------
+# Runs a script with one thing changed on one rank: a node whose directory listing is late (it sees no checkpoint),
+# one that cannot read the main process's checkpoint either, or a main process whose export and held-out report are
+# slow.
+PATCHED = r"""
+import os, runpy, sys, time
+import vqhit.checkpointing as checkpointing, vqhit.resume as resume, vqhit.training as training
+what, rank = sys.argv[1], int(os.environ.get("RANK", "0"))
+if what in ("late-listing", "unreadable") and rank == 1:
+    resume.list_checkpoints = lambda output_dir: []
+if what == "unreadable" and rank == 1:
+    resume.checkpoint_damage = lambda checkpoint: "not on this node"
+if what == "slow-main" and rank == 0:
+    def slow(fn):
+        return lambda *args, **kwargs: (time.sleep(6), fn(*args, **kwargs))[1]
+    checkpointing.export_model = slow(checkpointing.export_model)
+    training.heldout_report = slow(training.heldout_report)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_patched(what: str, script: str, args: list[str], world: int = 2) -> list[tuple[int, str]]:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", PATCHED, what, script, *args],
+                              env=env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+def test_every_rank_resumes_the_main_process_checkpoint_or_all_stop_in_one_line(tmp_path):
+    straight, late = tmp_path / "straight", tmp_path / "late"
+    assert [status for status, _ in run(straight, 6, world=2)] == [0, 0]
+    assert [status for status, _ in run(late, 4, world=2)] == [0, 0]
+    args = [*ARGS, "--steps", "6", "--output-dir", str(late)]
+    # rank 1's listing is late: it would start afresh, the main process resumes checkpoint-4; rank 1 sees it, follows
+    results = run_patched("late-listing", SCRIPT, args)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:]
+    assert_same_run(straight, late, 6)
+    # a node that cannot read the checkpoint (its own --output-dir): every process stops, one line says why
+    results = run_patched("unreadable", SCRIPT, [*ARGS, "--steps", "8", "--output-dir", str(late)])
+    assert [status for status, _ in results] == [2, 2]
+    assert "error: process 1 cannot read" in results[0][1] and "every node shares" in results[0][1]
+    assert "Traceback" not in results[0][1] + results[1][1]
+    assert list_checkpoints(late)[-1].name == "checkpoint-6"  # nothing trained
+
+
+def test_slow_main_process_work_does_not_trip_the_collective_timeout(tmp_path):
+    # The main process's export and held-out report take longer than --collective-timeout: the other process waits
+    # for them outside any collective.
+    out = tmp_path / "run"
+    args = ["--model", "vqhit-tiny", "--num-workers", "0", "--max-images", "8", "--batch-size", "2", "--steps", "2",
+            "--sample-every", "1000", "--disc-max-channels", "32", "--perceptual", "none", "--collective-timeout", "3",
+            "--heldout-data", "builtin:photos-heldout", "--output-dir", str(out)]
+    results = run_patched("slow-main", str(ROOT / "scripts" / "train_vqhit.py"), args)
+    assert [status for status, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "generalisation gap" in results[0][1] and (out / "model" / "model.safetensors").exists()
+
+
 # -- elastic restarts and a hung process ----------------------------------------------------------------------------
 DRIVER = r"""
 import os, signal, sys, time
@@ -269,23 +330,78 @@ def test_torchrun_restarts_a_killed_worker_from_the_newest_checkpoint(tmp_path):
     assert sorted(logged_steps(killed)) == [1, 2, 3, 4, 5]
 
 
-def test_a_multi_node_run_that_torchrun_may_restart_is_told_to_give_each_attempt_its_own_store(monkeypatch):
-    from vqhit.distributed import elastic_restart_warning
+# Two nodes on this machine: two torchrun agents meeting at a c10d rendezvous on localhost, one worker each. The
+# driver kills rank 1 once (a marker file), whichever node and attempt holds it.
+NODE_DRIVER = r"""
+import os, signal, sys
+from vqhit import cli
+from vqhit.train_config import parse_config
+from vqhit.training import Trainer
+kill_step = int(sys.argv[1])
+def main(argv):
+    trainer = Trainer(parse_config(argv, "test", "gan"), "gan")
+    step = trainer.train_step
+    marker = os.path.join(trainer.config.output_dir, "killed-once")
+    def train_step(real):
+        if trainer.state.step == kill_step and trainer.accelerator.process_index == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(real)
+    trainer.train_step = train_step
+    trainer.fit()
+cli.run(main, sys.argv[2:])
+"""
 
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")  # 4 nodes: their restart counts can differ
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in elastic_restart_warning()
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: its restarts get their own keys (the test above)
-    assert elastic_restart_warning() is None
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # never restarted
-    assert elastic_restart_warning() is None
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 was set
-    assert elastic_restart_warning() is None
+
+def start_two_nodes(out: Path, steps: int, kill_step=-1, share_store=False, restarts=1,
+                    checkpoint_every=2) -> list[subprocess.Popen]:
+    port = free_port()
+    extra = {} if share_store else {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # what docs/cluster.md exports
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--max-restarts", str(restarts),
+           "--no-python", sys.executable, "-c", NODE_DRIVER, str(kill_step), *ARGS, "--steps", str(steps),
+           "--output-dir", str(out), "--checkpoint-every", str(checkpoint_every), "--collective-timeout", "60"]
+    return [subprocess.Popen(cmd, env=env(**extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
 
 
+def finish(nodes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(node.wait(timeout=600), node.stdout.read()) for node in nodes]
+
+
+def test_two_nodes_survive_a_killed_worker_bit_exact_and_refuse_a_shared_store(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert torchrun(straight, 5).returncode == 0  # two processes on one node: the reference
+    results = finish(start_two_nodes(killed, 5, kill_step=3))
+    assert [status for status, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert (killed / "killed-once").exists() and "resuming" in results[0][1] + results[1][1]
+    assert_same_run(straight, killed, 5)
+    assert sorted(logged_steps(killed)) == [1, 2, 3, 4, 5]
+    # Without the exported variable, torchrun's one store for every attempt would fail the restart: the first start
+    # is refused in one line, before anything is written.
+    refused = finish(start_two_nodes(tmp_path / "refused", 5, share_store=True))
+    assert all(status != 0 for status, _ in refused)
+    assert "error: torchrun may restart this run on several nodes" in refused[0][1] + refused[1][1]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in refused[0][1] + refused[1][1]
+    assert not list_checkpoints(tmp_path / "refused")
+
+
+def test_two_nodes_stopped_by_sigterm_continue_bit_exact_with_the_same_command(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert torchrun(straight, 5, extra=("--checkpoint-every", "1000")).returncode == 0
+    nodes = start_two_nodes(stopped, 5, checkpoint_every=1000)
+    deadline = time.time() + 300
+    while not logged_steps(stopped) or max(logged_steps(stopped)) < 2:
+        assert time.time() < deadline and all(node.poll() is None for node in nodes), "the run ended before the signal"
+        time.sleep(0.05)
+    for node in nodes:  # the scheduler's SIGTERM to every node's launcher, which forwards it to its worker
+        node.send_signal(signal.SIGTERM)
+    results = finish(nodes)
+    (checkpoint,) = list_checkpoints(stopped)  # one checkpoint, at the step reached, then the run stopped
+    assert 2 <= int(checkpoint.name.split("-")[1]) < 5, results
+    assert "stopped at step" in results[0][1] + results[1][1]
+    assert [status for status, _ in finish(start_two_nodes(stopped, 5, checkpoint_every=1000))] == [0, 0]
+    assert_same_run(straight, stopped, 5)
 def test_a_hung_process_does_not_hang_the_others(tmp_path):
     started = time.time()
     # rank 1 hangs for 10 minutes inside step 2 (no stop signals: torchrun's SIGTERM then ends it at once)

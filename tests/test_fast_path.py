@@ -12,7 +12,7 @@ from torch import nn
 
 from vqhit import HiTConfig, HiTGenerator, VQHiT
 from vqhit.models import attention, inference
-from vqhit.models.hit import MLPBlock
+from vqhit.models.layers import MLPBlock
 
 
 def twin_generators():

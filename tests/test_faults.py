@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqhit import HiTGenerator
-from vqhit.checkpointing import list_checkpoints
+from vqhit.resume import list_checkpoints
 from vqhit.train_config import config_from_dict, parse_config
 from vqhit.training import Trainer
 
@@ -120,24 +120,47 @@ def test_a_stop_signal_while_the_run_starts_stops_it_after_its_first_step(tmp_pa
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
 
 
-def test_damaged_random_state_or_weights_refuse_to_resume(tmp_path):
+def test_a_damaged_checkpoint_named_by_its_path_is_refused_naming_the_damage(tmp_path):
     run = tmp_path / "run"
     trainer(run, steps=2, checkpoint_every=1).fit()
     rng_file = run / "checkpoint-2" / "random_states_0.pkl"
-    rng_file.write_bytes(rng_file.read_bytes()[:20])
+    size = rng_file.stat().st_size
+    rng_file.write_bytes(rng_file.read_bytes()[:20])  # cut short: found by its size, before anything is read
+    with pytest.raises(ValueError, match=rf"--resume .*checkpoint-2: the checkpoint is damaged \(random_states_0.pkl "
+                                         rf"has 20 bytes, {size} were written\); resume an earlier one"):
+        trainer(run, steps=3, resume=str(run / "checkpoint-2"))
+    rng_file.write_bytes(bytes(size))  # the right size, wrong bytes: found when read
     with pytest.raises(ValueError, match="random_states_0.pkl is missing or damaged.*checkpoint-"):
-        trainer(run, steps=3, resume="latest").fit()
-    rng_file.unlink()
-    with pytest.raises(ValueError, match="random_states_0.pkl is missing or damaged"):
-        trainer(run, steps=3, resume="latest").fit()
+        trainer(run, steps=3, resume=str(run / "checkpoint-2")).fit()
     weights_file = run / "checkpoint-1" / "model.safetensors"
-    weights_file.write_bytes(weights_file.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: a file in it is damaged"):
-        trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
+    weights_file.write_bytes(b"\xff" * weights_file.stat().st_size)  # a header that cannot be read
+    with pytest.raises(ValueError, match="checkpoint-1: the checkpoint is damaged \(model.safetensors is not a "
+                                         "readable safetensors file\)"):
+        trainer(run, steps=3, resume=str(run / "checkpoint-1"))
     weights_file.unlink()  # named, rather than the file Accelerate would look for next (pytorch_model.bin)
-    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-1: it is incomplete, model.safetensors "
-                                         "missing; resume from an earlier checkpoint"):
-        trainer(run, steps=3, checkpoint_every=1, resume=str(run / "checkpoint-1")).fit()
+    with pytest.raises(ValueError, match="checkpoint-1: the checkpoint is damaged \(model.safetensors is missing\)"):
+        trainer(run, steps=3, resume=str(run / "checkpoint-1"))
+
+
+def test_resume_auto_passes_over_damaged_checkpoints_to_the_newest_intact_one(tmp_path, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    trainer(straight, steps=4).fit()
+    trainer(run, steps=4, checkpoint_every=2).fit()
+    weights_file = run / "checkpoint-4" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:len(weights_file.read_bytes()) // 2])  # a partial copy
+    resumed = trainer(run, steps=4, checkpoint_every=2, resume="auto")
+    assert resumed.resume_path == run / "checkpoint-2"
+    assert "checkpoint-4 is damaged (model.safetensors has" in capsys.readouterr().out
+    (aside,) = run.glob("damaged-checkpoint-4-*")  # kept for a look, out of the way of pruning and --resume
+    assert (aside / "train_state.json").exists()
+    resumed.fit()
+    assert_same(load_file(str(run / "model" / "model.safetensors")),
+                load_file(str(straight / "model" / "model.safetensors")))  # as if never damaged
+    for checkpoint in list_checkpoints(run):  # every checkpoint damaged: refused, never started from scratch
+        (checkpoint / "model_1.safetensors").unlink()
+    with pytest.raises(ValueError, match="--resume auto: every checkpoint in .*run is damaged \(checkpoint-4: "
+                                         "model_1.safetensors is missing; checkpoint-2: .*--overwrite"):
+        trainer(run, steps=4, resume="auto")
 
 
 def test_resume_with_another_architecture_names_both(tmp_path):
@@ -389,3 +412,36 @@ def test_checkpoints_and_exports_are_flushed_to_disk_before_and_after_their_rena
         else:
             assert src in before, f"{src} not flushed before its rename"
         assert str(Path(dst).parent) in after, f"{Path(dst).parent} not flushed after renaming {dst}"
+
+
+def test_an_output_folder_without_locks_warns_and_a_held_lock_says_how_to_clear_a_dead_one(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from vqhit.checkpointing import OutputFolder
+
+    first = OutputFolder(tmp_path / "run")
+    first.lock()
+    with pytest.raises(ValueError, match=r"being written by another run \(pid \d+ on .*\).*If that run is dead.*"
+                                         r"delete .*run/.lock to go on at once"):
+        OutputFolder(tmp_path / "run").lock()
+    first.unlock()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a Lustre mount without -o flock
+    folder = OutputFolder(tmp_path / "lustre")
+    with pytest.warns(UserWarning, match="cannot be locked \\(No locks available\\).*Lustre: -o flock"):
+        folder.lock()
+    folder.unlock()
+
+
+def test_preparing_a_folder_removes_only_the_temporaries_a_run_writes(tmp_path):
+    from vqhit.checkpointing import OutputFolder
+
+    run = tmp_path / "run"
+    for name in (".checkpoint-3.tmp", ".model.tmp", ".checkpoint-2.replaced", ".cache.tmp", ".my-notes.tmp"):
+        (run / name).mkdir(parents=True)
+    OutputFolder(run).prepare(None, overwrite=False)
+    assert sorted(p.name for p in run.iterdir()) == [".cache.tmp", ".my-notes.tmp"]  # the user's are kept

@@ -4,6 +4,8 @@ import ast
 import fnmatch
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -14,7 +16,7 @@ import vqhit.presets
 from vqhit import HiTConfig, HiTGenerator, VQHiT, VQHiTConfig
 from vqhit.downloads import local_or_hub
 from vqhit.models import pretrained
-from vqhit.models.pretrained import write_model_card
+from vqhit.models.model_card import write_model_card
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +361,22 @@ def test_push_to_hub_uploads_the_folders_evaluated_model_card(tmp_path, hub):
     assert "VQHiT.from_pretrained" in card and "rFID" not in card
     assert hub[-1]["files"]["model.safetensors"] != (folder / "model.safetensors").read_bytes()
     assert "| rFID | 6.371 |" in (folder / "README.md").read_text()  # the folder itself is left alone
+
+
+def test_the_weights_hash_follows_the_content_not_the_files_bytes(tmp_path):
+    # safetensors writes its metadata map in an arbitrary order (per process): the same weights saved by several
+    # processes can differ in their bytes, never in the hash that names them on a model card
+    from vqhit.models.model_card import weights_sha256
+
+    model = HiTGenerator.from_preset("hit-tiny")
+    model.save_pretrained(tmp_path / "model", training_step=7)
+    code = ("import sys, torch; from vqhit import HiTGenerator; m = HiTGenerator.from_pretrained(sys.argv[1]); "
+            "m.save_pretrained(sys.argv[2], training_step=7)")
+    folders = [tmp_path / f"saved-{i}" for i in range(4)]
+    for folder in folders:
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "model"), str(folder)], check=True, timeout=300)
+    hashes = {weights_sha256(folder) for folder in [tmp_path / "model", *folders]}
+    assert len(hashes) == 1
+    other = HiTGenerator.from_preset("hit-tiny")  # other weights: another hash
+    other.save_pretrained(tmp_path / "other", training_step=7)
+    assert weights_sha256(tmp_path / "other") not in hashes

@@ -26,74 +26,21 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
-import torch
-
+from .distributed import run_on_main
 from .errors import UnavailableError, UsageError
 from .files import give_default_mode, replace_folder
-from .models.pretrained import training_step
+from .models.model_card import training_step
+from .resume import (CHECKPOINT_PREFIX, STATE_FILE, checkpoint_damage, checkpoint_step, list_checkpoints,
+                     read_state)
 from .train_config import save_config
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "train_state.json"  # written last into a checkpoint: what a resume reads first
 LOCK_FILE = ".lock"
+# The temporary folders a run writes into its output folder (`save_checkpoint`, `export_model`, `replace_folder`).
+RUN_TEMPORARIES = (f".{CHECKPOINT_PREFIX}*.tmp", ".model.tmp", f".{CHECKPOINT_PREFIX}*.replaced", ".model.replaced")
 RUN_OUTPUTS = ("model", "samples", "tensorboard", "train_config.yaml", "logs.jsonl")  # what --overwrite deletes besides checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    name = Path(path).name
-    suffix = name[len(CHECKPOINT_PREFIX):]
-    return int(suffix) if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints of a run folder, oldest first."""
-    found = [p for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if checkpoint_step(p) is not None and p.is_dir()]
-    return sorted(found, key=checkpoint_step)
-
-
-def read_state(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-        return state
-    except FileNotFoundError:
-        raise UsageError(f"{checkpoint} is not a checkpoint written by this trainer (no {STATE_FILE}); pass a "
-                         f"{CHECKPOINT_PREFIX}N folder or --resume latest") from None
-    except ValueError as e:
-        raise UsageError(f"{path} is damaged ({e}); resume from an earlier {CHECKPOINT_PREFIX}N folder") from None
-
-
-RESUME_CHOICES = ("auto", "latest")  # besides a checkpoint folder's path
-
-
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint folder that `--resume auto|latest|PATH` names (None for a fresh run).
-
-    `auto` is the one command line for a first start and every restart (a job script, a requeue, an elastic
-    restart): the newest checkpoint of `output_dir` when there is one, else a fresh start.
-    """
-    if resume is None:
-        return None
-    output_dir = Path(output_dir)
-    if resume in RESUME_CHOICES:
-        found = list_checkpoints(output_dir) if output_dir.is_dir() else []
-        if found or resume == "auto":
-            return found[-1] if found else None
-        if not output_dir.is_dir():
-            raise UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
-                             f"continue, or --resume auto to start fresh when there is nothing to continue")
-        raise UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
-                         f"stopped before its first checkpoint); start it again without --resume, or use "
-                         f"--resume auto")
-    path = Path(resume)
-    if not path.is_dir():
-        raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder, 'auto' or 'latest'")
-    read_state(path)  # a clear error for a folder that is not a checkpoint
-    return path
 
 
 class OutputFolder:
@@ -104,6 +51,8 @@ class OutputFolder:
         self._lock_fd = None
 
     def lock(self) -> None:
+        """Take the folder's lock, or stop naming the run that holds it. A file system without locks (some Lustre
+        and NFS mounts) gets a warning instead: the run goes on, unprotected from a second run into the folder."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -111,8 +60,14 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to "
-                                   f"finish, or choose another --output-dir") from None
+            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
+                                   f"or choose another --output-dir. If that run is dead (its node went down), the "
+                                   f"file server releases its lock after a while; delete {self.path / LOCK_FILE} "
+                                   f"to go on at once") from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this file system
+            warnings.warn(f"{self.path} cannot be locked ({err.strerror}): a second run started into the same "
+                          "--output-dir would not be stopped; mount the file system with locks (Lustre: -o flock) to "
+                          "be protected", stacklevel=2)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -120,7 +75,10 @@ class OutputFolder:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            except OSError:  # never locked: a file system without locks (see `lock`)
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -130,9 +88,10 @@ class OutputFolder:
     def prepare(self, resume_from: Path | None, overwrite: bool) -> list[str]:
         """Make the folder ready for a fresh run or a resume; returns what it did, as messages for the log."""
         done = []
-        for stale in [*self.path.glob(".*.tmp"), *self.path.glob(".*.replaced")]:
-            if stale.is_dir():  # what a kill during a checkpoint write or the first export left behind
-                shutil.rmtree(stale)
+        for name in RUN_TEMPORARIES:  # what a kill during a checkpoint write or an export left behind; nothing else
+            for stale in self.path.glob(name):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
         checkpoints = list_checkpoints(self.path)
         if resume_from is None:
             used = [p.name for p in checkpoints] + (["model/"] if (self.path / "model").exists() else [])
@@ -153,6 +112,13 @@ class OutputFolder:
         # superseded-* one). Moved aside untouched, with the log as it was, so that pruning and the log see only
         # this lineage and nothing is lost.
         own = resume_from.resolve().parent == self.path.resolve()
+        for p in [p for p in checkpoints if own and checkpoint_step(p) > resume_step]:
+            why = checkpoint_damage(p)
+            if why is not None:  # passed over by --resume auto|latest: kept for a look, out of the lineage
+                aside = self.path / f"damaged-{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(p, aside)
+                checkpoints.remove(p)
+                done.append(f"{p.name} is damaged ({why}): moved to {aside.name}; resuming {resume_from.name}")
         other = [p for p in checkpoints if checkpoint_step(p) > resume_step or not own]
         if not own and (self.path / "model").exists():
             other.append(self.path / "model")
@@ -197,18 +163,23 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, *, ema_model, conf
     accelerator.save_state(str(tmp))
     (tmp / data_state_file(accelerator.process_index)).write_text(json.dumps(data_state) + "\n")
     accelerator.wait_for_everyone()  # every part is written before the folder is renamed
-    if accelerator.is_main_process:
-        ema_model.save_pretrained(tmp / "ema", training_step=step)
-        save_config(config, tmp / "train_config.yaml")
-        give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
-        # The files of every process, listed: a resume names one that went missing instead of failing in a library.
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        (tmp / STATE_FILE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")  # last: complete
-        replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
-        folder.prune(config.keep_checkpoints)
-        export_model(ema_model, output_dir, step)
-    accelerator.wait_for_everyone()
+    run_on_main(_complete_checkpoint, tmp, final, step, ema_model, config, train_state, folder, output_dir)
     return final
+
+
+def _complete_checkpoint(tmp: Path, final: Path, step: int, ema_model, config, train_state: dict,
+                         folder: OutputFolder, output_dir: Path) -> None:
+    """The main process's part of a checkpoint: the EMA model, the config, the list of files, the rename; then
+    pruning and the export. The other processes wait for it without a deadline (`run_on_main`)."""
+    ema_model.save_pretrained(tmp / "ema", training_step=step)
+    save_config(config, tmp / "train_config.yaml")
+    give_default_mode(tmp)  # Accelerate writes its safetensors files private (0600); ours follow the umask
+    # The files of every process, with their sizes: a resume names one that went missing or was cut short.
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / STATE_FILE).write_text(json.dumps({**train_state, "files": files}, indent=2) + "\n")  # last: complete
+    replace_folder(tmp, final)  # a kill before this leaves only a .tmp folder, never a half checkpoint
+    folder.prune(config.keep_checkpoints)
+    export_model(ema_model, output_dir, step)
 
 
 def export_model(model, output_dir: Path, step: int) -> Path:
@@ -230,18 +201,20 @@ def export_model(model, output_dir: Path, step: int) -> Path:
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
     """Load a checkpoint into the prepared objects of `accelerator`; returns (train_state.json, this process's data
     position or None when the checkpoint was written by another number of processes)."""
+    from accelerate.utils import load  # Accelerate's own reader of its RNG files
+
     saved = read_state(path)
     rank = accelerator.process_index
     same_processes = saved.get("num_processes", accelerator.num_processes) == accelerator.num_processes
     if same_processes:
         rng_file = path / f"random_states_{rank}.pkl"
-        try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first
-            torch.load(rng_file, weights_only=False)
+        try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first, as it reads
+            load(rng_file)  # it (weights only, no pickled code)
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
                              f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
                 from None
-    missing = [name for name in saved.get("files", []) if not (path / name).is_file()]  # older checkpoints list none
+    missing = [name for name in saved.get("files", {}) if not (path / name).is_file()]
     if missing:
         raise UsageError(f"cannot resume from {path}: it is incomplete, {', '.join(missing[:3])}"
                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; resume from an "

@@ -132,9 +132,24 @@ def add_run_options(parser: argparse.ArgumentParser, *, batch_size: int, batch_o
                             "worker processes per process (default: %(default)s here: up to 4, one fewer than the "
                             "cores)")
     if precision_note is not None:
-        parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help=f"fp32, or bf16 autocast "
-                            f"{precision_note} (default: %(default)s)")
+        parser.add_argument("--precision", default=None, choices=PRECISIONS, help=f"fp32, or bf16 autocast "
+                            f"{precision_note} (default: fp32, or bf16 when launched with accelerate's mixed "
+                            "precision bf16)")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar")
+
+
+def with_launcher_settings(args: argparse.Namespace, script: str) -> argparse.Namespace:
+    """`args` with --precision settled against what `accelerate launch` asks for (`vqhit.launcher`): the launcher's
+    bf16 becomes --precision bf16 where the script offers it, and is refused where it does not."""
+    from . import launcher
+
+    precision = launcher.script_precision(getattr(args, "precision", None), script)
+    if hasattr(args, "precision"):
+        args.precision = precision
+    elif precision != "fp32":
+        raise UsageError(f"the launcher asks for mixed precision {precision}, and {script} runs in fp32 only; launch "
+                         "it with --mixed_precision no")
+    return args
 
 
 def add_inception_weights_option(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,9 @@ candidates came from rank 0's images only. With it off:
 """
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -40,8 +42,8 @@ if TYPE_CHECKING:
     from accelerate import PartialState
 
 __all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
-           "all_gather_cat", "broadcast_", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
-           "init_restarted_process_group", "elastic_restart_warning", "average_batchnorm_stats_", "process_state",
+           "all_gather_cat", "all_gather_objects", "broadcast_", "run_on_main", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
+           "init_restarted_process_group", "check_elastic_launch", "average_batchnorm_stats_", "process_state",
            "state_and_device"]
 
 
@@ -156,6 +158,61 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return _in_place(tensor, lambda buffer: dist.broadcast(buffer, src=src))
 
 
+def all_gather_objects(value) -> list:
+    """Every process's picklable `value`, in rank order (`[value]` in a single process)."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+MAIN_WORK_ACK_SECONDS = 300
+_main_work = itertools.count()  # every process numbers its `run_on_main` calls alike: they are called in one order
+
+
+def run_on_main(fn, *args):
+    """`fn(*args)` on the main process (rank 0), while the others wait for it without a deadline; returns what `fn`
+    returns on the main process, None on the others.
+
+    Work only the main process does (deleting an earlier run, an export, a held-out report) can take longer than
+    `--collective-timeout`, which bounds the wait in a collective and so would end the processes that wait for it.
+    They wait instead by polling a key of the process group's store, which the main process sets when done. If the
+    main process dies, the store (hosted by the main process, or by torchrun's agent, which then ends the group)
+    stops answering and they fail at once. If `fn` raises on the main process, every other process raises too: a
+    UsageError (the main process prints the user's mistake) or a RuntimeError.
+    """
+    if not is_distributed():
+        return fn(*args)
+    key = f"vqhit/main-work-{next(_main_work)}"
+    store = dist.distributed_c10d._get_default_store()
+    if rank() == 0:
+        outcome = "error"
+        try:
+            result = fn(*args)
+            outcome = "done"
+            return result
+        except UsageError:
+            outcome = "usage"
+            raise
+        finally:
+            store.set(key, outcome)
+            # The store lives in this process: stay until every other process has read the outcome (they poll, so
+            # within moments; one that died is not waited for past MAIN_WORK_ACK_SECONDS).
+            deadline = time.monotonic() + MAIN_WORK_ACK_SECONDS
+            while store.add(f"{key}/read", 0) < world_size() - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    while not store.check([key]):
+        time.sleep(0.05)
+    outcome = store.get(key).decode()
+    store.add(f"{key}/read", 1)
+    if outcome == "usage":  # the user's mistake, which the main process reports: these stop without a traceback
+        raise UsageError("the main process stopped on the user's error above; this process stops too")
+    if outcome != "done":
+        raise RuntimeError("the main process failed (its error is above); this process stops too")
+    return None
+
+
 def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:
     """Mean over processes of every scalar of `values` (floats or one-element tensors), as Python floats.
 
@@ -206,7 +263,10 @@ def process_group_kwargs(timeout_seconds: float) -> list:
 # store as it is. The keys through which the ranks of a process group exchange their addresses are the same in
 # every attempt, so the dead attempt's keys are still there when the group restarts: a restarted rank can read a
 # dead rank's address before its successor overwrites it, then fail to connect ("Connection refused", and a
-# timeout). torchrun's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store.
+# timeout). On one node every worker knows the attempt (torchrun's restart count), and the keys of each attempt go
+# under a prefix of their own. Across nodes no value tells the attempt alike on every node (a node whose workers
+# did not fail restarts them without counting), so only torchrun can keep the attempts apart: its
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every attempt a new store.
 def _restarted_by_torchrun() -> tuple[int, int] | None:
     """(restart count, nodes) when torchrun started this worker on its shared store, else None."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -214,13 +274,20 @@ def _restarted_by_torchrun() -> tuple[int, int] | None:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("GROUP_WORLD_SIZE", "1"))
 
 
+def check_elastic_launch() -> None:
+    """Refuse, at its first start, a run that torchrun may restart on several nodes with one store for every attempt
+    (see above): a restart there fails hours later, with the work since the last checkpoint lost."""
+    restarted = _restarted_by_torchrun()
+    if restarted is None or restarted[1] == 1 or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return
+    raise UsageError("torchrun may restart this run on several nodes with one store for every attempt, where a "
+                     "restarted process can read a dead one's address and fail to connect: export "
+                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node before torchrun (or give --max-restarts 0)")
+
+
 def init_restarted_process_group(timeout_seconds: float) -> None:
     """Start torch.distributed in a worker group that torchrun restarted on one node, with every key of this
-    attempt under a prefix of its own (see above); elsewhere do nothing, and Accelerate starts it as usual.
-
-    On one node the restart count is the same in every worker, so it names the attempt. Across nodes it is not
-    (a node whose workers did not fail restarts without counting), hence `elastic_restart_warning`.
-    """
+    attempt under a prefix of its own (see above); elsewhere do nothing, and Accelerate starts it as usual."""
     restarted = _restarted_by_torchrun()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if restarted is None or restarted[0] == 0 or restarted[1] != 1 or world < 2 or _initialized():
@@ -235,31 +302,28 @@ def init_restarted_process_group(timeout_seconds: float) -> None:
                             rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
-def elastic_restart_warning() -> str | None:
-    """What to change when torchrun may restart this multi-node worker group on its shared store, else None."""
-    restarted = _restarted_by_torchrun()
-    if restarted is None or restarted[1] == 1 or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
-        return None
-    return ("torchrun may restart this run on several nodes with one store for every attempt, where a "
-            "restarted process can read a dead one's address and fail to connect; export "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun to give each attempt its own store")
-
-
 @torch.no_grad()
-def average_batchnorm_stats_(module: nn.Module) -> None:
-    """Replace every BatchNorm running_mean / running_var in `module` by its mean over processes, in place.
+def average_batchnorm_stats_(module: nn.Module, also_sum: Tensor | None = None) -> Tensor | None:
+    """Replace every BatchNorm running_mean / running_var in `module` by its mean over processes, in place; returns
+    `also_sum` summed over processes, in the same collective (the training step's flags ride along).
 
-    One collective per dtype (one in practice). Call it on every process after the optimiser step; a no-op in
-    a single process and for BatchNorm layers without running statistics.
+    One collective per dtype (one in practice). Call it on every process after the optimiser step; in a single
+    process nothing is communicated and `also_sum` is returned as it is.
     """
     if not is_distributed():
-        return
+        return also_sum
     groups: dict[tuple, list[Tensor]] = {}
     for m in module.modules():
         if isinstance(m, _BatchNorm) and m.running_mean is not None:
             for stat in (m.running_mean, m.running_var):
                 groups.setdefault((stat.dtype, stat.device), []).append(stat)
+    if also_sum is not None:
+        groups.setdefault((also_sum.dtype, also_sum.device), []).insert(0, also_sum)
     for stats in groups.values():
-        flat = all_reduce_mean(torch.cat([s.reshape(-1) for s in stats]))
+        flat = all_reduce_sum(torch.cat([s.reshape(-1) for s in stats]))
         for stat, value in zip(stats, flat.split([s.numel() for s in stats])):
-            stat.copy_(value.view_as(stat))
+            if stat is also_sum:
+                also_sum = value.view_as(stat).clone()
+            else:
+                stat.copy_(value.div_(world_size()).view_as(stat))
+    return also_sum

@@ -19,6 +19,7 @@ KeyboardInterrupt into an `Interrupted` that names the checkpoint to resume, and
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -27,15 +28,35 @@ from .errors import UsageError
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: the shell's status for a process ended by Ctrl-C
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose; run the same command again to continue
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun's agent started this process: it takes any exit status but 0 for a failure."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def stop_exit_status() -> int:
+    """The exit status of a run stopped by a signal: `EXIT_PREEMPTED`, except under torchrun, whose agent would take
+    it for a failure and restart the workers (up to --max-restarts), so that the run trained on instead of stopping:
+    there the stop exits 0, and the run's newest checkpoint tells whether it is finished."""
+    return 0 if under_torchrun() else EXIT_PREEMPTED
+
+
+def preempted_advice() -> str:
+    """The end of the line that says a stop signal stopped the run: how to continue it, and with which status the
+    process exits."""
+    status = stop_exit_status()
+    why = " under torchrun, which would restart workers that exit otherwise" if status != EXIT_PREEMPTED else ""
+    return f"Run the same command with --resume auto to continue (exit status {status}{why})"
 DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
 
 
 class Preempted(SystemExit):
     """Raised (on every process) after the checkpoint that a stop signal asked for: the process exits with
-    `EXIT_PREEMPTED` and prints no traceback. Catch it to keep a Python session alive."""
+    `stop_exit_status()` and prints no traceback. Catch it to keep a Python session alive."""
 
     def __init__(self, message: str):
-        super().__init__(EXIT_PREEMPTED)
+        super().__init__(stop_exit_status())
         self.message = message
 
     def __str__(self) -> str:
@@ -75,7 +96,7 @@ def parse_signals(names: str | None) -> list[signal.Signals]:
 # What a stop signal does (first, and on a repeat) while training, and after the last step's checkpoint, when only the
 # export and the held-out report are left: both short, so they finish (rather than the process being killed without
 # its report) and the run ends as it would have.
-WHILE_TRAINING = (f"finishing this step, then writing a checkpoint and exiting (status {EXIT_PREEMPTED})",
+WHILE_TRAINING = ("finishing this step, then writing a checkpoint and exiting",
                   "still writing the checkpoint")
 WHILE_FINISHING = ("training is complete and checkpointed; finishing the export and the held-out report first",
                    "still finishing the export and the held-out report")

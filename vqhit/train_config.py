@@ -33,6 +33,8 @@ from .cli import ArgumentParser
 from .config_values import convert_value
 from .errors import NotFoundError, UsageError
 from .files import check_output_folder
+from . import launcher
+from .resume import resolve_resume
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -127,6 +129,11 @@ class TrainConfig:
     cpu_threads: int = opt(0, "Threads per process when training on CPU: 0 = as launched (accelerate launch "
                            "starts one, or OMP_NUM_THREADS), -1 = every core this process may use, shared among "
                            "this machine's processes, N = N")
+    deterministic: bool = opt(False, "Deterministic kernels (PyTorch's deterministic algorithms, cuDNN's deterministic "
+                              "convolutions, CUBLAS_WORKSPACE_CONFIG=:4096:8), so that on a GPU the same command gives "
+                              "the same weights twice and a resumed run those of an uninterrupted one; slower, and an "
+                              "operation without a deterministic kernel stops the run naming it. CPU runs are "
+                              "bit-exact without it")
     # -- tokenizer losses (train_vqhit.py only: train_gan.py does not offer them) ------------------------
     perceptual: str = opt("vgg_l2", "Perceptual loss: 'vgg_l2' (the paper's raw VGG16 features), 'lpips' "
                           "(LPIPS-VGG, the modern choice) or 'none'", ["lpips", "vgg_l2", "none"], task="vqhit")
@@ -369,7 +376,7 @@ def parse_config(argv: list[str] | None, description: str, task: str) -> TrainCo
         raise UsageError(f"--config {config_file} sets {', '.join(foreign)}, which only scripts/"
                          f"{SCRIPT[FIELDS[foreign[0]].metadata['task']]} uses; remove it from the file")
     options = args.pop("model_options", None)
-    given = {**file_values, **args}
+    given = launcher.merge({**file_values, **args})  # the launcher's settings count as given options
     if options:
         given["model_options"] = _model_options(options, given.get("model_options"))
     config = resolve_config(given, task, source=str(config_file or "the command line"))
@@ -411,7 +418,6 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     resume = given.get("resume")
     checkpoint = None
     if resume:
-        from .checkpointing import resolve_resume  # the checkpoint's saved config is the base of a resume
         output_dir = given.get("output_dir") or f"runs/{given.get('model') or DEFAULT_MODEL[task]}"
         checkpoint = resolve_resume(resume, Path(output_dir))  # None: --resume auto with nothing to resume
     if checkpoint is not None:

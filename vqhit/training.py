@@ -26,34 +26,42 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpointing import (CHECKPOINT_PREFIX, OutputFolder, checkpoint_step, export_model, list_checkpoints,
-                            load_checkpoint, read_state, resolve_resume, save_checkpoint)
+from . import distributed, launcher
+from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
+from .resume import CHECKPOINT_PREFIX, agree_on_resume, checkpoint_step, list_checkpoints, read_state, resolve_resume
 from .cli import naming, usable_cores
 from .data import (BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset,
                    first_on_each_machine)
 from .ema import EMA
 from .errors import DivergedError, OwnDataError, UsageError
+from .files import atomic_write
 from .evaluation import heldout_report, save_reconstruction_grid
 from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
+from .metrics import INPUT_RANGE_LIMIT
 from .precision import autocast
-from .preemption import EXIT_PREEMPTED, WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals
+from .preemption import WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals, preempted_advice
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
+from .reproducibility import use_deterministic_algorithms
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
 
 
 BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
+# What a step tells the loop, summed over processes once per step (`Trainer._read_step_flags`).
+STEP_FLAGS = ("generator loss", "discriminator loss", "images", "stop", "timed")
+# A checkpoint reached with a loss this large (in magnitude, since the checkpoint before) is already diverging:
+# resuming it with a lower learning rate fails again, so the advice after a divergence does not name it.
+SANE_LOSS = 1e4
 
 
 class TrainState:
@@ -111,7 +119,7 @@ class TokenizerObjective:
                                              vgg_weights_path=config.vgg_weights).to(device)
 
     def generate(self, forward, real: torch.Tensor, step: int):
-        reconstruction, aux = forward(real)
+        reconstruction, aux = forward(real, check_range=False)  # the loop checks its batches' range on the device
         terms = {"l2": l2_reconstruction_loss(real, reconstruction), "vq": aux["vq_loss"]}
         if self.perceptual is not None:
             terms["perceptual"] = self.config.perceptual_weight * self.perceptual(real, reconstruction)
@@ -237,22 +245,32 @@ class Trainer:
         if self.resume_path is not None:
             check_same_architecture(config, self.resume_path, task)
             check_steps_reach(config, self.resume_path)
+        distributed.check_elastic_launch()
+        if config.deterministic:  # before CUDA starts (in the Accelerator): cuBLAS reads its setting once
+            use_deterministic_algorithms()
         # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
-        # and R1 must stay in fp32. DDP kwargs: the buffer policy of vqhit.distributed.
+        # and R1 must stay in fp32. So precision, compilation and accumulation are pinned against the launcher's
+        # settings, which the configuration has turned into options (vqhit.launcher). DDP kwargs: the buffer policy
+        # of vqhit.distributed.
         distributed.init_restarted_process_group(config.collective_timeout)
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, log_with="tensorboard",
+        self.accelerator = Accelerator(**launcher.PINNED_ACCELERATOR_SETTINGS, log_with="tensorboard",
+                                       gradient_accumulation_plugin=GradientAccumulationPlugin(
+                                           num_steps=config.grad_accum),
                                        project_dir=str(self.output_dir),
                                        kwargs_handlers=[*distributed.ddp_kwargs(),
                                                         *distributed.process_group_kwargs(config.collective_timeout)])
         distributed.process_state()  # torchrun's processes that Accelerate took for one each (no GPU, no --cpu)
+        self.resume_path = agree_on_resume(self.resume_path)
         if self.accelerator.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(_cpu_threads(config.cpu_threads))
         if self.accelerator.is_main_process:
             resuming = f"resuming {self.resume_path}: " if self.resume_path else ""
             print(resuming + summary(config, task), flush=True)
+            for note in launcher.notes():
+                print(note, flush=True)
         self._build(config, task)
         self.folder = OutputFolder(self.output_dir)
-        self._on_main(self._prepare_output_folder)
+        distributed.run_on_main(self._prepare_output_folder)
 
     def _build(self, config: TrainConfig, task: str) -> None:
         acc = self.accelerator
@@ -271,15 +289,18 @@ class Trainer:
             raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
                              f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
         self.batches = TrainingBatches(self.dataset, loader)
+        # Fused: one kernel per update, which also skips the update on the device when told a loss was not finite.
         opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                 betas=tuple(config.adam_betas))
-        opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=tuple(config.adam_betas))
+                                 betas=tuple(config.adam_betas), fused=True)
+        opt_d = torch.optim.Adam(D.parameters(), lr=config.lr, betas=tuple(config.adam_betas), fused=True)
         self.model, self.D, self.opt_g, self.opt_d = acc.prepare(model, D, opt_g, opt_d)
         # After prepare(): DDP has given every rank rank 0's parameters, so the EMA starts equal on every rank.
         self.ema = EMA(acc.unwrap_model(self.model), config.ema_decay, config.ema_start)
         self.ema.model.to(acc.device)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.state = TrainState()
+        self.step_flags = torch.zeros(len(STEP_FLAGS), device=acc.device)  # summed on the device, read once a step
+        self.loss_peak = torch.zeros((), device=acc.device)  # the largest |loss| since the last checkpoint
         self.lecam = LeCam(config.lecam_weight, config.lecam_decay)
         acc.register_for_checkpointing(self.ema, self.lecam)  # the step and data position go to json files
         objective_cls = GANObjective if task == "gan" else TokenizerObjective
@@ -293,23 +314,6 @@ class Trainer:
                           transform=c.transform, flip=c.flip, min_crop_area=c.min_crop_area, bad_images=c.bad_images,
                           min_size=c.min_size, max_images=c.max_images, shuffle_buffer=c.shuffle_buffer,
                           open_shards=c.open_shards)
-
-    def _on_main(self, fn) -> None:
-        """Run `fn` on the main process only; if it fails there, every process stops (none waits forever)."""
-        error = None
-        if self.accelerator.is_main_process:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other processes are told
-                error = e
-        failed = distributed.all_reduce_sum(torch.tensor([float(error is not None),
-                                                          float(isinstance(error, UsageError))]))
-        if error is not None:
-            raise error
-        if failed[1]:  # the user's mistake, which the main process reports: these stop without a traceback
-            raise UsageError("the main process stopped on the user's error above; this process stops too")
-        if failed[0]:
-            raise RuntimeError("the main process failed (its error is above); this process stops too")
 
     def _prepare_output_folder(self) -> None:
         self.folder.lock()
@@ -338,7 +342,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         train_state = {**self.state.state_dict(), "num_processes": acc.num_processes,
-                       "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum}
+                       "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
+                       "loss_peak": float(self.loss_peak)}
+        self.loss_peak.zero_()
         return save_checkpoint(acc, self.output_dir, self.state.step, ema_model=self.ema.model, config=self.config,
                                train_state=train_state, data_state=self.batches.state_dict(), folder=self.folder)
 
@@ -364,25 +370,23 @@ class Trainer:
                   f"{self.config.adam_betas})")
 
     # -- one iteration --------------------------------------------------------------------------------
-    def _check_finite(self, losses: dict) -> None:
-        bad = torch.tensor([float(not torch.isfinite(v).all()) for v in losses.values()])
-        bad = distributed.all_reduce_sum(bad)  # every rank stops together
-        if bad.any():
-            names = [k for k, b in zip(losses, bad.tolist()) if b]
-            # checkpoint-N holds the weights that this step (number N + 1) started from: it is not a good one.
-            good = [c for c in list_checkpoints(self.output_dir) if checkpoint_step(c) < self.state.step]
-            lr = self.config.lr
-            # half the learning rate; a learning rate that is not a finite positive number has no lower one to try
-            finite = math.isfinite(lr) and lr > 0
-            lower, example = ("a lower", f"{lr / 2:g}") if finite else ("a finite positive", "1e-4")
-            restart = f"start again with {lower} --lr (e.g. --lr {example} --overwrite)"
-            where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with {lower} learning rate, "
-                     f"--resume {good[-1]} --lr {example}" if good else
-                     f"No checkpoint was written yet: {restart}" if not list_checkpoints(self.output_dir) else
-                     f"The run's checkpoints all start from weights at or after this step: {restart}")
-            raise DivergedError(
-                f"non-finite {', '.join(names)} at step {self.state.step}: training stopped before the update. "
-                f"{where}{', or --precision fp32' if self.config.precision != 'fp32' else ''}")
+    def _read_step_flags(self, model: nn.Module, stop: StopSignals, timed: bool) -> dict[str, bool]:
+        """The step's flags, summed over processes in the collective that also averages the BatchNorm statistics,
+        and read in one host sync: a GPU runs ahead of the CPU for the rest of the step. A non-finite loss or
+        gradient skipped its update on the device (`_update`); the run stops here, before anything is saved."""
+        flags = self.step_flags
+        flags[STEP_FLAGS.index("stop")] = float(stop.received is not None)
+        flags[STEP_FLAGS.index("timed")] = float(timed)
+        values = dict(zip(STEP_FLAGS, (v > 0 for v in distributed.average_batchnorm_stats_(model, flags).tolist())))
+        flags.zero_()
+        # The first loss of the step that was not finite: a generator's NaN makes the discriminator's loss NaN too.
+        nonfinite = [name for name in ("generator", "discriminator") if values[f"{name} loss"]][:1]
+        if values["images"]:
+            raise ValueError(f"training images at step {self.state.step} reach values far outside [-1, 1] (or NaN); "
+                             "check the data pipeline")
+        if nonfinite:
+            raise DivergedError(divergence_message(nonfinite, self.state.step - 1, self.output_dir, self.config))
+        return values
 
     def train_step(self, real: torch.Tensor) -> dict:
         cfg, acc, step = self.config, self.accelerator, self.state.step
@@ -402,6 +406,7 @@ class Trainer:
         D_plain.requires_grad_(True)
         g_loss = sum(terms.values())
         self._update("generator", g_loss, self.model, self.opt_g, logs)
+        self.step_flags[STEP_FLAGS.index("images")] += ~(real.abs().amax() <= INPUT_RANGE_LIMIT)  # NaN too
         logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
         logs["loss/generator"] = g_loss.detach()
 
@@ -438,11 +443,17 @@ class Trainer:
         return logs
 
     def _update(self, name: str, loss: torch.Tensor, model: nn.Module, optimizer, logs: dict) -> None:
-        """One optimiser update (skipped by Accelerate inside an accumulation window), after the NaN guard."""
-        self._check_finite({f"{name} loss": loss.detach()})
+        """One optimiser update (skipped by Accelerate inside an accumulation window). A non-finite loss or gradient
+        skips it on the device, with no host sync: the fused Adam reads `found_inf` (as it does under a gradient
+        scaler), and the step's flags stop the run when they are read."""
+        nonfinite = ~torch.isfinite(loss.detach())
+        self.step_flags[STEP_FLAGS.index(f"{name} loss")] += nonfinite
+        self.loss_peak = torch.fmax(self.loss_peak, loss.detach().abs().float())
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients:
-            logs[f"grad_norm/{name}"] = _grad_norm(model)
+            norm = grad_norm(model)
+            logs[f"grad_norm/{name}"] = norm
+            optimizer.optimizer.found_inf = (nonfinite | ~torch.isfinite(norm)).float()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -495,7 +506,9 @@ class Trainer:
                     seen += real.shape[0]
                 self.state.step += 1
                 step = self.state.step
-                distributed.average_batchnorm_stats_(unwrapped)  # every rank, hence the EMA, holds the same stats
+                timed = cfg.checkpoint_every_minutes > 0 and \
+                    time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_every_minutes
+                flags = self._read_step_flags(unwrapped, stop, timed)  # the step's one collective and host sync
                 self.ema.update(unwrapped, step)
                 for key in BAR_LOSSES:
                     if key in logs:  # summed as tensors: no device sync per step
@@ -517,28 +530,25 @@ class Trainer:
                     bar.set_postfix_str(self._bar_text(window, logs))
                     window = {}
                 if step % cfg.sample_every == 0 or step == cfg.steps:
-                    self.save_samples(step)
-                # One collective a step: whether any process got a stop signal or is due a timed checkpoint.
-                timed = cfg.checkpoint_every_minutes > 0 and \
-                    time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_every_minutes
-                flags = distributed.all_reduce_sum(torch.tensor([float(stop.received is not None), float(timed)]))
-                stopping = bool(flags[0])
-                if stopping or flags[1] or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    distributed.run_on_main(self.save_samples, step)  # the others wait outside the deadline
+                stopping = flags["stop"]
+                if stopping or flags["timed"] or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint = self.save_checkpoint()
                     last_checkpoint = time.monotonic()
+                    # A signal that came while the checkpoint was written stops the run at it, not one step later.
+                    stopping = stopping or bool(distributed.all_reduce_sum(
+                        torch.tensor([float(stop.received is not None)]))[0])
                 if stopping and step < cfg.steps:
                     bar.close()
                     acc.end_training()
                     by = stop.received or "a signal to another process"
-                    message = (f"stopped at step {step} of {cfg.steps} by {by}: {checkpoint} is written. Run the same "
-                               f"command with --resume auto to continue (exit status {EXIT_PREEMPTED})")
+                    message = (f"stopped at step {step} of {cfg.steps} by {by}: {checkpoint} is written. "
+                               f"{preempted_advice()}")
                     acc.print(message, flush=True)
                     raise Preempted(message)
         bar.close()
         with StopSignals(parse_signals(cfg.stop_signals), WHILE_FINISHING):  # short: a stop signal lets it finish
-            if acc.is_main_process:
-                self.export()  # also when a resume found the run already finished
-            acc.wait_for_everyone()
+            distributed.run_on_main(self.export)  # also when a resume found the run already finished
             if self.task == "vqhit" and cfg.heldout_data:
                 if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
                     acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
@@ -570,7 +580,7 @@ class Trainer:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                     pass
-            path.write_text("".join(kept))
+            atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))  # a kill leaves the old log or the new
 
     def _heldout_reported(self, step: int) -> bool:
         """Whether logs.jsonl holds the held-out report of `step` already (read by the main process, told to all)."""
@@ -602,9 +612,8 @@ class Trainer:
             with open(self.output_dir / "logs.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
 
-    def save_samples(self, step: int) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
+    def save_samples(self, step: int) -> Path:
+        """The EMA model's sample grid of `step` (main-process work: see `distributed.run_on_main`)."""
         path = self.output_dir / "samples" / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.objective.save_sample_grid(self.ema.model, self.fixed_real, path)
@@ -614,36 +623,55 @@ class Trainer:
         """Reconstruct the held-out images (`heldout_data`) with the EMA model on the main process, and, for the
         generalisation gap, the training photographs seen the same way (`train_source_view`): PSNR, SSIM and codebook
         usage of each set are printed, logged and written to logs.jsonl; the grid goes beside the training grids."""
+        return distributed.run_on_main(self._heldout_report)
+
+    def _heldout_report(self) -> dict:
         acc, step, cfg = self.accelerator, self.state.step, self.config
-        reports = None
-        if acc.is_main_process:
-            model, resolution = self.ema.model, self.ema.model.config.resolution
-            sets = {"heldout": cfg.heldout_data, "train_source": train_source_view(cfg.data)}
-            reports, lines = {}, []
-            for name, source in sets.items():
-                if source is None:
-                    continue
-                dataset = eval_dataset(source, resolution, min_size=cfg.min_size, max_images=MAX_TRAIN_SOURCE_IMAGES
-                                       if name == "train_source" else None)
-                grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png" if name == "heldout" else None
-                reports[name] = report = heldout_report(model, dataset, device=acc.device, grid_path=grid)
-                what = "never trained on" if name == "heldout" else "the training images"
-                lines.append(f"  {source} ({report['num_images']} images, {what}): PSNR {report['psnr']:.2f} dB "
-                             f"(std {report['psnr_std']:.2f} over images), SSIM {report['ssim']:.3f}, codebook usage "
-                             f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f})")
-            figures = {f"{name}/{k}": v for name, report in reports.items() for k, v in report.items()
-                       if isinstance(v, (int, float))}
-            if "train_source" in reports:
-                figures["heldout/gap_psnr"] = reports["train_source"]["psnr"] - reports["heldout"]["psnr"]
-                lines.append(f"  generalisation gap: {figures['heldout/gap_psnr']:.2f} dB PSNR (training photographs "
-                             "minus held-out)")
-            acc.log(figures, step=step)
-            self._log_line(step, figures)
-            print(f"reconstruction at step {step} (EMA model, {resolution}x{resolution}, every image downsampled whole "
-                  f"by a centre crop of its short side):\n" + "\n".join(lines) +
-                  f"\n  grid: {reports['heldout']['grid']}", flush=True)
-        acc.wait_for_everyone()
+        model, resolution = self.ema.model, self.ema.model.config.resolution
+        sets = {"heldout": cfg.heldout_data, "train_source": train_source_view(cfg.data)}
+        reports, lines = {}, []
+        for name, source in sets.items():
+            if source is None:
+                continue
+            dataset = eval_dataset(source, resolution, min_size=cfg.min_size, max_images=MAX_TRAIN_SOURCE_IMAGES
+                                   if name == "train_source" else None)
+            grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png" if name == "heldout" else None
+            reports[name] = report = heldout_report(model, dataset, device=acc.device, grid_path=grid)
+            what = "never trained on" if name == "heldout" else "the training images"
+            lines.append(f"  {source} ({report['num_images']} images, {what}): PSNR {report['psnr']:.2f} dB "
+                         f"(std {report['psnr_std']:.2f} over images), SSIM {report['ssim']:.3f}, codebook usage "
+                         f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f})")
+        figures = {f"{name}/{k}": v for name, report in reports.items() for k, v in report.items()
+                   if isinstance(v, (int, float))}
+        if "train_source" in reports:
+            figures["heldout/gap_psnr"] = reports["train_source"]["psnr"] - reports["heldout"]["psnr"]
+            lines.append(f"  generalisation gap: {figures['heldout/gap_psnr']:.2f} dB PSNR (training photographs "
+                         "minus held-out)")
+        acc.log(figures, step=step)
+        self._log_line(step, figures)
+        print(f"reconstruction at step {step} (EMA model, {resolution}x{resolution}, every image downsampled whole "
+              f"by a centre crop of its short side):\n" + "\n".join(lines) +
+              f"\n  grid: {reports['heldout']['grid']}", flush=True)
         return reports
+
+
+def divergence_message(losses: list[str], started_from: int, output_dir: Path, config: TrainConfig) -> str:
+    """What to do after a non-finite loss in the step that started from step `started_from`'s weights: resume the
+    newest checkpoint that can work (before that step, reached with sane losses) with a lower learning rate, or
+    start again when there is none."""
+    checkpoints = list_checkpoints(output_dir)
+    good = [c for c in checkpoints
+            if checkpoint_step(c) < started_from and read_state(c).get("loss_peak", 0.0) < SANE_LOSS]
+    lr = config.lr
+    # half the learning rate; a learning rate that is not a finite positive number has no lower one to try
+    lower, example = ("a lower", f"{lr / 2:g}") if math.isfinite(lr) and lr > 0 else ("a finite positive", "1e-4")
+    restart = f"start again with {lower} --lr (e.g. --lr {example} --overwrite)"
+    where = (f"The last good checkpoint, {good[-1]}, is intact: resume it with {lower} learning rate, "
+             f"--resume {good[-1]} --lr {example}" if good else
+             f"No checkpoint was written yet: {restart}" if not checkpoints else
+             f"No checkpoint of the run was reached before the losses grew out of bounds: {restart}")
+    return (f"non-finite {', '.join(f'{name} loss' for name in losses)} at step {started_from}: training stopped "
+            f"before the update. {where}{', or --precision fp32' if config.precision != 'fp32' else ''}")
 
 
 MAX_TRAIN_SOURCE_IMAGES = 256  # the training set's figure, for the gap: a sample is enough, and a large set is slow
@@ -665,9 +693,12 @@ def _cpu_threads(requested: int) -> int:
     return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _grad_norm(model: nn.Module) -> float:
-    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of every gradient of `model` together, on the device (read at log steps only)."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def train(config: TrainConfig, task: str) -> nn.Module:

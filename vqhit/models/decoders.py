@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
 from torch import nn
 
-from .hit import trunc_normal_init
+from .layers import trunc_normal_init
 
 
 class ConvDecoder(TamingDecoder):

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# `hit` imports this module for its dispatch; the names of `hit` are looked up when a forward runs.
-from . import hit
 from .attention import attend
+from .layers import SelfAttentionBlock, pixel_shuffle, upsample2x
 
 # Floats of MLP hidden layer (rows x 4C) one chunk of pixels holds per thread, on CPU: 1 MiB, near a core's own
 # cache rather than the shared last level, which other processes evict. On a quiet machine 0.5 to 4 MiB measured
@@ -98,7 +97,7 @@ def fold_stage(stage: nn.Module) -> dict:
     """Folded weights of one `HiTStage`, from its parameters and buffers as they are now."""
     blocks = []
     for block in stage.blocks:
-        if isinstance(block, hit.SelfAttentionBlock):
+        if isinstance(block, SelfAttentionBlock):
             a = block.attn
             blocks.append({"qkv": fold_linear([a.q, a.k, a.v], block.norm), "out": fold_linear([a.out]),
                            "mlp": fold_mlp(block.mlp)})
@@ -177,10 +176,10 @@ def folded_stage(stage: nn.Module, x: torch.Tensor, memory: torch.Tensor | None,
     else:
         x, rgb = pixelwise(stage, x.reshape(b, h * w, -1), k, v, f, x_proj)
         x, rgb = x.view(b, h, w, -1) if x is not None else None, rgb.view(b, h, w, 3)
-        img = rgb if img is None else hit.upsample2x(img) + rgb
+        img = rgb if img is None else upsample2x(img) + rgb
     if stage.upsample is None:
         return x, None, img
-    return hit.pixel_shuffle(x), f["upsample"], img  # f["upsample"] is None for nn.Identity: x is ready
+    return pixel_shuffle(x), f["upsample"], img  # f["upsample"] is None for nn.Identity: x is ready
 
 
 def pixelwise(stage: nn.Module, x: torch.Tensor, k, v, f: dict, x_proj: tuple | None):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -35,18 +34,17 @@ import typing
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, PyTorchModelHubMixin
-from safetensors import SafetensorError, safe_open
+from huggingface_hub import HfApi, PyTorchModelHubMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config_values import convert_value, differences
 from ..downloads import local_or_hub
 from ..errors import UsageError
 from ..files import atomic_write
+from .model_card import (CARD_NAME, CONFIG_NAME, DEFAULT_CARD, EVALUATION_PATTERN, LIBRARY, TAGS, TRAINING_STEP_KEY,
+                         WEIGHTS_NAME, weights_sha256)
 
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
-PAPER_URL = "https://arxiv.org/abs/2106.07631"
-LIBRARY = "vqhit"
 
 
 def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
@@ -154,38 +152,6 @@ def _describe(diff: dict) -> str:
 
 
 # -- models -------------------------------------------------------------------------------------------------
-DEFAULT_CARD = """---
-{{ card_data }}
----
-
-# {{ model_type }}{% if preset %} ({{ preset }}){% endif %}
-
-A vqhit model ([HiT, Zhao et al. 2021](""" + PAPER_URL + """)), saved with `save_pretrained`.
-
-```python
-from vqhit import {{ class_name }}
-model = {{ class_name }}.from_pretrained("<this folder or Hub repository>")
-```
-"""
-# The figures of one set of weights, between markers that record which: save_pretrained removes the section when
-# the weights it writes are others (a resumed run's new export), and keeps the rest of the card.
-EVALUATION_SECTION = """
-<!-- vqhit-evaluation weights-sha256: {{ sha256 }} -->
-## Evaluation
-
-Measured on the weights `model.safetensors` with sha256 `{{ sha256[:16] }}`{% if step is not none %} (after
-{{ step }} training steps){% endif %}, on the data and with the protocol below. A later save of other weights into
-this folder removes these figures.
-
-{{ metrics }}
-
-## Measured with
-
-{{ settings }}
-<!-- end vqhit-evaluation -->
-"""
-_EVALUATION = re.compile(r"\n*<!-- vqhit-evaluation weights-sha256: (\w+) -->.*?<!-- end vqhit-evaluation -->\n?",
-                         re.DOTALL)
 # torch.compile wraps a module as `_orig_mod` of an OptimizedModule, which puts that name into the state-dict keys of
 # the model holding it (`decoder._orig_mod.…`); saved and compared weights use the keys of the modules themselves.
 _COMPILE_WRAPPER = re.compile(r"(^|\.)_orig_mod\.")
@@ -195,8 +161,6 @@ def _unwrapped(key: str) -> str:
     return _COMPILE_WRAPPER.sub(r"\1", key)
 
 
-TRAINING_STEP_KEY = "training_step"  # in model.safetensors' metadata, when a training run exported the weights
-TAGS = ["vqhit", "image-generation"]
 
 
 # (The paper link is in the template, not the mixin's `paper_url`: that needs huggingface_hub >= 0.30.)
@@ -269,9 +233,9 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
             atomic_write(card_path, lambda p: card.save(p))
         else:  # kept, as the mixin does; figures of other weights are not
             text = card_path.read_text()
-            evaluated = _EVALUATION.search(text)
+            evaluated = EVALUATION_PATTERN.search(text)
             if evaluated and evaluated.group(1) != weights_sha256(directory):
-                atomic_write(card_path, lambda p: p.write_text(_EVALUATION.sub("\n", text, count=1)))
+                atomic_write(card_path, lambda p: p.write_text(EVALUATION_PATTERN.sub("\n", text, count=1)))
 
     def push_to_hub(self, repo_id: str, *, config=None, commit_message: str = "Push model using huggingface_hub.",
                     private: bool | None = None, token: str | None = None, branch: str | None = None,
@@ -412,64 +376,3 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
                              f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
                              f"was not written with its config.json: save the model again")
         self.load_state_dict({names[k]: v for k, v in state.items() if k in ours}, strict=False)
-
-
-def weights_sha256(folder: str | os.PathLike) -> str:
-    """sha256 of a saved model's model.safetensors: which weights a model card's figures belong to."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS_NAME, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def training_step(folder: str | os.PathLike) -> int | None:
-    """The training step a saved model's weights come from (None when no training run exported them)."""
-    with safe_open(str(Path(folder) / WEIGHTS_NAME), framework="pt") as f:
-        step = (f.metadata() or {}).get(TRAINING_STEP_KEY)
-    return int(step) if step is not None and step.isdigit() else None
-
-
-def write_model_card(folder: str | os.PathLike, metrics: dict, settings: dict) -> Path:
-    """Write the evaluation figures (e.g. {"rFID": 6.37, "PSNR": ...}) and the settings they were measured with
-    (e.g. {"data": ..., "images": 50000}) into `folder/README.md`, naming the weights they belong to: the sha256 of
-    the folder's model.safetensors and, for a training run's export, its step (the caller checks that the file is
-    still the one it evaluated). The figures are one section between HTML comment markers: an existing card (the
-    user's text, or one save_pretrained wrote) is kept and that section replaced in place, or appended; a folder
-    with no card gets a Hub model card holding it. Atomic."""
-    folder = Path(folder)
-    card_path = folder / CARD_NAME
-
-    def table(rows: dict) -> str:
-        lines = ["| | |", "|---|---|"]
-        for key, value in rows.items():
-            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-        return "\n".join(lines)
-
-    figures = dict(metrics=table(metrics), settings=table(settings), sha256=weights_sha256(folder),
-                   step=training_step(folder))
-    if card_path.is_file():
-        import jinja2  # huggingface_hub renders its model cards with it too
-
-        text = card_path.read_text()
-        section = "\n\n" + jinja2.Template(EVALUATION_SECTION).render(**figures).strip("\n") + "\n"
-        found = _EVALUATION.search(text)
-        if found:  # replaced where it stands: the text around it is the user's
-            text = text[:found.start()] + section + text[found.end():]
-        else:
-            text = text.rstrip("\n") + section
-        atomic_write(card_path, lambda p: p.write_text(text))
-        return card_path
-
-    try:  # the card names the model when the folder's config says what it is; it is written either way
-        meta = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
-    model_type = meta.get("model_type", "model")
-    data = ModelCardData(library_name=LIBRARY, tags=sorted({*TAGS, "model_hub_mixin", "pytorch_model_hub_mixin"}))
-    card = ModelCard.from_template(data, template_str=DEFAULT_CARD + EVALUATION_SECTION, model_type=model_type,
-                                   preset=meta.get("preset"),
-                                   class_name={"hit-generator": "HiTGenerator"}.get(model_type, "VQHiT"), **figures)
-    atomic_write(card_path, lambda p: card.save(p))
-    return card_path

@@ -159,6 +159,16 @@ class VectorQuantizer(nn.Module):
         codebook = codebook.to(flat.dtype)
         return flat.square().sum(1, keepdim=True) - 2.0 * flat @ codebook.t() + codebook.square().sum(1)[None, :]
 
+    @staticmethod
+    def _gather(codebook: Tensor, indices: Tensor) -> Tensor:
+        """The codes of `indices` (any shape), (*indices.shape, dim): codebook[indices], by index_select.
+
+        Its backward (index_add_) adds each code's gradients in token order, so on CPU the codebook's gradient has the
+        same bits at any thread count. codebook[indices] gives the same values, but its backward, on more than one
+        thread, adds with atomics in no fixed order; F.embedding's backward is reproducible too, but slower
+        (benchmarks/README.md)."""
+        return codebook.index_select(0, indices.reshape(-1)).view(*indices.shape, codebook.shape[-1])
+
     def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:
         """Index of the nearest code of each row of flat (N, D)."""
         with torch.no_grad():
@@ -190,7 +200,7 @@ class VectorQuantizer(nn.Module):
             flat = z_search.reshape(-1, z_search.shape[-1])
             codebook = self._codebook()
             indices = self._nearest(flat, codebook)
-            codes = codebook[indices].to(flat.dtype)
+            codes = self._gather(codebook, indices).to(flat.dtype)
 
             codebook_loss = F.mse_loss(codes, flat.detach())
             commitment_loss = F.mse_loss(flat, codes.detach())
@@ -231,7 +241,7 @@ class VectorQuantizer(nn.Module):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, "
                              f"{int(indices.max())}]")
-        codes = self._codebook()[indices.long()]
+        codes = self._gather(self._codebook(), indices.long())
         return self.out_proj(codes) if self.out_proj is not None else codes
 
     def reset_usage(self) -> None:

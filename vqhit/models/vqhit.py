@@ -21,7 +21,8 @@ from ..metrics import INPUT_RANGE_LIMIT
 from ..presets import TOKENIZER_PRESETS
 from .decoders import ConvDecoder, ViTDecoder
 from .encoder import VQGANEncoder
-from .hit import BN_MOMENTUM, NORMS, HiTStages, Memory, norm_factory, trunc_normal_init
+from .hit import HiTStages
+from .layers import BN_MOMENTUM, NORMS, Memory, norm_factory, trunc_normal_init
 from .pretrained import ConfigMixin, PretrainedMixin
 from .quantizer import VectorQuantizer, check_options as check_quantizer_options
 
@@ -195,13 +196,15 @@ class VQHiT(PretrainedMixin, nn.Module):
             p.requires_grad_(not codebook)
 
     # -- checks -----------------------------------------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor, values: bool = True) -> None:
         r = self.config.resolution
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (r, r):
             raise ValueError(f"expected images of shape (B, 3, {r}, {r}) for preset {self.config.preset!r}, got "
                              f"{tuple(images.shape)}; resize or crop to {r}x{r} RGB")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype}; use x / 127.5 - 1")
+        if not values:
+            return
         peak = images.detach().abs().max().item() if images.numel() else 0.0  # one sync; max propagates NaN
         if math.isnan(peak):
             raise ValueError("images contain NaN values; check the data pipeline (a failed decode, a division by "
@@ -222,9 +225,10 @@ class VQHiT(PretrainedMixin, nn.Module):
                              f"{int(indices.max())}]")
 
     # -- public API ---------------------------------------------------------------------------------------
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous encoder output before quantization, channels-last (B, h, w, code_dim)."""
-        self._check_images(images)
+    def encode_latents(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Continuous encoder output before quantization, channels-last (B, h, w, code_dim). `check_range=False`
+        skips the check that values lie near [-1, 1], a host sync (the training loop checks its batches itself)."""
+        self._check_images(images, values=check_range)
         images = images.to(self.quant_conv.weight.dtype)  # images are data: float64 ones feed a float32 model, etc.
         if not torch.is_grad_enabled() and not self.encoder.training:
             # Inference: channels-last images make every convolution of the encoder run in oneDNN's NHWC layout,
@@ -259,9 +263,10 @@ class VQHiT(PretrainedMixin, nn.Module):
         self._check_indices(indices)
         return self.quantize.lookup(indices.long()).permute(0, 3, 1, 2)
 
-    def forward(self, images: torch.Tensor):
-        """Training forward: (reconstruction, aux) with aux holding the VQ losses and the indices."""
-        q = self.quantize(self.encode_latents(images))
+    def forward(self, images: torch.Tensor, check_range: bool = True):
+        """Training forward: (reconstruction, aux) with aux holding the VQ losses and the indices (`check_range`: see
+        `encode_latents`)."""
+        q = self.quantize(self.encode_latents(images, check_range))
         reconstruction = self.decoder(q.quantized)
         aux = {"vq_loss": q.loss, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
                "indices": q.indices}
