@@ -470,7 +470,7 @@ class TrainingBatches:
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Continue from a saved position; returns warnings (empty when the continuation is exact)."""
-        self._iterator = None
+        self.close()
         self.micro_batches = int(state["micro_batches"])
         warnings = []
         saved, ours = state.get("data_revision"), getattr(self.dataset, "revision", None)
@@ -486,7 +486,7 @@ class TrainingBatches:
             images = int(state["images_in_epoch"])
         else:  # written before positions were kept by epoch: its layout's batches per epoch give the epoch
             per_epoch = self._epoch_batches(0, state["num_processes"], state["batch_size"])
-            epoch, done = divmod(self.micro_batches, per_epoch)
+            epoch, done = divmod(self.micro_batches, max(1, per_epoch))
             start, images = 0, done * state["batch_size"] * state["num_processes"]
         if changed:
             self._epoch, self.epoch_start, self.batches_in_epoch = epoch, images, 0
@@ -577,8 +577,10 @@ class TrainingBatches:
 
     def _indexed_batches(self):
         start = self.epoch_start + self.batches_in_epoch * self._images_per_batch()
-        order = _TrainingOrder(self.loader.sampler, self.loader.batch_size, self.loader.drop_last, self._epoch, start)
-        self._loader_iterator = iter(_loader_like(self.loader, self.dataset, batch_sampler=order))
+        sampler, size = self.loader.sampler, self.loader.batch_size
+        order = _TrainingOrder(sampler, size, self.loader.drop_last, self._epoch, start)
+        items = _TrainingItems(self.dataset, sampler, size)
+        self._loader_iterator = iter(_loader_like(self.loader, items, batch_sampler=order))
         yield from self._loader_iterator
 
     def _stream_batches(self):
@@ -601,22 +603,40 @@ def _changes(changed: dict) -> str:
 
 
 class _TrainingOrder(Sampler):
-    """Batches of ``(epoch, index)`` keys for a map-style dataset, epoch after epoch without end, from image `start`
-    of `epoch`'s order: what one DataLoader iterates for a whole run. Each epoch is cut as `EpochSampler` cuts it
-    (this process's share, whole batches when `drop_last`), so a batch never spans two epochs."""
+    """Batches of a map-style dataset, epoch after epoch without end, from image `start` of `epoch`'s order: what one
+    DataLoader iterates for a whole run. Each epoch is cut as `EpochSampler` cuts it (this process's share, whole
+    batches when `drop_last`), so a batch never spans two epochs. A batch is named by ``(epoch, start, number)``
+    and `_TrainingItems` finds its images in the worker: the training process computes no order, only counts."""
 
     def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool, epoch: int, start: int):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        epoch, start, size = self.epoch, self.start, self.batch_size
+        epoch, start = self.epoch, self.start
         while True:
-            indices = self.sampler.indices(epoch, start)
-            count = len(indices) - len(indices) % size if self.drop_last else len(indices)
-            for first in range(0, count, size):
-                yield [(epoch, index) for index in indices[first:first + size]]
+            for number in range(self.sampler.batches(start, self.batch_size, self.drop_last)):
+                yield epoch, start, number
             epoch, start = epoch + 1, 0
+
+
+class _TrainingItems(torch.utils.data.Dataset):
+    """The items of the batches `_TrainingOrder` names, each augmented as its epoch says (the DataLoader passes a
+    batch's name to `__getitems__`). The epoch's order is computed once per epoch in each worker."""
+
+    def __init__(self, dataset: ImageDataset, sampler: EpochSampler, batch_size: int):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self._order = (None, [])  # ((epoch, start), this process's indices of that epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, batch: tuple[int, int, int]) -> list[dict | None]:
+        epoch, start, number = batch
+        if self._order[0] != (epoch, start):
+            self._order = ((epoch, start), self.sampler.indices(epoch, start))
+        first = number * self.batch_size
+        return [self.dataset[(epoch, index)] for index in self._order[1][first:first + self.batch_size]]
 
 
 # --------------------------------------------------------------------------------------------------
