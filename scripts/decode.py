@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Decode token shards (written by scripts/encode.py) back to PNG images with a VQ-HiT tokenizer.
+"""Decode token shards (written by scripts/encode.py, in either format) back to PNG images with a VQ-HiT tokenizer.
 
     python scripts/decode.py --model runs/vqhit-demo/model --tokens tokens/images --output-dir decoded/
     accelerate launch --num_processes 8 scripts/decode.py --model runs/vqhit/model --tokens tokens/val \\
@@ -24,7 +24,8 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_option(p, "The tokenizer whose decoder renders the tokens", "runs/vqhit-demo/model",
                          note=" (its codebook size and grid must match the tokens')")
-    p.add_argument("--tokens", required=True, help="A folder written by scripts/encode.py (tokens.json + shards)")
+    p.add_argument("--tokens", required=True, help="A folder written by scripts/encode.py: tokens.json and "
+                   "safetensors shards, or a Parquet dataset (README.md and data/*.parquet)")
     p.add_argument("--output-dir", required=True, help="Folder for the PNG files")
     p.add_argument("--name-by", default="index", choices=NAME_BY, help="File names: 'index' = the image's "
                    "position in the source dataset (00000042.png), 'id' = the source file's relative path with a "

@@ -10,10 +10,10 @@ statistics of the originals and the reconstructions (torch-fidelity's TF-ported 
 float64 statistics summed over processes, no padding). The default crop is ADM's (box-downsample while the
 short side >= 2x the resolution, bicubic resize of the short side to the resolution, center crop): images
 smaller than the resolution are upsampled, not dropped, as in ADM; --min-size N skips those whose short side is
-below N instead. A JSON report and a printed table state every setting; when --model is a local
-save_pretrained folder, its README.md model card gets the figures and the settings too, naming the weights they
-belong to (sha256 of model.safetensors, and the training step of a training run's export): a later export of
-other weights into the folder removes them.
+below N instead. A JSON report and a printed table state every setting, and codebook_usage.png plots the
+codes' frequencies, sorted; when --model is a local save_pretrained folder, its README.md model card gets the
+figures and the settings too, naming the weights they belong to (sha256 of model.safetensors, and the training
+step of a training run's export): a later export of other weights into the folder removes them.
 Offline: --inception-weights and --lpips-backbone take local files. The figures that need no weights at all
 (PSNR, SSIM, codebook usage and perplexity) come from
 
@@ -29,7 +29,7 @@ from vqhit.files import check_output_folder
 from vqhit.models.model_card import training_step, weights_sha256, weights_signature, write_model_card
 from vqhit.models.vqhit import VQHiT
 
-REPORT = "eval_rfid.json"
+REPORT, PLOT = "eval_rfid.json", "codebook_usage.png"
 
 
 def parse_args(argv=None):
@@ -47,10 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--lpips-backbone", default=None, help="Local torchvision AlexNet state dict "
                    "(alexnet-owt-7be5be79.pth) for LPIPS offline; default: torchvision's, downloaded once")
     p.add_argument("--no-lpips", action="store_true", help="Skip LPIPS: no AlexNet backbone needed")
-    p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json is written; one that already holds an "
-                   "eval_rfid.json (another model's, or an earlier run's) is refused at the start: give each "
-                   "evaluation its own folder, or pass --overwrite (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="Replace the eval_rfid.json of --output-dir")
+    p.add_argument("--output-dir", default="eval", help="Where eval_rfid.json and codebook_usage.png (the codes' "
+                   "frequencies, sorted) are written; one that already holds either (another model's, or an earlier "
+                   "run's) is refused at the start: give each evaluation its own folder, or pass --overwrite "
+                   "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="Replace the eval_rfid.json and codebook_usage.png of "
+                   "--output-dir")
     p.add_argument("--no-model-card", action="store_true", help="Leave the model folder's README.md alone (by "
                    "default a local --model folder gets a model card with these figures and settings)")
     cli.add_run_options(p, batch_size=32, batch_of="images", precision_note="for the tokenizer; Inception always "
@@ -60,7 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = cli.with_launcher_settings(parse_args(argv), "eval_rfid.py")
-    check_output_folder(args.output_dir, [REPORT], overwrite=args.overwrite)  # now, not after the evaluation
+    check_output_folder(args.output_dir, [REPORT, PLOT], overwrite=args.overwrite)  # now, not after the evaluation
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     signature = weights_signature(args.model) if local else None  # taken first: a replacement after it is seen
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \
@@ -70,11 +72,13 @@ def main(argv=None):
     report = evaluate_tokenizer(model, dataset, model_id=args.model, fid=not args.no_fid, ref_stats=args.ref_stats,
                                 inception_weights=args.inception_weights, lpips=not args.no_lpips,
                                 lpips_backbone=args.lpips_backbone, batch_size=args.batch_size,
-                                num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress)
+                                num_workers=args.num_workers, precision=args.precision, progress=not args.no_progress,
+                                codebook_plot=Path(args.output_dir) / PLOT)
     report["settings"].update(weights)
     if process_state().is_main_process:
         path = write_report(report, Path(args.output_dir) / REPORT)
         print(format_report(report, f"VQ-HiT reconstruction ({path})"))
+        print(f"codebook plot: {Path(args.output_dir) / PLOT}")
         if local and not args.no_model_card:
             if weights_signature(args.model) != signature:  # e.g. a training run exported meanwhile
                 print(f"model card not written: {args.model}/model.safetensors changed during the evaluation; the "

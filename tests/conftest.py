@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: offline stand-ins for downloaded weights, small image folders made on the spot, and
-a free port for multi-process tests."""
+"""Shared fixtures and helpers: offline stand-ins for downloaded weights, small image folders made on the spot, a
+free port for multi-process tests, and weights far from their initialisation (`nontrivial`)."""
+import math
 import socket
 from pathlib import Path
 from unittest import mock
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 
 def random_inception_network():
@@ -85,3 +87,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def nontrivial(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights far from their initialisation, so that a folding or export mistake shows in the output: BatchNorm
+    running statistics and affine parameters away from 0 / 1, Linear weights of unit gain, visible positional
+    tables."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model

@@ -243,23 +243,41 @@ def test_readme_launch_command_prints_only_the_error(tmp_path):
 
 
 def test_other_processes_stop_quietly_on_a_mistake_the_main_process_found(monkeypatch):
-    """A check only the main process runs (the output folder): the others learn it failed, and that it was the
-    user's mistake, which the main process prints; they stop with a UsageError (no line of their own)."""
-    import torch
-    from types import SimpleNamespace
+    """Work only the main process runs (the output folder): the others learn from the store that it failed, and
+    whether it was the user's mistake, which the main process prints; they stop with a UsageError (no line of
+    their own), and tell the main process they have read the outcome."""
+    import torch.distributed as dist
     from vqhit import distributed
-    from vqhit.training import Trainer
+
+    class Store(dict):
+        def set(self, key, value):
+            self[key] = value.encode()
+
+        def check(self, keys):
+            return all(k in self for k in keys)
+
+        def get(self, key):
+            return self[key]
+
+        def add(self, key, amount):
+            self[key] = dict.get(self, key, 0) + amount
+            return self[key]
 
     def never_called():
         raise AssertionError("only the main process runs it")
 
-    other = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=False))
-    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: torch.tensor([1.0, 1.0]))  # main: a UsageError
-    with pytest.raises(UsageError, match="stopped on the user's error"):
-        Trainer._on_main(other, never_called)
-    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: torch.tensor([1.0, 0.0]))  # main: a bug
-    with pytest.raises(RuntimeError, match="the main process failed"):
-        Trainer._on_main(other, never_called)
+    store = Store()
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    for outcome, error, message in (("usage", UsageError, "stopped on the user's error"),
+                                    ("error", RuntimeError, "the main process failed")):
+        store.clear()
+        monkeypatch.setattr(distributed, "_main_work", iter([7]))  # the number of this call of run_on_main
+        store.set("vqhit/main-work-7", outcome)  # what the main process wrote
+        with pytest.raises(error, match=message):
+            distributed.run_on_main(never_called)
+        assert store["vqhit/main-work-7/read"] == 1
 
 
 def test_a_config_file_value_is_checked_as_the_option_is(tmp_path, capsys):

@@ -228,7 +228,7 @@ def test_resuming_with_another_number_of_processes_continues_the_epoch_at_the_sa
 # slow.
 PATCHED = r"""
 import os, runpy, sys, time
-import vqhit.checkpointing as checkpointing, vqhit.resume as resume, vqhit.training as training
+import vqhit.checkpointing as checkpointing, vqhit.heldout as heldout, vqhit.resume as resume
 what, rank = sys.argv[1], int(os.environ.get("RANK", "0"))
 if what in ("late-listing", "unreadable") and rank == 1:
     resume.list_checkpoints = lambda output_dir: []
@@ -238,7 +238,7 @@ if what == "slow-main" and rank == 0:
     def slow(fn):
         return lambda *args, **kwargs: (time.sleep(6), fn(*args, **kwargs))[1]
     checkpointing.export_model = slow(checkpointing.export_model)
-    training.heldout_report = slow(training.heldout_report)
+    heldout.heldout_report = slow(heldout.heldout_report)
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

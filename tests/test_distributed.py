@@ -113,7 +113,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
 def _helpers(rank: int) -> dict:
     out = {"rank": distributed.rank(), "world_size": distributed.world_size(),
            "is_distributed": distributed.is_distributed()}
-    distributed.barrier()
+    dist.barrier()
     out["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1, 10 * (rank + 1)]))
     out["mean"] = distributed.all_reduce_mean(torch.tensor([float(rank), 4.0 * rank]))
     out["gathered"] = distributed.all_gather_cat(torch.full((2 + rank, 3), float(rank)))  # 2 rows, then 3
@@ -236,7 +236,6 @@ def test_broadcast_buffers_true_would_lose_rank_statistics(ranks):
 def test_single_process_helpers_are_no_ops():
     assert not dist.is_initialized()
     assert (distributed.rank(), distributed.world_size(), distributed.is_distributed()) == (0, 1, False)
-    distributed.barrier()
     t = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
     assert distributed.all_reduce_mean(t) is t and distributed.broadcast_(t) is t

@@ -219,6 +219,12 @@ def test_eval_rfid_offline_reports_what_needs_no_weights_and_names_the_flags_oth
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["codebook_perplexity"] >= 1
     assert offline == []  # not one connection attempted
+    # Beside the report, the plot of the code frequencies, whose title holds the report's usage and perplexity.
+    plot = Image.open(tmp_path / "out" / "codebook_usage.png")
+    assert plot.size == (700, 400)
+    used = round(metrics["codebook_usage"] * 256)
+    assert plot.text["Title"] == (f"codebook usage {100 * metrics['codebook_usage']:.1f}% ({used} of 256 codes), "
+                                  f"perplexity {metrics['codebook_perplexity']:.1f}")
     bar = capsys.readouterr().err
     assert "reconstruct" in bar and "rFID" not in bar  # the progress bar names what it does
 

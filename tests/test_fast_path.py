@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import nontrivial
+
 from vqhit import HiTConfig, HiTGenerator, VQHiT
 from vqhit.models import attention, inference
 from vqhit.models.layers import MLPBlock
@@ -184,26 +186,6 @@ def test_attend_hands_the_projection_to_sdpa_without_a_copy(monkeypatch):
 
 
 # -- the eval-mode inference path (folded BatchNorm, fused projections, pixel chunks) ---------------------------
-
-def nontrivial(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Weights far from their initialisation, so that a folding mistake shows in the output: BatchNorm running
-    statistics and affine parameters away from 0 / 1, Linear weights of unit gain, visible positional tables."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
-            elif isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        for name, p in model.named_parameters():
-            if name.endswith("pos_embed"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model
-
 
 def fold_everywhere(monkeypatch):
     """Every stage runs folded, whatever its size: the folded forwards are what is under test."""

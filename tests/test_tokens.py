@@ -1,15 +1,22 @@
 """Token shards: what encode writes is model.encode of the preprocessed images, decodes to decode_indices,
-resumes shard by shard, and covers every image exactly once with two processes."""
+resumes shard by shard, and covers every image exactly once with two processes, in either file format; a Parquet
+folder is a `datasets` dataset that holds the same tokens and goes to the Hub."""
+import fnmatch
+import io
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import free_port
@@ -17,7 +24,9 @@ from conftest import free_port
 from vqhit.data import eval_dataset
 from vqhit.metrics import to_uint8
 from vqhit.models.vqhit import VQHiT
-from vqhit.tokens import TokenDataset, encode_dataset, index_dtype, load_tokens, read_shard, shard_name
+from vqhit import tokens as tokens_module
+from vqhit.tokens import (FORMATS, TokenDataset, encode_dataset, index_dtype, load_tokens, read_shard, shard_file,
+                          shard_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = {"a": 3, "b": 2}  # two classes: labels 0, 0, 0, 1, 1
@@ -112,52 +121,89 @@ def test_resume_encodes_only_the_missing_shard(setup, encoded, tmp_path):
         encode_dataset(VQHiT.from_preset("vqhit-tiny"), dataset, out, shard_size=2, device="cpu", progress=False)
 
 
-def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_encode_rerun(setup, tmp_path):
+def silent_flip(parquet: bytes) -> bytes:
+    """The Parquet file with one byte flipped where a reader that skips the page checksums reads other rows
+    without an error (zstd's decoder catches many flips on its own, not all)."""
+    rows = pq.read_table(io.BytesIO(parquet))
+    for i in range(4, len(parquet)):
+        flipped = bytearray(parquet)
+        flipped[i] ^= 0xFF
+        try:
+            if not pq.read_table(io.BytesIO(bytes(flipped)), page_checksum_verification=False).equals(rows):
+                return bytes(flipped)
+        except (OSError, ValueError):
+            pass
+    raise AssertionError("no silent flip found")
+
+
+def _card(vqhit) -> str:
+    """A dataset card whose metadata's `vqhit:` entry is `vqhit` (any YAML value)."""
+    return "---\n" + yaml.safe_dump({"vqhit": vqhit}) + "---\n\n# Tokens\n"
+
+
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_damaged_shards_and_manifest_are_named_with_the_fix_on_decode_and_on_encode_rerun(setup, tmp_path,
+                                                                                           file_format):
     model, dataset = setup["model"], setup["dataset"]
     out = tmp_path / "tokens"
-    encode = dict(shard_size=2, batch_size=2, device="cpu", progress=False)
+    encode = dict(shard_size=2, batch_size=2, device="cpu", progress=False, file_format=file_format)
     encode_dataset(model, dataset, out, **encode)
     decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
     decode_argv = ["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(tmp_path / "png"),
                    "--no-progress"]
-    shard = out / shard_name(1)
-    good_shard, good_manifest = shard.read_bytes(), (out / "tokens.json").read_text()
+    shard = shard_file(out, 1, 3, file_format)
+    good_shard = shard.read_bytes()
     damages = {"truncated": good_shard[: len(good_shard) // 2], "garbage": b"\x00garbage" * 50, "empty": b""}
     for kind, data in damages.items():
         shard.write_bytes(data)
         for run in (lambda: decode(decode_argv), lambda: encode_dataset(model, dataset, out, **encode)):
-            with pytest.raises(ValueError, match=r"shard-00001\.safetensors is damaged.*delete it and run "
-                                                 r"scripts/encode\.py again"):
+            with pytest.raises(ValueError, match=re.escape(shard.name) + r" is damaged.*delete it and run "
+                                                                         r"scripts/encode\.py again"):
                 run()
+    if file_format == "parquet":  # a changed byte that, unchecked, reads as other rows: the page checksums find it
+        shard.write_bytes(silent_flip(good_shard))
+        with pytest.raises(ValueError, match=re.escape(shard.name) + r" is damaged.*delete it and run"):
+            decode(decode_argv)
     shard.unlink()  # the fix: delete it and encode again
     assert encode_dataset(model, dataset, out, **encode).encoded == [1]
     assert torch.equal(read_shard(shard)["indices"], load_tokens(out).indices[2:4])
 
-    manifest = out / "tokens.json"
-    for kind, text in {"truncated": good_manifest[:40], "not an object": "[1, 2]",
-                       "missing keys": json.dumps({"format": "vqhit-tokens"}),
-                       "a count as text": json.dumps({**json.loads(good_manifest), "num_shards": "3"})}.items():
+    good = json.loads((out / "tokens.json").read_text()) if file_format == "safetensors" else \
+        yaml.safe_load((out / "README.md").read_text().split("---")[1])["vqhit"]
+    if file_format == "safetensors":
+        manifest, name, damages = out / "tokens.json", r"tokens\.json", {
+            "truncated": json.dumps(good)[:40], "not an object": "[1, 2]",
+            "missing keys": json.dumps({"format": "vqhit-tokens"}),
+            "a count as text": json.dumps({**good, "num_shards": "3"})}
+    else:  # the manifest is the card's metadata
+        manifest, name, damages = out / "README.md", r"README\.md", {
+            "truncated": (out / "README.md").read_text()[:40], "not YAML": "---\nvqhit: [\n---\n",
+            "no manifest": "---\nlicense: mit\n---\n", "not an object": _card([1, 2]),
+            "missing keys": _card({"format": "vqhit-tokens"}), "a count as text": _card({**good, "num_shards": "3"})}
+    good_manifest = manifest.read_text()
+    for kind, text in damages.items():
         manifest.write_text(text)
         for run in (lambda: decode(decode_argv), lambda: encode_dataset(model, dataset, out, **encode)):
-            with pytest.raises(ValueError, match=r"tokens\.json is (damaged|not a vqhit token manifest).*delete it "
-                                                 r"and run scripts/encode\.py again"):
+            with pytest.raises(ValueError, match=name + r" is (damaged|not a vqhit token (manifest|card)).*delete it "
+                                                        r"and run scripts/encode\.py again"):
                 run()
     manifest.unlink()  # the fix: the shards' own metadata let the same encode run resume and rewrite it
     summary = encode_dataset(model, dataset, out, **encode)
     assert summary.encoded == [] and summary.reused == [0, 1, 2]
-    assert json.loads(manifest.read_text()) == json.loads(good_manifest)
+    assert manifest.read_text() == good_manifest
     manifest.unlink()
-    with pytest.raises(ValueError, match=r"shard-00000\.safetensors does not belong.*shard_size") as refused:
+    first = re.escape(shard_file(out, 0, 3, file_format).name)
+    with pytest.raises(ValueError, match=first + r" does not belong.*shard_size") as refused:
         encode_dataset(model, dataset, out, **{**encode, "shard_size": 3})  # other settings: refused, not mixed in
-    # The shards are good tokens of the earlier settings: the fix is another folder, as with tokens.json there.
+    # The shards are good tokens of the earlier settings: the fix is another folder, as with the manifest there.
     assert "use a new output folder" in str(refused.value) and "delete it" not in str(refused.value)
     encode_dataset(model, dataset, out, **encode)
 
     # A shard of another folder (other shard size) copied in is refused by name, not decoded as if it were ours.
     other = tmp_path / "other"
     encode_dataset(model, dataset, other, **{**encode, "shard_size": 3})
-    (other / shard_name(1)).replace(shard)
-    with pytest.raises(ValueError, match=r"shard-00001\.safetensors does not belong.*shard_size"):
+    shard_file(other, 1, 2, file_format).replace(shard)
+    with pytest.raises(ValueError, match=re.escape(shard.name) + r" does not belong.*shard_size"):
         load_tokens(out)
 
 
@@ -184,24 +230,29 @@ def test_random_transforms_are_refused(setup):
         eval_dataset(str(setup["root"] / "images"), 64, transform="random_crop")
 
 
-def test_two_processes_encode_every_image_exactly_once(setup, encoded, tmp_path):
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_two_processes_encode_every_image_exactly_once(setup, encoded, tmp_path, file_format):
     out = tmp_path / "tokens"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "scripts" / "encode.py"), "--model", str(setup["model_dir"]),
            "--data", str(setup["root"] / "images"), "--output-dir", str(out), "--shard-size", "1",
-           "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+           "--batch-size", "2", "--num-workers", "0", "--no-progress", "--format", file_format]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    shards = [read_shard(out / shard_name(k)) for k in range(5)]
+    shards = [read_shard(shard_file(out, k, 5, file_format)) for k in range(5)]
     writers = [s["metadata"]["written_by"] for s in shards]  # process r writes the shards k = r (mod 2)
     assert writers == [{"process": k % 2, "num_processes": 2} for k in range(5)]
     ids = [i for s in shards for i in s["ids"]]
     assert len(ids) == len(set(ids)) == 5
     assert set(ids) == {str(p.relative_to(setup["root"] / "images")) for p in setup["files"]}
     assert sorted(i for s in shards for i in s["dataset_index"].tolist()) == [0, 1, 2, 3, 4]
-    # The same tokens as one process made.
+    # The same tokens as one process made (in safetensors): the same in either format, and whatever the processes.
     assert torch.equal(load_tokens(out).indices, load_tokens(encoded[0]).indices)
+    if file_format == "parquet":  # and what `datasets` reads is those tokens, in dataset order
+        rows = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf")).with_format("torch")[:]
+        assert torch.equal(rows["indices"], load_tokens(encoded[0]).indices.long())
+        assert rows["dataset_index"].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_decode_by_id_never_writes_two_images_to_one_file(setup, tmp_path):
@@ -277,3 +328,123 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(setup, encoded,
             decode(["--model", str(setup["model_dir"]), "--tokens", str(out), "--output-dir", str(output_dir),
                     "--no-progress"])
     assert a_file.read_text() == "not a folder"
+
+
+LOAD_WITHOUT_VQHIT = """
+import json, sys
+import datasets
+folder, cache = sys.argv[1:]
+rows = datasets.load_dataset(folder, split="train", cache_dir=cache)
+streamed = next(iter(datasets.load_dataset(folder, split="train", streaming=True)))
+print(json.dumps({"features": {k: str(v) for k, v in rows.features.items()}, "rows": rows.to_dict(),
+                  "streamed": streamed, "vqhit_imported": any(m.split(".")[0] == "vqhit" for m in sys.modules)}))
+"""
+
+
+def test_a_parquet_folder_is_a_datasets_dataset_of_the_same_tokens_and_images(setup, encoded, tmp_path):
+    """encode --format parquet -> datasets.load_dataset, in a process that never imports vqhit -> the tokens,
+    ids, positions and labels of the safetensors folder; both decode to the same PNGs, and the card's metadata are
+    the safetensors folder's tokens.json."""
+    safetensors_dir, _ = encoded
+    out = tmp_path / "tokens"
+    encode = runpy.run_path(str(ROOT / "scripts" / "encode.py"), run_name="script")["main"]
+    argv = ["--model", str(setup["model_dir"]), "--data", str(setup["root"] / "images"), "--output-dir", str(out),
+            "--shard-size", "2", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--format", "parquet"]
+    assert encode(argv).encoded == [0, 1, 2]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
+        ["README.md"] + [f"data/train-0000{k}-of-00003.parquet" for k in range(3)]
+
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_VQHIT, str(out), str(tmp_path / "hf")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert not loaded["vqhit_imported"]
+    assert loaded["features"]["indices"] == "Array2D(shape=(8, 8), dtype='uint8')"
+    reference = load_tokens(safetensors_dir)
+    rows = loaded["rows"]
+    assert torch.equal(torch.tensor(rows["indices"]), reference.indices.long())
+    assert rows["id"] == reference.ids and rows["dataset_index"] == [0, 1, 2, 3, 4]
+    assert rows["label"] == reference.labels.tolist() == [0, 0, 0, 1, 1]
+    assert loaded["streamed"] == {key: values[0] for key, values in rows.items()}
+
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"}]
+    manifest = json.loads((safetensors_dir / "tokens.json").read_text())
+    assert metadata["vqhit"] == {**manifest, "model": str(setup["model_dir"])}  # the same encode, named otherwise
+    assert load_tokens(out).manifest == metadata["vqhit"]
+    item = TokenDataset(out)[3]
+    assert torch.equal(item["indices"], reference.indices[3].long()) and (item["label"], item["index"]) == (1, 3)
+
+    decode = runpy.run_path(str(ROOT / "scripts" / "decode.py"), run_name="script")["main"]
+    for folder, pngs in ((safetensors_dir, tmp_path / "png-safetensors"), (out, tmp_path / "png-parquet")):
+        assert decode(["--model", str(setup["model_dir"]), "--tokens", str(folder), "--output-dir", str(pngs),
+                       "--no-progress"]) == 5
+    for i in range(5):
+        name = f"{i:08d}.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "png-parquet" / name)),
+                              np.asarray(Image.open(tmp_path / "png-safetensors" / name)))
+
+    # The same command again: nothing to encode, and the card, edited for the Hub meanwhile, is left as it is.
+    (out / "README.md").write_text(card + "\nMy notes.\n")
+    summary = encode(argv)
+    assert summary.encoded == [] and summary.reused == [0, 1, 2]
+    assert (out / "README.md").read_text().endswith("My notes.\n")
+    # Resuming in the other format is refused, naming the flag; so is a folder holding both formats.
+    with pytest.raises(ValueError, match=r"holds parquet tokens: pass --format parquet"):
+        encode([a for a in argv if a not in ("--format", "parquet")])
+    # A Parquet file in data/ that is not one of the shards would be read by load_dataset with them: refused.
+    stray = out / "data" / "train-00000-of-00002.parquet"
+    stray.write_bytes(shard_file(out, 0, 3, "parquet").read_bytes())
+    with pytest.raises(ValueError, match=r"train-00000-of-00002\.parquet is not one of the 3 shards"):
+        load_tokens(out)
+    stray.unlink()
+    (out / "tokens.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds tokens in both file formats"):
+        load_tokens(out)
+
+
+class FakeHubApi:
+    """The Hub API (no network here): records what one upload_folder would send, as the model tests do."""
+    uploads: list = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, repo_type=None, **kwargs):
+        self.uploads.append({"created": repo_id, "repo_type": repo_type})
+        return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, repo_type=None, allow_patterns=None, delete_patterns=None,
+                      **kwargs):
+        folder = Path(folder_path)
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+                 and any(fnmatch.fnmatch(str(p.relative_to(folder)), a) for a in allow_patterns)}
+        self.uploads.append(dict(repo_id=repo_id, repo_type=repo_type, files=files, delete_patterns=delete_patterns))
+        return f"https://huggingface.co/datasets/{repo_id}/commit/0"
+
+
+def test_push_tokens_to_hub_uploads_the_card_and_shards_as_a_dataset(setup, encoded, tmp_path, monkeypatch):
+    monkeypatch.setattr(FakeHubApi, "uploads", [])
+    monkeypatch.setattr(tokens_module, "HfApi", FakeHubApi)
+    out = tmp_path / "tokens"
+    encode_dataset(setup["model"], setup["dataset"], out, shard_size=2, device="cpu", progress=False,
+                   file_format="parquet")
+    (out / "notes.txt").write_text("mine, not the dataset's")
+    url = tokens_module.push_tokens_to_hub(out, "me/photo-tokens")
+    assert url == "https://huggingface.co/datasets/me/photo-tokens/commit/0"
+    created, upload = FakeHubApi.uploads
+    assert created == {"created": "me/photo-tokens", "repo_type": "dataset"}
+    assert upload["repo_type"] == "dataset" and upload["repo_id"] == "me/photo-tokens"
+    assert upload["files"] == {name: (out / name).read_bytes() for name in
+                               ["README.md"] + [f"data/train-0000{k}-of-00003.parquet" for k in range(3)]}
+    # Shards of an earlier upload with another shard count are deleted, not left to be read with these.
+    assert any(fnmatch.fnmatch("data/train-00000-of-00007.parquet", p) for p in upload["delete_patterns"])
+
+    FakeHubApi.uploads.clear()
+    shard_file(out, 2, 3, "parquet").unlink()  # unfinished: refused before anything is created or sent
+    with pytest.raises(ValueError, match="incomplete: 1 of 3 shards missing"):
+        tokens_module.push_tokens_to_hub(out, "me/photo-tokens")
+    with pytest.raises(ValueError, match="holds safetensors tokens.*--format parquet"):
+        tokens_module.push_tokens_to_hub(encoded[0], "me/photo-tokens")
+    assert FakeHubApi.uploads == []

@@ -1,6 +1,5 @@
 """The training loop: EMA math, lazy R1, exact resume, learning, NaN guard, bad files, config errors."""
 import copy
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from vqhit import list_presets
 from vqhit.errors import OwnDataError, UsageError
+from vqhit.models.model_card import weights_sha256
 from vqhit.losses import d_logistic_loss, r1_penalty
 from vqhit.train_config import RECIPES, build_parser, config_from_dict, parse_config, summary, task_defaults
 from vqhit.training import EMA, Trainer, list_checkpoints
@@ -452,7 +452,7 @@ def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, cap
     evaluate = runpy.run_path(str(ROOT / "scripts" / "eval_rfid.py"), run_name="script")["main"]
     report = evaluate(["--model", str(model_dir), "--data", "builtin:photos-heldout", "--num-images", "4", "--no-fid",
                        "--no-lpips", "--num-workers", "0", "--output-dir", str(tmp_path / "eval"), "--no-progress"])
-    sha = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    sha = weights_sha256(model_dir)  # of the content: the tensors and the header's keys in order
     assert report["settings"]["weights_sha256"] == sha and report["settings"]["training_step"] == 1
     card = (model_dir / "README.md").read_text()
     assert f"sha256 `{sha[:16]}` (after\n1 training steps)" in card and "| PSNR (dB) |" in card
@@ -464,7 +464,7 @@ def test_model_card_figures_name_their_weights_and_leave_with_them(tmp_path, cap
     make_trainer(tmp_path, "vqhit", steps=1, checkpoint_every=1, adv_start=10, resume="latest").fit()
     assert (model_dir / "model.safetensors").stat().st_ino == inode
     assert (model_dir / "README.md").read_text() == card
-    assert hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest() == sha
+    assert weights_sha256(model_dir) == sha
 
     make_trainer(tmp_path, "vqhit", steps=2, checkpoint_every=1, adv_start=10, resume="latest").fit()
     card = (model_dir / "README.md").read_text()
@@ -487,3 +487,17 @@ def test_progress_bar_shows_window_means_and_a_finished_run_says_where_its_model
     assert f"codes used {int(last['codebook/codes_used'])} of 256" in bar and "usage" not in bar
     model = tmp_path / "run" / "model"
     assert out.splitlines()[-1] == f'finished at step 4: the EMA model is in {model} (VQHiT.from_pretrained("{model}"))'
+
+
+def test_tensorboard_gets_a_histogram_of_code_use_at_log_steps(tmp_path):
+    """At every log step: one value per code, the times it was picked since the previous log step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tmp_path, "vqhit", steps=4, log_every=2, adv_start=10, heldout_data=None).fit()
+    events = next((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")).parent
+    accumulator = EventAccumulator(str(events), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    histograms = accumulator.Histograms("codebook/code_use")
+    assert [h.step for h in histograms] == [2, 4]
+    for h in histograms:  # 256 codes; 2 steps x 2 images x an 8x8 grid = 256 picks in each window
+        assert (h.histogram_value.num, h.histogram_value.sum) == (256, 256)

@@ -41,7 +41,7 @@ from .errors import UsageError
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-__all__ = ["rank", "world_size", "is_distributed", "barrier", "all_reduce_sum", "all_reduce_mean",
+__all__ = ["rank", "world_size", "is_distributed", "all_reduce_sum", "all_reduce_mean",
            "all_gather_cat", "all_gather_objects", "broadcast_", "run_on_main", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
            "init_restarted_process_group", "check_elastic_launch", "average_batchnorm_stats_", "process_state",
            "state_and_device"]
@@ -64,12 +64,6 @@ def world_size() -> int:
 def is_distributed() -> bool:
     """True when there is another process to talk to."""
     return _initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    """Wait until every process gets here."""
-    if is_distributed():
-        dist.barrier()
 
 
 def process_state() -> PartialState:

@@ -5,9 +5,9 @@ download their machine cannot make) raises a `UsageError` whose message names th
 (`--data`, `--batch-size`) and the fix. The scripts print it as one line, `error: ...`, and exit with status 2
 (`vqhit.cli.run`); any other exception is a bug and keeps its traceback.
 
-`UsageError` is a `ValueError`, so library callers catch it as they always did. `NotFoundError`,
-`UnavailableError` and `DivergedError` are also the built-in types those checks raised before (`FileNotFoundError`,
-`RuntimeError`, `FloatingPointError`).
+`UsageError` is a `ValueError`, so library callers catch it as one. `NotFoundError`, `UnavailableError` and
+`DivergedError` are also the built-in types of their kind (`FileNotFoundError`, `RuntimeError`,
+`FloatingPointError`).
 """
 
 

@@ -43,7 +43,7 @@ from .data import ImageDataset, build_dataloader, check_eval_dataset, collate_im
 from .errors import UsageError
 from .files import atomic_write
 from .metrics import (FeatureStatistics, InceptionFeatures, LPIPSMetric, codebook_usage, frechet_distance,
-                      inception_score, psnr, ssim, to_uint8)
+                      histogram_usage, inception_score, psnr, ssim, to_uint8)
 from .precision import autocast, check_precision
 
 INTERPOLATIONS = ("linear", "slerp")
@@ -177,7 +177,7 @@ def _save_on_main(reference: ReferenceStatistics, path) -> None:
 def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = None, fid: bool = True,
                        ref_stats=None, inception_weights=None, lpips: bool = True, lpips_backbone=None,
                        batch_size: int = 32, num_workers: int = 0, precision: str = "fp32", device=None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, codebook_plot=None) -> dict:
     """Reconstruct every image of `dataset` through the tokens (decode_indices(encode(x))) and measure.
 
     Returns {"metrics": {rfid, psnr, ssim, lpips, codebook_usage, codebook_perplexity, num_images,
@@ -186,7 +186,8 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     in the same pass and saved there. fid=False skips Inception altogether (rfid is None); lpips=False skips
     LPIPS (lpips is None). With both off nothing is downloaded: PSNR, SSIM, codebook usage and perplexity need
     no weights. lpips_backbone: a local torchvision AlexNet state dict (offline use); None loads torchvision's
-    ImageNet weights (downloaded once).
+    ImageNet weights (downloaded once). codebook_plot: a PNG path where the main process plots the code
+    frequencies of the whole set (`save_codebook_plot`).
     """
     check_eval_dataset(dataset, model.config.resolution)
     precision = check_precision(precision)
@@ -231,6 +232,8 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
             _save_on_main(reference, ref_stats)
         rfid = frechet_distance(reference.mu, reference.sigma, *fake.mean_cov())
     usage = codebook_usage(torch.cat(codes), model.config.codebook_size)
+    if codebook_plot is not None and state.is_main_process:
+        save_codebook_plot(usage["counts"], codebook_plot)
     metrics = {
         "rfid": rfid, "psnr": float(sums[0] / n), "ssim": float(sums[1] / n),
         "lpips": float(sums[2] / n) if lpips_metric is not None else None,
@@ -251,6 +254,32 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
         **_run_settings(state, device, precision, batch_size),
     }
     return {"metrics": metrics, "settings": settings}
+
+
+def save_codebook_plot(counts: torch.Tensor, path) -> Path:
+    """Plot a code histogram `counts` (codebook_size,) as a PNG: the codes' frequencies sorted from the most used,
+    on a log scale (unused codes are the empty tail), beside a uniform codebook's; codebook usage and perplexity in
+    the title, which the PNG's Title text also holds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
+
+    counts = counts.detach().double().cpu()
+    figures, size = histogram_usage(counts), len(counts)
+    used = int((counts > 0).sum())
+    frequencies = (counts / counts.sum()).sort(descending=True).values[:used]
+    title = (f"codebook usage {100 * figures['usage']:.1f}% ({used} of {size} codes), "
+             f"perplexity {figures['perplexity']:.1f}")
+    figure = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.step(np.arange(1, used + 1), frequencies.numpy(), where="mid", label="codes, most used first")
+    axes.axhline(1 / size, color="grey", linestyle="--", linewidth=1, label=f"uniform (1/{size})")
+    axes.set(yscale="log", xlim=(0, size + 1), xlabel="code rank", ylabel="frequency", title=title)
+    axes.legend(loc="upper right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: figure.savefig(p, format="png", metadata={"Title": title}))
+    return path
 
 
 def _reconstruct_and_measure(model, batches, device, precision: str = "fp32"):

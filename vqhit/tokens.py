@@ -1,17 +1,24 @@
 """Token shards: a dataset encoded once by a VQ-HiT tokenizer, decoded back to images, or read for training.
 
-An output folder holds
+A token folder holds its tokens in one of two file formats (`FORMATS`), chosen when it is encoded:
 
-    tokens.json                   the manifest: model, preset, codebook size, grid, preprocessing, shard size ...
-    shard-00000.safetensors       dataset items [0, shard_size)
-    shard-00001.safetensors       dataset items [shard_size, 2 * shard_size) ...
+safetensors (the default)          parquet: a Hugging Face `datasets` dataset
+    tokens.json   the manifest         README.md   the dataset card; its metadata (`vqhit:`) is the manifest
+    shard-00000.safetensors            data/train-00000-of-00003.parquet
+    shard-00001.safetensors ...        data/train-00001-of-00003.parquet ...
 
-and each shard holds the tensors
+The manifest says how the tokens were made: model, preset, tokenizer fingerprint, codebook size, grid,
+preprocessing, data, shard size. Shard k holds dataset items [k * shard_size, (k + 1) * shard_size), minus the
+unreadable ones. A safetensors shard holds the tensors
     indices        (N, h, w)  the smallest integer dtype that holds the codebook (uint8 up to 256 codes, ...)
     dataset_index  (N,) int64 position of each image in the source dataset
     labels         (N,) int64 only when the dataset has labels
 and, as safetensors metadata (string -> JSON string), the manifest's fields plus `ids` (the source file
-name of each image) and `skipped` (dataset positions of unreadable images, which have no tokens).
+name of each image) and `skipped` (dataset positions of unreadable images, which have no tokens). A Parquet
+shard holds one row per image, with the columns `indices` (a `datasets` Array2D of that dtype), `id`,
+`dataset_index` and `label` (when the dataset has labels), and the same metadata as one JSON object under the
+`vqhit` key of its schema metadata. `datasets.load_dataset(folder)` reads a Parquet folder without vqhit: the
+card's `configs` name its shards as the split "train", and the shards carry their features.
 
 Shard k holds a fixed range of dataset positions, and process r of W encodes the shards k = r (mod W):
 every image is encoded exactly once with no padding, whatever the number of processes. A shard is
@@ -19,11 +26,12 @@ written to a temporary name and renamed, so a shard file that exists is complete
 skips those and encodes only the rest.
 
 Files damaged later (a truncated copy, a full disk, garbage) are caught when read: every shard's header is
-checked (safetensors refuses a file its header does not cover exactly) and its metadata compared with
-`tokens.json`, on decode and on an encode re-run alike, and the error names the file and the fix. Each shard
-carries the manifest's fields, so a lost or damaged `tokens.json` can be rewritten by re-running the encode.
-Tokens decode only with the tokenizer whose encoder and codebook made them (same fingerprint), unless
-the caller says otherwise (`allow_other_tokenizer`, `--allow-other-tokenizer`).
+checked (safetensors refuses a file its header does not cover exactly; a Parquet file needs its footer, and its
+pages carry checksums that are verified when read) and its metadata compared with the manifest, on decode and on
+an encode re-run alike, and the error names the file and the fix. Each shard carries the manifest's fields, so a
+lost or damaged manifest can be rewritten by re-running the encode. Tokens decode only with the tokenizer whose
+encoder and codebook made them (same fingerprint), unless the caller says otherwise (`allow_other_tokenizer`,
+`--allow-other-tokenizer`). `push_tokens_to_hub` uploads a Parquet folder as a Hub dataset.
 """
 from __future__ import annotations
 
@@ -31,12 +39,19 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import yaml
+from huggingface_hub import HfApi
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -52,7 +67,12 @@ from .metrics import to_uint8
 from .precision import autocast, check_precision
 
 FORMAT, VERSION = "vqhit-tokens", 1
-MANIFEST_NAME = "tokens.json"
+FORMATS = ("safetensors", "parquet")  # the file formats of a token folder; the first is the default
+MANIFEST_NAME = "tokens.json"         # the manifest of a safetensors folder
+CARD_NAME = "README.md"               # the dataset card of a Parquet folder: its metadata hold the manifest
+CARD_KEY = "vqhit"                    # the card metadata's key of the manifest, and the Parquet shards' metadata key
+PARQUET_SPLIT = "train"               # the split `datasets.load_dataset` gives a Parquet folder's tokens
+PARQUET_DATA = f"data/{PARQUET_SPLIT}-*.parquet"
 NAME_BY = ("index", "id")
 MANIFEST_KEYS = ("format", "version", "model", "preset", "tokenizer_fingerprint", "codebook_size", "grid",
                  "resolution", "dtype", "preprocessing", "data", "label_column", "precision", "num_items",
@@ -63,7 +83,41 @@ NEW_FOLDER = ("resuming needs the same model, data, preprocessing and shard size
 
 
 def shard_name(k: int) -> str:
+    """The file name of shard k of a safetensors folder."""
     return f"shard-{k:05d}.safetensors"
+
+
+def parquet_shard_name(k: int, num_shards: int) -> str:
+    """The path of shard k of a Parquet folder, relative to it: the Hub's naming, which `datasets` reads as a split."""
+    return f"data/{PARQUET_SPLIT}-{k:05d}-of-{num_shards:05d}.parquet"
+
+
+def shard_file(token_dir, k: int, num_shards: int, file_format: str) -> Path:
+    """Shard k of a folder of `num_shards` shards in `file_format`."""
+    name = parquet_shard_name(k, num_shards) if file_format == "parquet" else shard_name(k)
+    return Path(token_dir) / name
+
+
+def token_format(token_dir) -> str | None:
+    """The file format of a token folder ("safetensors" or "parquet", by the files it holds), None when it holds
+    neither; a folder that holds both is refused: each reader would see other tokens."""
+    token_dir = Path(token_dir)
+    if not token_dir.is_dir():
+        return None
+    found = [fmt for fmt, present in (
+        ("safetensors", (token_dir / MANIFEST_NAME).exists() or any(token_dir.glob("shard-*.safetensors"))),
+        ("parquet", any((token_dir / "data").glob("*.parquet")) or _is_token_card(token_dir / CARD_NAME)))
+        if present]
+    if len(found) > 1:
+        raise UsageError(f"{token_dir} holds tokens in both file formats ({MANIFEST_NAME} or shard-*.safetensors, "
+                         f"and data/*.parquet or a token card {CARD_NAME}); keep each format in its own folder.")
+    return found[0] if found else None
+
+
+def check_file_format(file_format: str) -> str:
+    if file_format not in FORMATS:
+        raise UsageError(f"--format {file_format}: use one of {', '.join(FORMATS)}")
+    return file_format
 
 
 def index_dtype(codebook_size: int) -> torch.dtype:
@@ -111,6 +165,7 @@ def token_manifest(model, dataset: ImageDataset, *, shard_size: int, model_id: s
 @dataclass
 class EncodeSummary:
     output_dir: Path
+    file_format: str
     num_shards: int
     encoded: list[int]   # shards this process encoded in this run
     reused: list[int]    # shards of this process that were already complete
@@ -121,31 +176,34 @@ class EncodeSummary:
 @torch.no_grad()
 def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int = 1000, batch_size: int = 64,
                    num_workers: int = 0, model_id: str | None = None, precision: str = "fp32", device=None,
-                   progress: bool = True) -> EncodeSummary:
+                   progress: bool = True, file_format: str = "safetensors") -> EncodeSummary:
     """Encode every image of `dataset` into token shards in `output_dir` (resumable, multi-process).
 
     The dataset must be deterministic (vqhit.data.eval_dataset). Restarting with the same model and
     data encodes only the shards that are missing; another model, data or preprocessing is refused.
+    file_format: "safetensors" (tokens.json and shard-NNNNN.safetensors) or "parquet" (a `datasets` dataset:
+    README.md and data/train-NNNNN-of-NNNNN.parquet); a folder is resumed in the format it was started in.
     """
     check_eval_dataset(dataset, model.config.resolution)
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be at least 1.")
     precision = check_precision(precision)
+    file_format = check_file_format(file_format)
     state, device = state_and_device(device)
     output_dir = check_output_folder(output_dir)
     model = model.to(device).eval()
     manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
-    _check_existing_manifest(output_dir, manifest)
+    _check_existing_manifest(output_dir, manifest, file_format)
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(output_dir / MANIFEST_NAME, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        _write_manifest(output_dir, manifest, file_format)
     state.wait_for_everyone()
 
     n, dtype = manifest["num_items"], index_dtype(model.config.codebook_size)
+    path = lambda k: shard_file(output_dir, k, manifest["num_shards"], file_format)  # noqa: E731
     mine = range(state.process_index, manifest["num_shards"], state.num_processes)
-    reused = [k for k in mine if (output_dir / shard_name(k)).exists()]
+    reused = [k for k in mine if path(k).exists()]
     for k in reused:  # a shard that exists was complete when written; check it is still whole and ours
-        check_shard(output_dir / shard_name(k), manifest, k)
+        check_shard(path(k), manifest, k)
     todo = [k for k in mine if k not in reused]
     # One loader over all of this process's batches; a batch never crosses a shard boundary.
     plan = [(k, list(range(start, min(start + batch_size, (k + 1) * shard_size, n))))
@@ -158,7 +216,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
     for (k, positions), batch in zip(plan, loader):
         if k != current:
             if current is not None:
-                _write_shard(output_dir, current, parts, manifest)
+                _write_shard(path(current), current, parts, manifest)
             current, parts = k, []
         if batch is not None:
             with autocast(precision, device):
@@ -167,25 +225,29 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
         parts.append((positions, batch))
         bar.update(len(positions))
     if current is not None:
-        _write_shard(output_dir, current, parts, manifest)
+        _write_shard(path(current), current, parts, manifest)
     bar.close()
     state.wait_for_everyone()
-    headers = [read_shard_metadata(output_dir / shard_name(k)) for k in range(manifest["num_shards"])]
-    return EncodeSummary(output_dir, manifest["num_shards"], todo, reused,
+    headers = [read_shard_metadata(path(k)) for k in range(manifest["num_shards"])]
+    return EncodeSummary(output_dir, file_format, manifest["num_shards"], todo, reused,
                          num_images=sum(h["num_images"] for h in headers),
                          num_skipped=sum(len(h["skipped"]) for h in headers))
 
 
-def _check_existing_manifest(output_dir: Path, manifest: dict) -> None:
-    path = output_dir / MANIFEST_NAME
+def _check_existing_manifest(output_dir: Path, manifest: dict, file_format: str) -> None:
+    existing = token_format(output_dir)
+    if existing not in (None, file_format):
+        raise UsageError(f"{output_dir} holds {existing} tokens: pass --format {existing} (file_format=\"{existing}\") "
+                         f"to resume it, or encode {file_format} tokens into a new output folder.")
+    path = output_dir / (CARD_NAME if file_format == "parquet" else MANIFEST_NAME)
     if not path.exists():
         # No manifest (never written, or deleted because it was damaged): the shards' own metadata say how they
         # were made, so those of this run's settings are kept and anything else is refused.
         # A whole shard made with other settings is another run's good tokens: not to be deleted, but not resumed.
-        for shard in sorted(output_dir.glob("shard-*.safetensors")) if output_dir.is_dir() else []:
-            check_shard(shard, manifest, int(shard.name[len("shard-"):-len(".safetensors")]), fix=NEW_FOLDER)
+        for shard, k in _shard_files(output_dir, file_format):
+            check_shard(shard, manifest, k, fix=NEW_FOLDER)
         return
-    diff = _manifest_differences(read_manifest(output_dir), manifest)
+    diff = _manifest_differences(_read_manifest_file(output_dir, file_format), manifest)
     if diff:
         raise UsageError(f"{output_dir} holds tokens made with other settings (folder, this run): {diff}; "
                          f"{NEW_FOLDER}.")
@@ -199,7 +261,16 @@ def _manifest_differences(existing: dict, manifest: dict) -> dict:
     return diff
 
 
-def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:
+def _shard_files(output_dir: Path, file_format: str) -> list[tuple[Path, int]]:
+    """(path, shard number its name gives, -1 for none) of every shard file of a folder, whatever its count."""
+    if file_format == "parquet":
+        files, number = sorted((output_dir / "data").glob("*.parquet")), r"train-(\d+)-of-\d+\.parquet"
+    else:
+        files, number = sorted(output_dir.glob("shard-*.safetensors")), r"shard-(\d+)\.safetensors"
+    return [(f, int(m.group(1)) if (m := re.fullmatch(number, f.name)) else -1) for f in files]
+
+
+def _write_shard(path: Path, k: int, parts: list, manifest: dict) -> None:
     """parts: (dataset positions asked for, collated batch with indices or None) in order."""
     batches = [batch for _, batch in parts if batch is not None]
     grid, dtype = manifest["grid"], getattr(torch, manifest["dtype"])
@@ -210,16 +281,108 @@ def _write_shard(output_dir: Path, k: int, parts: list, manifest: dict) -> None:
     }
     if manifest["label_column"] is not None:
         tensors["labels"] = torch.cat([b["label"] for b in batches]).long() if batches else torch.zeros(0).long()
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
     asked = {p for positions, _ in parts for p in positions}
     skipped = sorted(asked - set(got.tolist()))
     source = manifest["data"]["data"]
     ids = [_relative_id(i, source) for b in batches for i in b["id"]]
-    metadata = {key: json.dumps(value) for key, value in manifest.items()}
     state = process_state()
-    metadata.update(shard=json.dumps(k), ids=json.dumps(ids), skipped=json.dumps(skipped),
-                    written_by=json.dumps({"process": state.process_index, "num_processes": state.num_processes}))
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
-    atomic_write(output_dir / shard_name(k), lambda p: save_file(tensors, str(p), metadata=metadata))
+    metadata = {**manifest, "shard": k, "skipped": skipped,
+                "written_by": {"process": state.process_index, "num_processes": state.num_processes}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        atomic_write(path, lambda p: _write_parquet(p, tensors, ids, metadata))
+    else:
+        strings = {key: json.dumps(value) for key, value in {**metadata, "ids": ids}.items()}
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=strings))
+
+
+def token_features(grid: int, dtype: str, labels: bool) -> datasets.Features:
+    """The `datasets` features of a Parquet folder's rows."""
+    features = {"indices": datasets.Array2D((grid, grid), dtype), "id": datasets.Value("string"),
+                "dataset_index": datasets.Value("int64")}
+    if labels:
+        features["label"] = datasets.Value("int64")
+    return datasets.Features(features)
+
+
+def _write_parquet(path: Path, tensors: dict, ids: list, metadata: dict) -> None:
+    """One row per image; the features (for `datasets`) and vqhit's metadata in the schema's metadata; page
+    checksums, so that damage inside the file is found when it is read."""
+    indices = tensors["indices"].numpy()
+    n, grid = indices.shape[0], metadata["grid"]
+    labels = tensors.get("labels")
+    schema = token_features(grid, metadata["dtype"], labels is not None).arrow_schema
+    rows = pa.array(np.arange(0, n * grid + 1, grid, dtype=np.int32))
+    cells = pa.array(np.arange(0, n * grid * grid + 1, grid, dtype=np.int32))
+    grids = pa.ListArray.from_arrays(rows, pa.ListArray.from_arrays(cells, pa.array(indices.reshape(-1))))
+    columns = {"indices": pa.ExtensionArray.from_storage(schema.field("indices").type, grids),
+               "id": pa.array(ids, pa.string()), "dataset_index": pa.array(tensors["dataset_index"].numpy())}
+    if labels is not None:
+        columns["label"] = pa.array(labels.numpy())
+    table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+    table = table.replace_schema_metadata({**schema.metadata, CARD_KEY.encode(): json.dumps(metadata).encode()})
+    pq.write_table(table, str(path), compression="zstd", write_page_checksum=True)
+
+
+def _write_manifest(output_dir: Path, manifest: dict, file_format: str) -> None:
+    """tokens.json, or the dataset card of a Parquet folder. A card already there holds this manifest (checked
+    before) and is kept as it is: its text may have been edited for the Hub."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if file_format == "parquet":
+        if not (output_dir / CARD_NAME).exists():
+            atomic_write(output_dir / CARD_NAME, lambda p: p.write_text(token_card(manifest)))
+    else:
+        atomic_write(output_dir / MANIFEST_NAME, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+
+
+def token_card(manifest: dict) -> str:
+    """The dataset card of a Parquet folder: metadata that tell `datasets` and the Hub where the shards are and
+    hold the manifest (under `vqhit:`), then what the tokens are and how to read and decode them."""
+    metadata = {"configs": [{"config_name": "default",
+                             "data_files": [{"split": PARQUET_SPLIT, "path": PARQUET_DATA}]}],
+                "tags": ["vqhit", "image-tokens"], CARD_KEY: manifest}
+    data, grid, labels, size = manifest["data"], manifest["grid"], manifest["label_column"], manifest["resolution"]
+    columns = ["`indices`: the token grid", "`id`: the source image's file name", "`dataset_index`: its position "
+               "in the source dataset"] + ([f"`label`: the source's `{labels}` column"] if labels is not None else [])
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip()}
+---
+
+# Image tokens of {data['data']}
+
+The images of `{data['data']}` (split `{data['split']}`), {manifest['preprocessing']['transform']} to {size}x{size},
+encoded by the VQ-HiT tokenizer `{manifest['model']}` (preset `{manifest['preset']}`): each image is a {grid}x{grid}
+grid of indices into its codebook of {manifest['codebook_size']} codes. One row per image: {'; '.join(columns)}.
+Unreadable images have no row.
+
+```python
+from datasets import load_dataset
+tokens = load_dataset("path/or/repo-id", split="{PARQUET_SPLIT}").with_format("torch")
+tokens[0]["indices"]   # ({grid}, {grid}) codes
+```
+
+The tokens mean images only to the tokenizer that made them, whose encoder and codebook have the fingerprint
+`{manifest['tokenizer_fingerprint']}` (sha256). vqhit decodes them with it:
+
+```bash
+python scripts/decode.py --model {manifest['model']} --tokens path/to/this/folder --output-dir decoded/
+```
+
+The metadata above (`{CARD_KEY}:`) are the manifest: the tokenizer, the preprocessing, the data and how the shards
+were cut. Written by vqhit's `scripts/encode.py --format parquet`.
+"""
+
+
+_FRONT_MATTER = re.compile(r"---\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", re.S)
+
+
+def _is_token_card(path: Path) -> bool:
+    """Whether `path` is a dataset card whose metadata have a `vqhit:` key (without judging its contents)."""
+    if not path.is_file():
+        return False
+    match = _FRONT_MATTER.match(path.read_text(errors="replace"))
+    return bool(match and re.search(rf"^{CARD_KEY}:", match.group(1), re.M))
 
 
 def _relative_id(name: str, source: str) -> str:
@@ -235,22 +398,55 @@ def _relative_id(name: str, source: str) -> str:
 # Read
 
 
+# What reading a damaged shard raises: safetensors' and pyarrow's errors (ArrowInvalid is a ValueError), bad JSON,
+# an unreadable file, and a column whose values do not fill the grids.
+_DAMAGE = (SafetensorError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError)
+
+
+def _damaged(path, err: Exception) -> UsageError:
+    return UsageError(f"{path} is damaged ({' '.join(str(err).split())}); {REENCODE}.")
+
+
 def read_shard_metadata(path) -> dict:
     """A shard's metadata (values decoded from JSON) plus num_images and the indices' shape, without reading the
-    tensors. A damaged file raises a ValueError that names it and the fix."""
+    tensors (a Parquet shard's `id` column is read: it is its `ids`). A damaged file raises a ValueError that names
+    it and the fix."""
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:  # refuses a file its header does not cover exactly
-            metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            tensors = set(f.keys())
-            shape = f.get_slice("indices").get_shape() if "indices" in tensors else None
-    except (SafetensorError, json.JSONDecodeError, OSError) as err:
-        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        metadata, tensors, shape = (_parquet_header if path.suffix == ".parquet" else _safetensors_header)(path)
+    except _DAMAGE as err:
+        raise _damaged(path, err) from err
     missing = sorted({"indices", "dataset_index"} - tensors) + sorted({*MANIFEST_KEYS, "shard", "ids", "skipped"}
                                                                       - metadata.keys())
     if missing:
         raise UsageError(f"{path} is not a complete vqhit token shard (missing {missing}); {REENCODE}.")
     metadata["num_images"], metadata["shape"] = shape[0], list(shape)
     return metadata
+
+
+def _safetensors_header(path: Path) -> tuple[dict, set, list | None]:
+    """(metadata, tensor names, the indices' shape) of a safetensors shard."""
+    with safe_open(str(path), framework="pt") as f:  # refuses a file its header does not cover exactly
+        metadata = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        tensors = set(f.keys())
+        return metadata, tensors, f.get_slice("indices").get_shape() if "indices" in tensors else None
+
+
+def _parquet_header(path: Path) -> tuple[dict, set, list | None]:
+    """(metadata with the `id` column as `ids`, the columns as tensor names, the indices' shape) of a Parquet
+    shard. Its footer must be whole (a truncated file has none)."""
+    file = pq.ParquetFile(str(path), page_checksum_verification=True)
+    schema = file.schema_arrow
+    metadata = json.loads((schema.metadata or {}).get(CARD_KEY.encode(), b"{}"))
+    if not isinstance(metadata, dict):
+        metadata = {}
+    tensors = {"indices", "dataset_index"} & set(schema.names) | ({"labels"} if "label" in schema.names else set())
+    if "id" in schema.names:
+        metadata["ids"] = file.read(columns=["id"]).column("id").to_pylist()
+    # The grid's shape is the Array2D feature's (pyarrow knows the type once `datasets` is imported).
+    shape = [file.metadata.num_rows, *getattr(schema.field("indices").type, "shape", ())] if "indices" in tensors \
+        else None
+    return metadata, tensors, shape
 
 
 def check_shard(path, manifest: dict, k: int, fix: str = REENCODE) -> dict:
@@ -272,24 +468,51 @@ def read_shard(path) -> dict:
     """{"indices", "dataset_index", "labels" (or None), "ids", "skipped", "metadata"} of one shard."""
     metadata = read_shard_metadata(path)
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise UsageError(f"{path} is damaged ({err}); {REENCODE}.") from err
+        tensors = _read_parquet(path, metadata["shape"]) if Path(path).suffix == ".parquet" else load_file(str(path))
+    except _DAMAGE as err:
+        raise _damaged(path, err) from err
     return {"indices": tensors["indices"], "dataset_index": tensors["dataset_index"],
             "labels": tensors.get("labels"), "ids": metadata["ids"], "skipped": metadata["skipped"],
             "metadata": metadata}
 
 
+def _read_parquet(path, shape: list) -> dict:
+    """The tensors of a Parquet shard (`shape`: its indices' shape, from its header); every page's checksum is
+    verified."""
+    table = pq.read_table(str(path), page_checksum_verification=True)
+    grids = table.column("indices").combine_chunks()
+    if isinstance(grids, pa.ExtensionArray):
+        grids = grids.storage
+    indices = torch.from_numpy(grids.flatten().flatten().to_numpy(zero_copy_only=False).copy()).view(shape)
+    tensors = {"indices": indices, "dataset_index": torch.from_numpy(table.column("dataset_index").to_numpy().copy())}
+    if "label" in table.column_names:
+        tensors["labels"] = torch.from_numpy(table.column("label").to_numpy().copy())
+    return tensors
+
+
 def read_manifest(token_dir) -> dict:
-    path = Path(token_dir) / MANIFEST_NAME
+    """The manifest of a token folder, in either format (tokens.json, or the metadata of a Parquet folder's
+    README.md), checked: a missing, damaged or foreign one raises with the fix."""
+    token_dir = Path(token_dir)
+    file_format = token_format(token_dir)
+    if file_format is None:
+        raise UsageError(f"{token_dir} holds no tokens (no {MANIFEST_NAME}, no {CARD_NAME} token card, no shards): is "
+                         f"it a folder written by scripts/encode.py?")
+    return _read_manifest_file(token_dir, file_format)
+
+
+def _read_manifest_file(token_dir: Path, file_format: str) -> dict:
+    name = CARD_NAME if file_format == "parquet" else MANIFEST_NAME
+    path = token_dir / name
     if not path.exists():
-        raise UsageError(f"{token_dir} has no {MANIFEST_NAME}: is it a folder written by scripts/encode.py? If its "
-                         f"{MANIFEST_NAME} was lost, run scripts/encode.py again with the same arguments to rewrite "
-                         f"it (the shards are kept).")
+        raise UsageError(f"{token_dir} has no {name}: is it a folder written by scripts/encode.py? If its {name} was "
+                         f"lost, run scripts/encode.py again with the same arguments to rewrite it (the shards are "
+                         f"kept).")
     rewrite = (f"delete it and run scripts/encode.py again with the same arguments: it is rewritten, and the shards "
                f"already there are kept when their own metadata match that run")
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
+        manifest = _card_manifest(path, text, rewrite) if file_format == "parquet" else json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is damaged (not JSON: {err}); {rewrite}.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -307,15 +530,34 @@ def read_manifest(token_dir) -> dict:
     return manifest
 
 
+def _card_manifest(path: Path, text: str, rewrite: str):
+    """The `vqhit:` entry of a dataset card's metadata (checked by the caller)."""
+    match = _FRONT_MATTER.match(text)
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is damaged (its metadata are not YAML: {' '.join(str(err).split())}); "
+                         f"{rewrite}.") from err
+    if not isinstance(metadata, dict) or CARD_KEY not in metadata:
+        raise UsageError(f"{path} is not a vqhit token card (no `{CARD_KEY}:` manifest in its metadata): if it is "
+                         f"your own file, encode into another folder; if it was the tokens' card, {rewrite}.")
+    return metadata[CARD_KEY]
+
+
 def shard_paths(token_dir) -> list[Path]:
     """Every shard of a finished folder, in order; an unfinished folder raises, naming the missing shards."""
     token_dir = Path(token_dir)
     manifest = read_manifest(token_dir)
-    paths = [token_dir / shard_name(k) for k in range(manifest["num_shards"])]
+    file_format = token_format(token_dir)
+    paths = [shard_file(token_dir, k, manifest["num_shards"], file_format) for k in range(manifest["num_shards"])]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise UsageError(f"{token_dir} is incomplete: {len(missing)} of {len(paths)} shards missing "
                          f"({missing[:3]}...); re-run scripts/encode.py with the same arguments to finish it.")
+    strays = sorted({path for path, _ in _shard_files(token_dir, file_format)} - set(paths))
+    if strays and file_format == "parquet":  # load_dataset would read it as more rows of these tokens
+        raise UsageError(f"{strays[0]} is not one of the {len(paths)} shards of {token_dir} (of other settings?), "
+                         f"yet datasets.load_dataset would read it with them; move it out of {token_dir / 'data'}.")
     for k, path in enumerate(paths):  # headers only: a damaged or foreign shard fails here, before any work
         check_shard(path, manifest, k)
     return paths
@@ -333,6 +575,7 @@ class Tokens:
 
 
 def load_tokens(token_dir) -> Tokens:
+    """Every token of a finished folder, in either format, after checking every shard against the manifest."""
     shards = [read_shard(p) for p in shard_paths(token_dir)]
     labels = [s["labels"] for s in shards]
     return Tokens(indices=torch.cat([s["indices"] for s in shards]),
@@ -342,7 +585,7 @@ def load_tokens(token_dir) -> Tokens:
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Map-style dataset over every shard of a token folder, for training a model on tokens.
+    """Map-style dataset over every shard of a token folder (either format), for training a model on tokens.
 
     Item: {"indices": int64 (h, w), "index": position in the source dataset, "label": int (if any)}.
     All shards are read into memory once in their stored dtype (256 tokens of int16 = 512 bytes per image).
@@ -360,6 +603,32 @@ class TokenDataset(torch.utils.data.Dataset):
         if self.tokens.labels is not None:
             item["label"] = int(self.tokens.labels[i])
         return item
+
+
+# --------------------------------------------------------------------------------------------------
+# Share
+
+
+def push_tokens_to_hub(token_dir, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                       branch: str | None = None, create_pr: bool | None = None,
+                       commit_message: str = "Upload vqhit tokens") -> str:
+    """Upload a finished Parquet token folder to the Hub dataset repository `repo_id` (created if needed), as
+    `model.push_to_hub` uploads a model; returns the commit URL. The card and the shards go as they are, and the
+    repository's earlier shards of the split are deleted, so that a re-upload with another shard count leaves no
+    stale rows; `datasets.load_dataset(repo_id)` then reads them. A safetensors folder is refused: it is no
+    `datasets` dataset."""
+    token_dir = Path(token_dir)
+    file_format = token_format(token_dir)
+    if file_format == "safetensors":
+        raise UsageError(f"{token_dir} holds safetensors tokens, which the Hub cannot show or load as a dataset; "
+                         f"encode them again with --format parquet (file_format=\"parquet\") into a new folder and "
+                         f"push that one.")
+    shard_paths(token_dir)  # finished, whole and of one encode: refused before anything is uploaded
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id=repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=token_dir,
+                             commit_message=commit_message, revision=branch, create_pr=create_pr,
+                             allow_patterns=[CARD_NAME, PARQUET_DATA], delete_patterns=[PARQUET_DATA])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +696,14 @@ def decode_tokens(model, token_dir, output_dir, *, batch_size: int = 32, name_by
 
 def _dataset_index(path) -> torch.Tensor:
     """A shard's dataset positions alone (the names of --name-by index), without reading its tokens."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("dataset_index")
+    try:
+        if Path(path).suffix == ".parquet":
+            column = pq.read_table(str(path), columns=["dataset_index"], page_checksum_verification=True)
+            return torch.from_numpy(column.column("dataset_index").to_numpy().copy())
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("dataset_index")
+    except _DAMAGE as err:
+        raise _damaged(path, err) from err
 
 
 def _names_by_id(headers: list[dict], warn: bool) -> list[list[str]]:

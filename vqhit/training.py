@@ -16,7 +16,6 @@ settings the command line gives. A stop signal (`vqhit.preemption`) ends the run
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import time
@@ -28,35 +27,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch import nn
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from . import distributed, launcher
+from . import distributed, heldout, launcher
 from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
-from .resume import CHECKPOINT_PREFIX, agree_on_resume, checkpoint_step, list_checkpoints, read_state, resolve_resume
 from .cli import naming, usable_cores
-from .data import (BUILTIN_WHOLE_VIEW, DataConfig, TrainingBatches, build_dataloader, build_dataset, eval_dataset,
-                   first_on_each_machine)
+from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset, first_on_each_machine
 from .ema import EMA
 from .errors import DivergedError, OwnDataError, UsageError
-from .files import atomic_write
-from .evaluation import heldout_report, save_reconstruction_grid
-from .losses import (LeCam, PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
-                     delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
+from .losses import LeCam
+from .metrics import INPUT_RANGE_LIMIT
 from .models.discriminator import Discriminator
 from .models.hit import HiTGenerator
 from .models.vqhit import VQHiT
-from .metrics import INPUT_RANGE_LIMIT
+from .objectives import OBJECTIVES, discriminator_phase, generator_phase
 from .precision import autocast
 from .preemption import WHILE_FINISHING, Interrupted, Preempted, StopSignals, parse_signals, preempted_advice
 from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .reproducibility import use_deterministic_algorithms
+from .resume import CHECKPOINT_PREFIX, agree_on_resume, checkpoint_step, list_checkpoints, read_state, resolve_resume
+from .run_log import RunLog
 from .train_config import SCRIPT, TrainConfig, describe, save_config, saved_config, summary
 
 __all__ = ["EMA", "Trainer", "build_model", "list_checkpoints", "train"]
 
 
-BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
 # What a step tells the loop, summed over processes once per step (`Trainer._read_step_flags`).
 STEP_FLAGS = ("generator loss", "discriminator loss", "images", "stop", "timed")
 # A checkpoint reached with a loss this large (in magnitude, since the checkpoint before) is already diverging:
@@ -76,70 +71,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-
-
-# -- objectives -----------------------------------------------------------------------------------------
-class GANObjective:
-    """Unconditional GAN: G(z) with z ~ N(0, I), seeded per process; no loss terms beyond the adversarial one."""
-
-    def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device):
-        self.latent_dim = model.config.latent_dim
-        g = torch.Generator().manual_seed(config.seed)  # fixed latents: the same grid every time
-        self.sample_latents = torch.randn(config.num_samples, self.latent_dim, generator=g).to(device)
-
-    def generate(self, forward, real: torch.Tensor, step: int):
-        z = torch.randn(real.shape[0], self.latent_dim, device=real.device)
-        return forward(z), {}
-
-    def adversarial_weight(self, step: int) -> float:
-        return 1.0
-
-    def adaptive_scale(self, terms: dict, adv_loss: torch.Tensor, model: nn.Module) -> float:
-        return 1.0
-
-    @torch.no_grad()
-    def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:
-        """Samples of the fixed latents, in a square grid."""
-        samples = ema_model(self.sample_latents).float().clamp(-1, 1)
-        save_image((samples + 1) / 2, path, nrow=int(math.sqrt(len(samples)) + 0.5))
-
-
-class TokenizerObjective:
-    """VQ-HiT: x_hat = AE(x); L2 + perceptual + codebook/commitment + (delayed, optionally adaptive) adversarial.
-
-    The L2 and perceptual terms use the reduction convention of `vqhit.losses` (see the comment above
-    `l2_reconstruction_loss`).
-    """
-
-    def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device):
-        self.config = config
-        self.perceptual = None
-        if config.perceptual != "none":
-            self.perceptual = PerceptualLoss(config.perceptual, pretrained=config.perceptual_pretrained,
-                                             vgg_weights_path=config.vgg_weights).to(device)
-
-    def generate(self, forward, real: torch.Tensor, step: int):
-        reconstruction, aux = forward(real, check_range=False)  # the loop checks its batches' range on the device
-        terms = {"l2": l2_reconstruction_loss(real, reconstruction), "vq": aux["vq_loss"]}
-        if self.perceptual is not None:
-            terms["perceptual"] = self.config.perceptual_weight * self.perceptual(real, reconstruction)
-        return reconstruction, terms
-
-    def adversarial_weight(self, step: int) -> float:
-        return delayed_weight(step, self.config.adv_start, self.config.adv_weight)
-
-    def adaptive_scale(self, terms: dict, adv_loss: torch.Tensor, model: nn.Module) -> float | torch.Tensor:
-        """taming's ratio of gradient norms at the decoder's last layer (when enabled)."""
-        if not self.config.adaptive_adv_weight:
-            return 1.0
-        rec = terms["l2"] + terms.get("perceptual", 0.0)
-        return adaptive_adversarial_weight(rec, adv_loss, model.last_decoder_layer())
-
-    @torch.no_grad()
-    def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:
-        """The fixed training images above their reconstructions, as the held-out grid."""
-        reconstruction, _ = ema_model(fixed_real)
-        save_reconstruction_grid(fixed_real.cpu(), reconstruction.cpu(), path)
 
 
 # -- building -------------------------------------------------------------------------------------------
@@ -270,6 +201,7 @@ class Trainer:
                 print(note, flush=True)
         self._build(config, task)
         self.folder = OutputFolder(self.output_dir)
+        self.log = RunLog(self.output_dir, self.accelerator.is_main_process)
         distributed.run_on_main(self._prepare_output_folder)
 
     def _build(self, config: TrainConfig, task: str) -> None:
@@ -303,8 +235,7 @@ class Trainer:
         self.loss_peak = torch.zeros((), device=acc.device)  # the largest |loss| since the last checkpoint
         self.lecam = LeCam(config.lecam_weight, config.lecam_decay)
         acc.register_for_checkpointing(self.ema, self.lecam)  # the step and data position go to json files
-        objective_cls = GANObjective if task == "gan" else TokenizerObjective
-        self.objective = objective_cls(config, acc.unwrap_model(self.model), acc.device)
+        self.objective = OBJECTIVES[task](config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = self._fixed_real_batch()
 
     def _data_config(self, resolution: int) -> DataConfig:
@@ -339,17 +270,14 @@ class Trainer:
         return torch.stack(images).to(self.accelerator.device)
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def _train_state(self) -> dict:
+        """What train_state.json records besides the files: the step, the run's layout, and the largest loss since
+        the last checkpoint (read here, a checkpoint step's sync)."""
         acc = self.accelerator
-        train_state = {**self.state.state_dict(), "num_processes": acc.num_processes,
-                       "batch_size": self.config.batch_size, "grad_accum": self.config.grad_accum,
-                       "loss_peak": float(self.loss_peak)}
+        state = {**self.state.state_dict(), "num_processes": acc.num_processes, "batch_size": self.config.batch_size,
+                 "grad_accum": self.config.grad_accum, "loss_peak": float(self.loss_peak)}
         self.loss_peak.zero_()
-        return save_checkpoint(acc, self.output_dir, self.state.step, ema_model=self.ema.model, config=self.config,
-                               train_state=train_state, data_state=self.batches.state_dict(), folder=self.folder)
-
-    def export(self) -> Path:
-        return export_model(self.ema.model, self.output_dir, self.state.step)
+        return state
 
     def resume(self, path: Path) -> None:
         acc = self.accelerator
@@ -389,56 +317,20 @@ class Trainer:
         return values
 
     def train_step(self, real: torch.Tensor) -> dict:
-        cfg, acc, step = self.config, self.accelerator, self.state.step
-        D_plain = acc.unwrap_model(self.D)
+        """One micro-batch: the generator's phase, then (once the adversarial term is on) the discriminator's."""
+        acc, step = self.accelerator, self.state.step
         logs = {}
-        # 1. generator / autoencoder
-        with self.autocast():
-            fake, terms = self.objective.generate(self.forward, real, step)
-        weight = self.objective.adversarial_weight(step)
-        adv_on = weight != 0.0
-        D_plain.requires_grad_(False)  # frozen and outside DDP: the G step leaves D's gradients alone
-        if adv_on:
-            with self.autocast():
-                g_adv = g_nonsaturating_loss(D_plain(fake).float())
-            weight = weight * self.objective.adaptive_scale(terms, g_adv, acc.unwrap_model(self.model))
-            terms = {**terms, "adversarial": weight * g_adv}
-        D_plain.requires_grad_(True)
+        fake, terms = generator_phase(self.objective, self.forward, acc.unwrap_model(self.D), real, step,
+                                      self.autocast, acc.unwrap_model(self.model))
         g_loss = sum(terms.values())
         self._update("generator", g_loss, self.model, self.opt_g, logs)
         self.step_flags[STEP_FLAGS.index("images")] += ~(real.abs().amax() <= INPUT_RANGE_LIMIT)  # NaN too
         logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
         logs["loss/generator"] = g_loss.detach()
-
-        # 2. discriminator (from the step the adversarial term is on). D sees the real images once per step: on R1
-        # steps that one forward is R1's (fp32, autocast off, the input requiring grad) and its logits serve the
-        # logistic loss too, which then runs on fp32 logits whatever the precision; bCR reuses both logits.
-        if adv_on:
-            fake = fake.detach()
-            r1_schedule = R1Schedule(cfg.r1_weight, cfg.r1_interval)
-            if r1_schedule.due(step):
-                r1, real_logits = r1_penalty(self.D, real, weight=r1_schedule.scaled_weight, return_logits=True)
-                with self.autocast():
-                    fake_logits = self.D(fake)
-            else:
-                with self.autocast():
-                    real_logits, fake_logits = self.D(real), self.D(fake)
-            real_logits, fake_logits = real_logits.float(), fake_logits.float()
-            d_loss = d_logistic_loss(real_logits, fake_logits)
-            logs.update({"loss/discriminator": d_loss.detach(), "D/real_logits": real_logits.detach().mean(),
-                         "D/fake_logits": fake_logits.detach().mean()})
-            if r1_schedule.due(step):
-                d_loss = d_loss + r1
-                logs["loss/r1"] = r1.detach()
-            if cfg.bcr_weight > 0:
-                bcr = bcr_penalty(self.D, real, fake, weight=cfg.bcr_weight, real_logits=real_logits,
-                                  fake_logits=fake_logits)
-                d_loss = d_loss + bcr
-                logs["loss/bcr"] = bcr.detach()
-            if cfg.lecam_weight > 0:
-                lecam = self.lecam.penalty(real_logits, fake_logits)  # weighted; anchors averaged over processes
-                d_loss = d_loss + lecam
-                logs["loss/lecam"] = lecam.detach()
+        if "adversarial" in terms:
+            d_loss, d_logs = discriminator_phase(self.D, real, fake.detach(), step, self.config, self.lecam,
+                                                 self.autocast)
+            logs.update(d_logs)
             self._update("discriminator", d_loss, self.D, self.opt_d, logs)
         return logs
 
@@ -473,25 +365,11 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         if self.resume_path is not None:
             self.resume(self.resume_path)
-        start_step = self.state.step
-        if acc.is_main_process:
-            print(f"effective config ({SCRIPT[self.task]}):\n{describe(cfg)}", flush=True)
-            global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
-            print(f"global batch {global_batch} = {cfg.batch_size} per process x {acc.num_processes} processes x "
-                  f"{cfg.grad_accum} accumulation steps", flush=True)
-            save_config(cfg, self.output_dir / "train_config.yaml")
-            self._forget_logs_after(start_step)
-            if start_step >= cfg.steps:
-                print(f"the run is already finished at step {start_step} (--steps {cfg.steps}): nothing to train; "
-                      f"its model is exported again if model/ does not hold it", flush=True)
-        # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
-        acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
-                          init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
+        self._start()
         bar = tqdm(total=cfg.steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"train {self.task}", dynamic_ncols=True)
-        seen, t0 = 0, time.perf_counter()
+        self.seen, self.since = 0, time.perf_counter()  # images and time since the last log step: images/s
         last_checkpoint = time.monotonic()
-        window = {}  # the bar's losses since the last log step, {key: (sum, steps)}: it shows their means
         unwrapped = acc.unwrap_model(self.model)
         stopper = nullcontext(self.stop) if self.stop is not None else StopSignals(parse_signals(cfg.stop_signals))
         with bar, stopper as stop:  # the bar ends its line however this ends
@@ -503,37 +381,24 @@ class Trainer:
                         raise OwnDataError(str(err)) from None
                     with acc.accumulate(self.model, self.D):
                         logs = self.train_step(real)
-                    seen += real.shape[0]
+                    self.seen += real.shape[0]
                 self.state.step += 1
                 step = self.state.step
                 timed = cfg.checkpoint_every_minutes > 0 and \
                     time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_every_minutes
                 flags = self._read_step_flags(unwrapped, stop, timed)  # the step's one collective and host sync
                 self.ema.update(unwrapped, step)
-                for key in BAR_LOSSES:
-                    if key in logs:  # summed as tensors: no device sync per step
-                        total, count = window.get(key, (0.0, 0))
-                        window[key] = (total + logs[key], count + 1)
+                self.log.add_to_bar(logs)
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
-                    logs["images_per_second"] = distributed.all_reduce_sum(torch.tensor([float(seen)])).item() / (
-                        time.perf_counter() - t0)
-                    logs["lr"] = self.opt_g.param_groups[0]["lr"]
-                    seen, t0 = 0, time.perf_counter()
-                    if self.task == "vqhit":
-                        quantize = unwrapped.quantize
-                        logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
-                        quantize.reset_usage()
-                    acc.log(logs, step=step)
-                    self._log_line(step, logs)
-                    bar.set_postfix_str(self._bar_text(window, logs))
-                    window = {}
+                    bar.set_postfix_str(self._log_step(step, logs))
                 if step % cfg.sample_every == 0 or step == cfg.steps:
                     distributed.run_on_main(self.save_samples, step)  # the others wait outside the deadline
                 stopping = flags["stop"]
                 if stopping or flags["timed"] or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    checkpoint = self.save_checkpoint()
+                    checkpoint = save_checkpoint(acc, self.output_dir, step, ema_model=self.ema.model, config=cfg,
+                                                 train_state=self._train_state(), data_state=self.batches.state_dict(),
+                                                 folder=self.folder)
                     last_checkpoint = time.monotonic()
                     # A signal that came while the checkpoint was written stops the run at it, not one step later.
                     stopping = stopping or bool(distributed.all_reduce_sum(
@@ -547,19 +412,62 @@ class Trainer:
                     acc.print(message, flush=True)
                     raise Preempted(message)
         bar.close()
-        with StopSignals(parse_signals(cfg.stop_signals), WHILE_FINISHING):  # short: a stop signal lets it finish
-            distributed.run_on_main(self.export)  # also when a resume found the run already finished
-            if self.task == "vqhit" and cfg.heldout_data:
-                if self._heldout_reported(self.state.step):  # a finished run resumed: logs.jsonl keeps each step once
-                    acc.print(f"the held-out report of step {self.state.step} is in {self.output_dir / 'logs.jsonl'}")
+        self._finish()
+        return self.ema.model
+
+    def _start(self) -> None:
+        """Say what runs, save its config, drop what a killed run logged after its checkpoint."""
+        cfg, acc, start_step = self.config, self.accelerator, self.state.step
+        if acc.is_main_process:
+            print(f"effective config ({SCRIPT[self.task]}):\n{describe(cfg)}", flush=True)
+            global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+            print(f"global batch {global_batch} = {cfg.batch_size} per process x {acc.num_processes} processes x "
+                  f"{cfg.grad_accum} accumulation steps", flush=True)
+            save_config(cfg, self.output_dir / "train_config.yaml")
+            self.log.forget_after(start_step)
+            if start_step >= cfg.steps:
+                print(f"the run is already finished at step {start_step} (--steps {cfg.steps}): nothing to train; "
+                      f"its model is exported again if model/ does not hold it", flush=True)
+        # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
+        acc.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()},
+                          init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
+
+    def _log_step(self, step: int, logs: dict) -> str:
+        """Log the step's scalars (means over processes), images/s, the lr and codebook usage; returns the bar's
+        text."""
+        acc, unwrapped = self.accelerator, self.accelerator.unwrap_model(self.model)
+        logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
+        seen = distributed.all_reduce_sum(torch.tensor([float(self.seen)])).item()
+        logs["images_per_second"] = seen / (time.perf_counter() - self.since)
+        logs["lr"] = self.opt_g.param_groups[0]["lr"]
+        self.seen, self.since = 0, time.perf_counter()
+        if self.task == "vqhit":
+            quantize = unwrapped.quantize
+            logs.update({f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()})
+            counts = distributed.all_reduce_sum(quantize.code_counts.clone())  # every process's picks
+            if acc.is_main_process:  # how many times each code was picked since the last log step
+                acc.get_tracker("tensorboard", unwrap=True).add_histogram("codebook/code_use", counts.float(), step)
+            quantize.reset_usage()
+        acc.log(logs, step=step)
+        self.log.write(step, logs)
+        return self.log.bar_text(logs, getattr(unwrapped.config, "codebook_size", None))
+
+    def _finish(self) -> None:
+        """After the last step: export model/ and, for a tokenizer, the held-out report (once per step, however
+        often a finished run is resumed). Both are short: a stop signal now lets them finish."""
+        acc, step = self.accelerator, self.state.step
+        with StopSignals(parse_signals(self.config.stop_signals), WHILE_FINISHING):
+            distributed.run_on_main(export_model, self.ema.model, self.output_dir, step)  # also for a finished run
+            if self.task == "vqhit" and self.config.heldout_data:
+                if self.log.holds_heldout_report(step):
+                    acc.print(f"the held-out report of step {step} is in {self.log.path}")
                 else:
                     self.heldout_report()
         acc.end_training()
         if acc.is_main_process:
             model = self.output_dir / "model"
-            print(f"finished at step {self.state.step}: the EMA model is in {model} "
+            print(f"finished at step {step}: the EMA model is in {model} "
                   f"({model_class(self.task).__name__}.from_pretrained(\"{model}\"))", flush=True)
-        return self.ema.model
 
     def _interrupted_message(self) -> str:
         found = list_checkpoints(self.output_dir)  # complete ones only: one being written is a .tmp folder
@@ -567,50 +475,6 @@ class Trainer:
                  f"the training since its step {checkpoint_step(found[-1])} is lost" if found else
                  "no checkpoint was written yet: the training so far is lost")
         return f"interrupted at step {self.state.step} of {self.config.steps}; {where}"
-
-    def _forget_logs_after(self, step: int) -> None:
-        """Drop the logs.jsonl lines a killed run wrote after the checkpoint this run starts from, so that after any
-        number of kills and resumes each step appears once."""
-        path = self.output_dir / "logs.jsonl"
-        if path.is_file():
-            kept = []
-            for line in path.read_text().splitlines(keepends=True):
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-                    pass
-            atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))  # a kill leaves the old log or the new
-
-    def _heldout_reported(self, step: int) -> bool:
-        """Whether logs.jsonl holds the held-out report of `step` already (read by the main process, told to all)."""
-        found = False
-        path = self.output_dir / "logs.jsonl"
-        if self.accelerator.is_main_process and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                found = found or (isinstance(row, dict) and row.get("step") == step and "heldout/psnr" in row)
-        return bool(distributed.all_reduce_sum(torch.tensor([float(found)]))[0])
-
-    def _bar_text(self, window: dict, logs: dict) -> str:
-        """The progress bar's figures: each loss as its mean since the last log step (one batch's value jumps
-        around), and how many codes of the codebook those steps used."""
-        means = distributed.reduce_scalars({k: total / count for k, (total, count) in window.items()})
-        steps = max((count for _, count in window.values()), default=0)
-        text = f"mean of {steps} steps: " + ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in means.items())
-        if "codebook/codes_used" in logs:
-            size = self.accelerator.unwrap_model(self.model).config.codebook_size
-            text += f"; codes used {int(logs['codebook/codes_used'])} of {size}"
-        return text
-
-    def _log_line(self, step: int, logs: dict) -> None:
-        """The logged scalars also as one JSON line per log step (logs.jsonl): easy to read without TensorBoard."""
-        if self.accelerator.is_main_process:
-            with open(self.output_dir / "logs.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **logs}) + "\n")
 
     def save_samples(self, step: int) -> Path:
         """The EMA model's sample grid of `step` (main-process work: see `distributed.run_on_main`)."""
@@ -620,39 +484,16 @@ class Trainer:
         return path
 
     def heldout_report(self) -> dict | None:
-        """Reconstruct the held-out images (`heldout_data`) with the EMA model on the main process, and, for the
-        generalisation gap, the training photographs seen the same way (`train_source_view`): PSNR, SSIM and codebook
-        usage of each set are printed, logged and written to logs.jsonl; the grid goes beside the training grids."""
-        return distributed.run_on_main(self._heldout_report)
-
-    def _heldout_report(self) -> dict:
-        acc, step, cfg = self.accelerator, self.state.step, self.config
-        model, resolution = self.ema.model, self.ema.model.config.resolution
-        sets = {"heldout": cfg.heldout_data, "train_source": train_source_view(cfg.data)}
-        reports, lines = {}, []
-        for name, source in sets.items():
-            if source is None:
-                continue
-            dataset = eval_dataset(source, resolution, min_size=cfg.min_size, max_images=MAX_TRAIN_SOURCE_IMAGES
-                                   if name == "train_source" else None)
-            grid = self.output_dir / "samples" / f"heldout-step-{step:07d}.png" if name == "heldout" else None
-            reports[name] = report = heldout_report(model, dataset, device=acc.device, grid_path=grid)
-            what = "never trained on" if name == "heldout" else "the training images"
-            lines.append(f"  {source} ({report['num_images']} images, {what}): PSNR {report['psnr']:.2f} dB "
-                         f"(std {report['psnr_std']:.2f} over images), SSIM {report['ssim']:.3f}, codebook usage "
-                         f"{100 * report['codebook_usage']:.1f}% (perplexity {report['codebook_perplexity']:.1f})")
-        figures = {f"{name}/{k}": v for name, report in reports.items() for k, v in report.items()
-                   if isinstance(v, (int, float))}
-        if "train_source" in reports:
-            figures["heldout/gap_psnr"] = reports["train_source"]["psnr"] - reports["heldout"]["psnr"]
-            lines.append(f"  generalisation gap: {figures['heldout/gap_psnr']:.2f} dB PSNR (training photographs "
-                         "minus held-out)")
-        acc.log(figures, step=step)
-        self._log_line(step, figures)
-        print(f"reconstruction at step {step} (EMA model, {resolution}x{resolution}, every image downsampled whole "
-              f"by a centre crop of its short side):\n" + "\n".join(lines) +
-              f"\n  grid: {reports['heldout']['grid']}", flush=True)
-        return reports
+        """The held-out report of the EMA model (`vqhit.heldout`), made on the main process: printed, logged to
+        TensorBoard and logs.jsonl."""
+        def report():
+            reports, figures, text = heldout.report(self.ema.model, self.config, self.output_dir, self.state.step,
+                                                    self.accelerator.device)
+            self.accelerator.log(figures, step=self.state.step)
+            self.log.write(self.state.step, figures)
+            print(text, flush=True)
+            return reports
+        return distributed.run_on_main(report)
 
 
 def divergence_message(losses: list[str], started_from: int, output_dir: Path, config: TrainConfig) -> str:
@@ -672,17 +513,6 @@ def divergence_message(losses: list[str], started_from: int, output_dir: Path, c
              f"No checkpoint of the run was reached before the losses grew out of bounds: {restart}")
     return (f"non-finite {', '.join(f'{name} loss' for name in losses)} at step {started_from}: training stopped "
             f"before the update. {where}{', or --precision fp32' if config.precision != 'fp32' else ''}")
-
-
-MAX_TRAIN_SOURCE_IMAGES = 256  # the training set's figure, for the gap: a sample is enough, and a large set is slow
-
-
-def train_source_view(data: str) -> str | None:
-    """The training images as the held-out report reads them (whole, centre-cropped): the whole photographs of a
-    built-in tiled source, a local folder itself; None for a Hub dataset (scoring it would download it)."""
-    if data in BUILTIN_WHOLE_VIEW:
-        return BUILTIN_WHOLE_VIEW[data]
-    return data if data.startswith("builtin:") or Path(data).expanduser().is_dir() else None
 
 
 def _cpu_threads(requested: int) -> int:

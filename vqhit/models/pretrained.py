@@ -60,6 +60,23 @@ def resolve_pretrained(path_or_id: str | os.PathLike, **hub_kwargs) -> Path:
     return folder
 
 
+def read_config_file(directory: Path) -> dict:
+    """The keys of a save_pretrained folder's config.json, `model_type` included; a missing or damaged file is a
+    UsageError that says so."""
+    file = directory / CONFIG_NAME
+    if not file.exists():
+        raise UsageError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
+                         f"model again or download it again") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
+                         f"not written by save_pretrained; save the model again")
+    return meta
+
+
 # -- configs ------------------------------------------------------------------------------------------------
 _TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string", list: "a list"}
 
@@ -221,11 +238,15 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
                                     **push_to_hub_kwargs)
         return directory
 
+    def config_file_text(self) -> str:
+        """What config.json holds for this model: its `model_type` and config keys, as JSON (the ONNX export
+        writes the same file beside its graphs)."""
+        return json.dumps({"model_type": self.model_type, **self.config.to_dict()}, indent=2) + "\n"
+
     def _write(self, directory: Path, training_step: int | None, model_card_kwargs: dict | None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._save_pretrained(directory, training_step)
-        meta = {"model_type": self.model_type, **self.config.to_dict()}
-        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(self.config_file_text()))
         card_path = directory / CARD_NAME
         if not card_path.exists():
             card = self.generate_model_card(model_type=self.model_type, preset=self.config.preset,
@@ -276,7 +297,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         """Whether `folder` holds a model card and exactly this model's config and weights."""
         if not all((folder / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)):
             return False
-        ours = json.loads(json.dumps({"model_type": self.model_type, **self.config.to_dict()}))
+        ours = json.loads(self.config_file_text())
         try:
             if json.loads((folder / CONFIG_NAME).read_text()) != ours:
                 return False
@@ -292,16 +313,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         """(folder, config) of a save_pretrained folder or Hub repository; the file is checked, not trusted."""
         directory = resolve_pretrained(path_or_id, **hub_kwargs)
         file = directory / CONFIG_NAME
-        if not file.exists():
-            raise UsageError(f"no {CONFIG_NAME} in {directory}: is this a folder written by save_pretrained?")
-        try:
-            meta = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
-                             f"model again or download it again") from None
-        if not isinstance(meta, dict):
-            raise UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
-                             f"not written by save_pretrained; save the model again")
+        meta = read_config_file(directory)
         model_type = meta.pop("model_type", None)
         if model_type != cls.model_type:
             raise UsageError(f"{directory} holds a {model_type!r} checkpoint, not a {cls.model_type!r} one; "

@@ -211,7 +211,7 @@ class VectorQuantizer(nn.Module):
                 loss = loss + self.entropy_loss_weight * entropy_loss
             quantized = flat + (codes - flat).detach()  # straight-through: forward = codes, backward = identity
             # Back in the model's dtype (a .half() or bf16 model), for the projection and the decoder after it; a
-            # float32 model under autocast keeps float32, as before.
+            # float32 model under autocast keeps float32 (autocast casts where it applies).
             quantized = quantized.view(z_search.shape).to(self.embedding.weight.dtype)
             if self.out_proj is not None:
                 quantized = self.out_proj(quantized)
@@ -241,7 +241,12 @@ class VectorQuantizer(nn.Module):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, "
                              f"{int(indices.max())}]")
-        codes = self._gather(self._codebook(), indices.long())
+        return self.code_vectors(indices.long())
+
+    def code_vectors(self, indices: Tensor) -> Tensor:
+        """`lookup` without its checks, which read the indices' values: int64 indices in [0, codebook_size) ->
+        code vectors (B, h, w, code_dim). What the exported decoder graph computes (vqhit.export)."""
+        codes = self._gather(self._codebook(), indices)
         return self.out_proj(codes) if self.out_proj is not None else codes
 
     def reset_usage(self) -> None:
