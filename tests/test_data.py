@@ -467,8 +467,8 @@ def test_drawing_batches_reads_no_tensor_and_talks_to_no_other_process(tmp_path,
         batches = TrainingBatches(dataset, build_dataloader(dataset, 1, num_workers=1, shuffle=True, seed=0))
         next(batches)  # starts the worker: the patches below are this process's only
         with monkeypatch.context() as patch:
-            for name in ("all_reduce_sum", "all_reduce_mean", "all_gather_cat", "broadcast_", "reduce_scalars",
-                         "barrier"):
+            for name in ("all_reduce_sum", "all_reduce_mean", "all_gather_cat", "all_gather_objects", "broadcast_",
+                         "reduce_scalars", "run_on_main"):
                 patch.setattr(distributed, name, forbidden)
             for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
                 patch.setattr(torch.Tensor, name, forbidden)
