@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import free_port
-from vqhit.resume import list_checkpoints
-from vqhit.data import DataConfig, TrainingBatches, build_dataloader, build_dataset
+from vqhit.data import DataConfig, TrainingBatches, build_dataloader, build_dataset, from_hf_dataset
 from vqhit.preemption import EXIT_PREEMPTED
+from vqhit.resume import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_gan.py")
@@ -201,21 +203,23 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     assert_same_run(straight, stopped, 6)
 
 
-def test_resuming_with_another_number_of_processes_continues_at_the_same_image_count(tmp_path):
+def test_resuming_with_another_number_of_processes_continues_the_epoch_at_the_same_image(tmp_path):
     out = tmp_path / "run"
 
-    def images(step: int) -> int:
-        state = json.loads((out / f"checkpoint-{step}" / "data_state_0.json").read_text())
-        return state["micro_batches"] * state["batch_size"] * state["num_processes"]
+    def positions(step: int) -> list[tuple[int, int]]:
+        """(epoch, images of its order taken) in each process's data position."""
+        states = [json.loads(path.read_text()) for path in sorted((out / f"checkpoint-{step}").glob("data_state_*"))]
+        return [(state["epoch"], state["images_in_epoch"]) for state in states]
 
-    assert [status for status, _ in run(out, 4, world=2)] == [0, 0]
-    assert images(4) == 4 * 2 * 2
-    (status, output), = run(out, 6, world=1)  # 2 -> 1
-    assert status == 0 and "continues at the same image count (16" in output
-    assert images(6) == 16 + 2 * 2
-    results = run(out, 8, world=2)  # 1 -> 2
-    assert [status for status, _ in results] == [0, 0] and "same image count (20" in results[0][1]
-    assert images(8) == 20 + 2 * 4
+    # 8 images, batch 2 per process: an epoch is 2 steps of 2 processes, 4 steps of 1
+    assert [status for status, _ in run(out, 3, world=2)] == [0, 0]
+    assert positions(3) == [(1, 4)] * 2
+    (status, output), = run(out, 6, world=1)  # 2 -> 1: epoch 1's last 4 images, then 2 of epoch 2
+    assert status == 0 and "processes 2 -> 1: the data continues in epoch 1 after the 4 images of its order" in output
+    assert positions(6) == [(2, 2)]
+    results = run(out, 8, world=2)  # 1 -> 2: epoch 2's 6 images left are 3 a process, one batch each; then epoch 3
+    assert [status for status, _ in results] == [0, 0] and "continues in epoch 2 after the 2 images" in results[0][1]
+    assert positions(8) == [(3, 4)] * 2
 
 
 # -- what one node sees, and main-process work ----------------------------------------------------------------------
@@ -409,8 +413,8 @@ def test_a_hung_process_does_not_hang_the_others(tmp_path):
 
 
 # -- streams: resumes read nothing twice --------------------------------------------------------------------------
-def streamed_batches(num_workers: int, window: int = 16) -> TrainingBatches:
-    config = DataConfig(source="builtin:photos", resolution=8, streaming=True, shuffle_window=window)
+def streamed_batches(num_workers: int, buffer: int = 16) -> TrainingBatches:
+    config = DataConfig(source="builtin:photos", resolution=8, streaming=True, shuffle_buffer=buffer)
     dataset = build_dataset(config, seed=1)
     return TrainingBatches(dataset, build_dataloader(dataset, 4, num_workers, shuffle=True, seed=1))
 
@@ -458,3 +462,68 @@ def test_a_streamed_run_resumes_bit_identical_from_its_checkpoint(tmp_path):
     resumed.fit()
     assert resumed.batches.epoch == straight.batches.epoch == 1
     assert_same_files(tmp_path / "a" / "model" / "model.safetensors", tmp_path / "b" / "model" / "model.safetensors")
+
+
+def test_streams_resume_exactly_from_any_position_with_a_position_of_constant_size():
+    # 3 shards for 2 streams (every stream reads every shard and keeps one row in 2), a buffer larger than a
+    # stream's epoch, positions in the buffer's emptying and in later epochs
+    import datasets
+    import numpy as np
+
+    rows = datasets.Dataset.from_dict({"x": [np.full((8, 8, 3), i, np.uint8) for i in range(21)]},
+                                      features=datasets.Features({"x": datasets.Image()}))
+
+    def batches() -> TrainingBatches:
+        config = DataConfig(resolution=8, image_column="x", shuffle_buffer=16, open_shards=2)
+        dataset = from_hf_dataset(rows.to_iterable_dataset(num_shards=3), config, seed=2)
+        return TrainingBatches(dataset, build_dataloader(dataset, 3, 2, shuffle=True, seed=2))
+
+    def draw(run: TrainingBatches, count: int) -> list[list[int]]:
+        return [run_batch["index"].tolist() for run_batch in (next(run) for _ in range(count))]
+
+    straight = batches()
+    uninterrupted = draw(straight, 14)  # about 4 epochs of each stream's 10 or 11 rows
+    straight.close()
+    for stop in (1, 3, 4, 7, 12):
+        first = batches()
+        seen = draw(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        assert len(json.dumps(state)) < 700  # where it is, not what it read: as small at any position
+        resumed = batches()
+        assert resumed.load_state_dict(state) == []
+        assert seen + draw(resumed, 14 - stop) == uninterrupted, f"resumed after {stop} batches differs"
+        resumed.close()
+
+
+def _first_on_each_machine(rank: int, init_file: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", ACCELERATE_USE_CPU="1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from vqhit.data import first_on_each_machine
+    from vqhit.errors import UsageError
+
+    prepared, result = Path(out) / "prepared", {}
+    with first_on_each_machine():
+        result["found_prepared"] = prepared.exists()  # what the machine's first process left in the shared cache
+        if rank == 0:
+            time.sleep(0.5)  # a slow download: the other process must still wait for it
+            prepared.write_text("downloaded")
+    try:
+        with first_on_each_machine():
+            result["entered"] = True
+            if rank == 0:
+                raise UsageError("--data nowhere: no such folder")
+    except UsageError as err:
+        result["error"] = str(err)
+    dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_the_data_is_prepared_by_each_machines_first_process_before_the_others(tmp_path):
+    mp.spawn(_first_on_each_machine, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, other = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["found_prepared"] is False and other["found_prepared"] is True
+    # the first process's mistake stops the other without it entering the block (instead of waiting forever)
+    assert first == {"found_prepared": False, "entered": True, "error": "--data nowhere: no such folder"}
+    assert "entered" not in other and other["error"].startswith("the first process of a machine stopped on the user's")

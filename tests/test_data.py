@@ -1,6 +1,10 @@
 """vqhit.data: decoding, bad-image policy, transforms, reproducible randomness, streaming, sampler."""
 import io
+import json
+import multiprocessing
 import os
+import signal
+import time
 import warnings
 
 import datasets
@@ -9,9 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vqhit import distributed
 from vqhit.data import (
-    TRANSFORMS, BadImageWarning, DataConfig, EpochSampler, build_dataloader, build_dataset, from_hf_dataset,
+    TRANSFORMS, BadImageWarning, DataConfig, EpochSampler, ImageDataset, TrainingBatches, build_dataloader,
+    build_dataset, from_hf_dataset,
 )
+from vqhit.errors import UnavailableError
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -388,3 +395,193 @@ def test_a_bad_file_is_warned_about_once_per_run_with_two_workers(tmp_path, make
         stream.set_epoch(epoch)
         assert sum(len(batch["id"]) for batch in loader) == 4
     assert capfd.readouterr().err.count("bad.png") == 1
+
+
+# -- streams: shard order and a shuffle buffer, new each epoch -------------------------------------------------------
+def epoch_ids(dataset, loader, epoch: int) -> list[list[str]]:
+    dataset.set_epoch(epoch)
+    return [list(batch["id"]) for batch in loader]
+
+
+def test_a_streamed_folder_sorted_by_class_gives_mixed_batches_and_a_new_order_each_epoch(tmp_path, make_images):
+    make_images(tmp_path / "images", {"a": 32, "b": 32, "c": 32}, size=(12, 12))  # read class after class
+    cfg = DataConfig(source=str(tmp_path / "images"), resolution=8, streaming=True, label_column="label",
+                     shuffle_buffer=8, cache_dir=str(tmp_path / "cache"))
+    dataset = build_dataset(cfg, seed=0)
+    assert dataset.num_shards > 1  # a folder streams as several shards, not one in class order
+    loader = build_dataloader(dataset, batch_size=6, num_workers=0, shuffle=True, seed=0, drop_last=False)
+    dataset.set_epoch(0)
+    first = next(iter(loader))
+    assert len(set(first["label"].tolist())) > 1  # mixed from the first batch
+    orders = [sum(epoch_ids(dataset, loader, epoch), []) for epoch in (0, 1, 0)]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 96  # every image once an epoch
+    assert orders[0] == orders[2] != orders[1]  # the epoch decides the order
+
+
+def sorted_shards(count: int, per_shard: int) -> datasets.IterableDataset:
+    """A Hub-like stream of `count` shards, each holding one class: rows s*per_shard.. of shard s."""
+    images = [(png(np.full((8, 8, 3), i, np.uint8)), f"s{i // per_shard}-{i % per_shard:02d}.png")
+              for i in range(count * per_shard)]
+    return table(images).to_iterable_dataset(num_shards=count)
+
+
+def test_a_stream_of_sorted_shards_reads_several_at_once_in_a_new_order_each_epoch():
+    dataset = from_hf_dataset(sorted_shards(8, 12), DataConfig(resolution=8, shuffle_buffer=10, open_shards=4))
+    loader = build_dataloader(dataset, batch_size=8, num_workers=0, shuffle=True, seed=0, drop_last=False)
+    shards = lambda ids: [name.split("-")[0] for name in ids]  # noqa: E731
+    epochs = [epoch_ids(dataset, loader, epoch) for epoch in range(3)]
+    for batches in epochs:
+        assert len(set(shards(batches[0]))) >= 3  # the first batch mixes several shards
+        assert sorted(sum(batches, [])) == sorted(sum(epochs[0], []))  # every row once an epoch
+    # the shards come in another order, and their rows in other batches, from one epoch to the next
+    assert len({tuple(dict.fromkeys(shards(sum(batches, [])))) for batches in epochs}) == 3
+    assert len({frozenset(batches[0]) for batches in epochs}) == 3
+    # a buffer, not a shuffle within windows of 10 rows: a row may stay in it much longer than 10 draws
+    dataset.set_epoch(0)
+    read_at = [index for batch in loader for index in batch["index"].tolist()]  # the order the stream read them
+    assert sorted(read_at) == list(range(96)) and max(out - read for out, read in enumerate(read_at)) > 2 * 10
+
+
+def test_without_shuffle_a_stream_is_read_in_its_order():
+    dataset = from_hf_dataset(sorted_shards(3, 4), DataConfig(resolution=8))
+    loader = build_dataloader(dataset, batch_size=5, num_workers=0, shuffle=False, seed=0, drop_last=False)
+    ids = sum(epoch_ids(dataset, loader, 1), [])
+    assert ids == sorted(ids)
+
+
+# -- the training position ----------------------------------------------------------------------------------------
+def test_drawing_batches_reads_no_tensor_and_talks_to_no_other_process(tmp_path, make_images, monkeypatch):
+    # A training step may wait for the device once; the data position is counted without a collective or a read
+    make_images(tmp_path / "images", {"": 6}, size=(12, 12))
+    for i in range(3):  # batch 1: each of these is a whole batch of unreadable images, dropped
+        (tmp_path / "images" / f"broken{i}.png").write_bytes(b"not an image")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective or a tensor read while drawing a batch")
+
+    for streaming in (False, True):
+        cfg = DataConfig(source=str(tmp_path / "images"), resolution=8, streaming=streaming,
+                         cache_dir=str(tmp_path / "cache"))
+        with pytest.warns(BadImageWarning):
+            dataset = build_dataset(cfg)
+        batches = TrainingBatches(dataset, build_dataloader(dataset, 1, num_workers=1, shuffle=True, seed=0))
+        next(batches)  # starts the worker: the patches below are this process's only
+        with monkeypatch.context() as patch:
+            for name in ("all_reduce_sum", "all_reduce_mean", "all_gather_cat", "all_gather_objects", "broadcast_",
+                         "reduce_scalars", "run_on_main"):
+                patch.setattr(distributed, name, forbidden)
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"):
+                patch.setattr(torch.Tensor, name, forbidden)
+            drawn = [next(batches) for _ in range(12)]  # two epochs of the 6 readable images
+        batches.close()
+        assert len({batch["id"][0] for batch in drawn}) == 6
+        if not streaming:  # the unreadable batches were drawn, counted and dropped
+            assert batches.micro_batches == 1 + 12 + 3 * 2 and batches.epoch == 2
+
+
+def test_another_process_count_or_batch_size_continues_the_epoch_at_the_same_image(monkeypatch):
+    dataset = from_hf_dataset(table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}.png") for i in range(11)]),
+                              DataConfig(resolution=8))
+
+    def process(rank: int, world: int, batch_size: int, state: dict | None = None) -> TrainingBatches:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        batches = TrainingBatches(dataset, build_dataloader(dataset, batch_size, 0, shuffle=True, seed=3))
+        warnings = batches.load_state_dict(json.loads(json.dumps(state))) if state else []
+        return batches, warnings
+
+    def draw(batches, count: int) -> list[list[int]]:
+        return [next(batches)["index"].tolist() for _ in range(count)]
+
+    order = [EpochSampler(dataset, seed=3, rank=0, world_size=1).indices(epoch) for epoch in range(3)]
+    # 2 processes, batch 2: 8 of the 11 images an epoch (each process's 5, cut to 2 batches); 3 batches each
+    seen, states = [], []
+    for rank in (0, 1):
+        batches, _ = process(rank, 2, 2)
+        seen.append(draw(batches, 3))
+        states.append(batches.state_dict())
+    assert states[0]["epoch"] == states[1]["epoch"] == 1 and states[0]["images_in_epoch"] == 4
+    assert sorted(seen[0][2] + seen[1][2]) == sorted(order[1][:4])  # epoch 1's first 4 images of its order
+    # resumed by 1 process, batch 3 (from the first process's file): epoch 1 goes on at image 4 of its order
+    batches, warnings = process(0, 1, 3, states[0])
+    assert warnings == ["processes 2 -> 1, batch size 2 -> 3: the data continues in epoch 1 after the 4 images of its "
+                        "order already taken, in the same order, cut into other batches"]
+    assert draw(batches, 3) == [order[1][4:7], order[1][7:10], order[2][0:3]]
+    # and back to 2 processes of batch 2: epoch 2 goes on at image 3, shared out as before
+    state = batches.state_dict()
+    assert (state["epoch"], state["images_in_epoch"]) == (2, 3)
+    rest = [process(rank, 2, 2, state)[0] for rank in (0, 1)]
+    assert [draw(rest[rank], 1)[0] for rank in (0, 1)] == [order[2][3:7][0::2], order[2][3:7][1::2]]
+    # with the same layout the position is the batch itself
+    again, warnings = process(0, 1, 3, state)
+    assert warnings == [] and draw(again, 1) == [order[2][3:6]]
+    # a position saved before positions were kept by epoch (a count of batches) goes on from the same batch
+    straight, _ = process(0, 2, 2)
+    old, warnings = process(0, 2, 2, {"micro_batches": 5, "batch_size": 2, "num_processes": 2, "num_workers": None})
+    assert warnings == [] and draw(straight, 6)[5:] == draw(old, 1)
+
+
+class StallingImages(ImageDataset):
+    """A dataset whose reads never return, as on a file system or network that stopped answering."""
+
+    def __getitem__(self, key):
+        time.sleep(600)
+
+
+def test_a_stalled_read_ends_with_one_error_naming_data_timeout(monkeypatch):
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # the DataLoader's own waits
+    source = from_hf_dataset(table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}.png") for i in range(4)]),
+                             DataConfig(source="/data/frozen", resolution=8))
+    dataset = StallingImages(source.table, source.cfg)
+    # the worker ignores SIGTERM as the training's workers ignore the stop signals: it must be ended anyway
+    loader = build_dataloader(dataset, 2, num_workers=1, shuffle=True, seed=0, ignore_signals=[signal.SIGTERM],
+                              timeout=0.5)
+    batches = TrainingBatches(dataset, loader)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UnavailableError, match=r"^no batch came from the DataLoader workers in 0.5 s: reading --data "
+                                               r"/data/frozen stalled .* raise --data-timeout"):
+        next(batches)
+    assert not set(multiprocessing.active_children()) - before  # no stuck worker left for the exit to wait on
+    assert build_dataloader(dataset, 2, num_workers=0, timeout=0.5).timeout == 0  # no workers: nothing to time
+
+
+def test_a_resume_says_when_the_folder_changed_since_the_checkpoint(tmp_path, make_images):
+    make_images(tmp_path / "images", {"a": 4, "b": 4}, size=(12, 12))
+
+    def batches(streaming: bool) -> TrainingBatches:
+        cfg = DataConfig(source=str(tmp_path / "images"), resolution=8, streaming=streaming,
+                         cache_dir=str(tmp_path / "cache"))
+        dataset = build_dataset(cfg)
+        return TrainingBatches(dataset, build_dataloader(dataset, 2, num_workers=0, shuffle=True, seed=0))
+
+    states = {}
+    for streaming in (False, True):
+        run = batches(streaming)
+        next(run)
+        states[streaming] = json.loads(json.dumps(run.state_dict()))
+        assert batches(streaming).load_state_dict(states[streaming]) == []  # the same files: nothing to say
+    make_images(tmp_path / "images" / "c", {"": 1}, size=(12, 12))  # a file added between the runs
+    for streaming in (False, True):
+        (warning,) = batches(streaming).load_state_dict(states[streaming])
+        assert warning.startswith(f"--data {tmp_path / 'images'} has changed since the checkpoint was written (then "
+                                  "8 images, names ") and "now 9 images, names " in warning
+
+
+def test_a_hub_dataset_is_pinned_by_its_commit_or_offline_by_its_fingerprint(monkeypatch):
+    import huggingface_hub
+
+    downloaded = table([(png(np.zeros((8, 8, 3), np.uint8)), f"{i}.png") for i in range(3)])
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, **kwargs: downloaded)  # no network in tests
+
+    class Info:
+        sha = "0123abcd"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, hub_id, **kwargs: Info())
+    assert build_dataset(DataConfig(source="someone/photos", resolution=8)).revision == "commit 0123abcd"
+
+    def offline(self, hub_id, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    assert build_dataset(DataConfig(source="someone/photos", resolution=8)).revision == \
+        f"fingerprint {downloaded._fingerprint}"

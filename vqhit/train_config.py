@@ -80,6 +80,10 @@ class TrainConfig:
     image_column: str = opt("image", "Image column of a Hub dataset")
     label_column: str | None = opt(None, "Optional label column of a Hub dataset (kept in batches, unused by training)")
     streaming: bool = opt(False, "Stream a Hub dataset instead of downloading it whole")
+    shuffle_buffer: int = opt(1000, "Streaming: rows in each stream's shuffle buffer (one stream per process and "
+                              "DataLoader worker); a resume reads about N x ln(N) rows of each stream again")
+    open_shards: int = opt(4, "Streaming: shards each stream reads at once, a row from each in turn (mixes shards "
+                           "that each hold few classes); a resume reads each open shard again up to where it was")
     transform: str = opt("random_crop", "Training transform",
                          ["random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "resize"])
     flip: bool = opt(True, "Random horizontal flips")
@@ -92,6 +96,9 @@ class TrainConfig:
                         "image, upsampling small ones as ADM's crop does (one warning, then counted)")
     max_images: int | None = opt(None, "Use only the first N images (quick runs)")
     num_workers: int = opt(4, "DataLoader worker processes per training process")
+    data_timeout: float = opt(300.0, "Seconds to wait for a batch from the DataLoader workers before the run stops "
+                              "with an error saying the data stalled (a hung network or file system read); 0 = wait "
+                              "forever. Without workers (--num-workers 0) reads are not timed")
     heldout_data: str | None = opt(None, "Images never trained on, reconstructed at the end of "
                                    "training (PSNR, SSIM, codebook usage printed, grid saved in samples/); e.g. "
                                    "'builtin:photos-heldout'", task="vqhit")
@@ -216,7 +223,8 @@ _WEIGHT = (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0
 LIMITS = {
     **{name: _at_least(1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
                                        "sample_every", "checkpoint_every", "keep_checkpoints", "num_samples",
-                                       "max_images", "disc_channel_multiplier", "disc_max_channels")},
+                                       "max_images", "disc_channel_multiplier", "disc_max_channels",
+                                       "shuffle_buffer", "open_shards")},
     **{name: _at_least(0) for name in ("num_workers", "min_size", "ema_start", "adv_start")},
     "cpu_threads": _at_least(-1),
     "seed": _in(0, 2**32 - 1),  # numpy's seeds
@@ -228,6 +236,7 @@ LIMITS = {
     **{name: _WEIGHT for name in ("r1_weight", "bcr_weight", "lecam_weight", "adv_weight", "perceptual_weight")},
     "checkpoint_every_minutes": ((lambda v: v >= 0), "must be >= 0"),
     "collective_timeout": ((lambda v: 0 < v < math.inf), "must be a finite number of seconds > 0"),
+    "data_timeout": ((lambda v: 0 <= v < math.inf), "must be a finite number of seconds >= 0 (0 waits forever)"),
 }
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import distributed, heldout, launcher
 from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
 from .cli import naming, usable_cores
-from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
+from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset, first_on_each_machine
 from .ema import EMA
 from .errors import DivergedError, OwnDataError, UsageError
 from .losses import LeCam
@@ -212,9 +212,11 @@ class Trainer:
         model = build_model(config, task)
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
-        self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
+        with first_on_each_machine():  # one download or folder table per machine, which the others then read
+            self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
-                                  seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals))
+                                  seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals),
+                                  timeout=config.data_timeout)
         if not isinstance(self.dataset, torch.utils.data.IterableDataset) and len(loader) == 0:
             raise UsageError(f"--data {config.data} has fewer images ({len(self.dataset)}) than one batch per "
                              f"process ({config.batch_size} x {acc.num_processes}); lower --batch-size")
@@ -241,7 +243,8 @@ class Trainer:
         return DataConfig(source=c.data, split=c.data_split, image_column=c.image_column,
                           label_column=c.label_column, streaming=c.streaming, resolution=resolution,
                           transform=c.transform, flip=c.flip, min_crop_area=c.min_crop_area, bad_images=c.bad_images,
-                          min_size=c.min_size, max_images=c.max_images)
+                          min_size=c.min_size, max_images=c.max_images, shuffle_buffer=c.shuffle_buffer,
+                          open_shards=c.open_shards)
 
     def _prepare_output_folder(self) -> None:
         self.folder.lock()
