@@ -402,6 +402,17 @@ def test_two_nodes_stopped_by_sigterm_continue_bit_exact_with_the_same_command(t
     assert "stopped at step" in results[0][1] + results[1][1]
     assert [status for status, _ in finish(start_two_nodes(stopped, 5, checkpoint_every=1000))] == [0, 0]
     assert_same_run(straight, stopped, 5)
+def test_under_torchrun_a_stop_signal_stops_the_run_instead_of_restarting_it(tmp_path):
+    # A scheduler that signals the workers themselves (not torchrun): their exit status 75 would be a failure to
+    # torchrun's agent, which would restart them (--max-restarts) to train on; they exit 0 instead.
+    out = tmp_path / "run"
+    result = torchrun(out, 8, kill_step=2, kill_rank=1, sig="SIGTERM", restarts=1, extra=("--checkpoint-every", "100"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = list_checkpoints(out)
+    assert 2 <= int(checkpoint.name.split("-")[1]) < 8
+    assert "exit status 0 under torchrun" in result.stdout and "resuming" not in result.stdout
+
+
 def test_a_hung_process_does_not_hang_the_others(tmp_path):
     started = time.time()
     # rank 1 hangs for 10 minutes inside step 2 (no stop signals: torchrun's SIGTERM then ends it at once)

@@ -445,3 +445,37 @@ def test_preparing_a_folder_removes_only_the_temporaries_a_run_writes(tmp_path):
         (run / name).mkdir(parents=True)
     OutputFolder(run).prepare(None, overwrite=False)
     assert sorted(p.name for p in run.iterdir()) == [".cache.tmp", ".my-notes.tmp"]  # the user's are kept
+
+
+def test_a_signal_during_a_checkpoint_write_stops_the_run_at_that_checkpoint(tmp_path, monkeypatch):
+    from vqhit import training
+    from vqhit.preemption import Preempted
+
+    save = training.save_checkpoint
+
+    def signalled_save(*args, **kwargs):  # the scheduler's SIGTERM arrives while the checkpoint is being written
+        if kwargs.get("train_state", {}).get("step") == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(training, "save_checkpoint", signalled_save)
+    with pytest.raises(Preempted, match="stopped at step 2 of 6"):
+        trainer(tmp_path / "run", steps=6, checkpoint_every=2).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]  # not one step more, not two
+
+
+def test_the_divergence_advice_passes_over_checkpoints_reached_with_losses_out_of_bounds(tmp_path):
+    from vqhit.training import SANE_LOSS, divergence_message
+
+    run = tmp_path / "run"
+    t = trainer(run, steps=3, checkpoint_every=1)
+    t.fit()
+    states = {c.name: json.loads((c / "train_state.json").read_text()) for c in list_checkpoints(run)}
+    assert all(0 < state["loss_peak"] < SANE_LOSS for state in states.values())  # each records its largest loss
+    state_file = run / "checkpoint-2" / "train_state.json"  # as after --lr 1.0: losses near 1e16 before the NaN
+    state_file.write_text(json.dumps({**states["checkpoint-2"], "loss_peak": 3e16}))
+    message = divergence_message(["generator"], 3, run, t.config)
+    assert "last good checkpoint, " + str(run / "checkpoint-1") in message and "checkpoint-2" not in message
+    state_file = run / "checkpoint-1" / "train_state.json"
+    state_file.write_text(json.dumps({**states["checkpoint-1"], "loss_peak": float("inf")}))
+    assert "start again with a lower --lr" in divergence_message(["generator"], 3, run, t.config)
