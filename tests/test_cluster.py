@@ -5,6 +5,7 @@ The multi-process runs are real processes on gloo (CPU), started the way a clust
 with RANK/WORLD_SIZE in its environment (Slurm's srun), or torchrun. Each compares what the processes end with, not
 only exit codes.
 """
+import datetime
 import json
 import os
 import signal
@@ -510,15 +511,17 @@ def test_streams_resume_exactly_from_any_position_with_a_position_of_constant_si
 def _first_on_each_machine(rank: int, init_file: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", ACCELERATE_USE_CPU="1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    from vqhit.data import first_on_each_machine
+    # a collective deadline shorter than the first process's work: the others must not wait in a collective
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=1))
+    from vqhit.distributed import first_on_each_machine
     from vqhit.errors import UsageError
 
     prepared, result = Path(out) / "prepared", {}
     with first_on_each_machine():
         result["found_prepared"] = prepared.exists()  # what the machine's first process left in the shared cache
         if rank == 0:
-            time.sleep(0.5)  # a slow download: the other process must still wait for it
+            time.sleep(3)  # a slow download, past the deadline: the other process must still wait for it
             prepared.write_text("downloaded")
     try:
         with first_on_each_machine():

@@ -47,7 +47,6 @@ import io
 import os
 import warnings
 from collections import Counter, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -380,34 +379,6 @@ def collate_images(items: list[dict | None]) -> dict | None:
     if positions:
         batch["stream_position"] = positions[-1]
     return batch
-
-
-@contextmanager
-def first_on_each_machine():
-    """Run the block on each machine's first process, then on that machine's others: what the first one downloads
-    or prepares (a Hub dataset, the table of a folder, in the cache every process of a machine shares) the others
-    then find ready. One process alone runs it at once.
-
-    If a first process fails in the block, the others raise too instead of waiting for it: with one line when it was
-    the user's mistake (which the first process reports), as `UsageError`."""
-    if not distributed.is_distributed():
-        yield
-        return
-    if not distributed.process_state().is_local_main_process:
-        failed = distributed.all_reduce_sum(torch.tensor([0.0, 0.0]))  # waits for the first processes
-        if failed[1]:
-            raise UsageError("the first process of a machine stopped on the user's error above; this process stops "
-                             "too")
-        if failed[0]:
-            raise RuntimeError("the first process of a machine failed (its error is above); this process stops too")
-        yield
-        return
-    try:
-        yield
-    except Exception as err:
-        distributed.all_reduce_sum(torch.tensor([1.0, float(isinstance(err, UsageError))]))
-        raise
-    distributed.all_reduce_sum(torch.tensor([0.0, 0.0]))
 
 
 class TrainingBatches:

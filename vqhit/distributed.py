@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from accelerate import PartialState
 
 __all__ = ["rank", "world_size", "is_distributed", "all_reduce_sum", "all_reduce_mean",
-           "all_gather_cat", "all_gather_objects", "broadcast_", "run_on_main", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
+           "all_gather_cat", "all_gather_objects", "broadcast_", "run_on_main", "first_on_each_machine", "reduce_scalars", "ddp_kwargs", "process_group_kwargs",
            "init_restarted_process_group", "check_elastic_launch", "average_batchnorm_stats_", "process_state",
            "state_and_device"]
 
@@ -205,6 +207,39 @@ def run_on_main(fn, *args):
     if outcome != "done":
         raise RuntimeError("the main process failed (its error is above); this process stops too")
     return None
+
+
+@contextmanager
+def first_on_each_machine():
+    """Run the block on each machine's first process, then on that machine's others: what the first one downloads
+    or prepares (a Hub dataset, the table of a folder, in the cache every process of a machine shares) the others
+    then find ready. They wait as `run_on_main`'s do, on the store and without a deadline: a download can take
+    longer than --collective-timeout. If a first process fails in the block, the others of its machine raise too,
+    without entering it: a UsageError (the first process reports the user's mistake) or a RuntimeError."""
+    if not is_distributed():
+        yield
+        return
+    key = f"vqhit/first-on-{socket.gethostname()}-{next(_main_work)}"
+    store = dist.distributed_c10d._get_default_store()
+    if process_state().is_local_main_process:
+        outcome = "error"
+        try:
+            yield
+            outcome = "done"
+        except UsageError:
+            outcome = "usage"
+            raise
+        finally:
+            store.set(key, outcome)
+        return
+    while not store.check([key]):
+        time.sleep(0.05)
+    outcome = store.get(key).decode()
+    if outcome == "usage":
+        raise UsageError("the first process of a machine stopped on the user's error above; this process stops too")
+    if outcome != "done":
+        raise RuntimeError("the first process of a machine failed (its error is above); this process stops too")
+    yield
 
 
 def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import distributed, heldout, launcher
 from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
 from .cli import naming, usable_cores
-from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset, first_on_each_machine
+from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
 from .ema import EMA
 from .errors import DivergedError, OwnDataError, UsageError
 from .losses import LeCam
@@ -212,7 +212,7 @@ class Trainer:
         model = build_model(config, task)
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
-        with first_on_each_machine():  # one download or folder table per machine, which the others then read
+        with distributed.first_on_each_machine():  # one download or folder table per machine, which the others then read
             self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                   seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals),
