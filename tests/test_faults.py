@@ -459,8 +459,12 @@ def test_a_signal_during_a_checkpoint_write_stops_the_run_at_that_checkpoint(tmp
         return save(*args, **kwargs)
 
     monkeypatch.setattr(training, "save_checkpoint", signalled_save)
-    with pytest.raises(Preempted, match="stopped at step 2 of 6"):
-        trainer(tmp_path / "run", steps=6, checkpoint_every=2).fit()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Preempted, match="stopped at step 2 of 6"):
+            trainer(tmp_path / "run", steps=6, checkpoint_every=2).fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # a stopped run leaves its stop signals ignored: this process lives on
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]  # not one step more, not two
 
 
@@ -479,3 +483,26 @@ def test_the_divergence_advice_passes_over_checkpoints_reached_with_losses_out_o
     state_file = run / "checkpoint-1" / "train_state.json"
     state_file.write_text(json.dumps({**states["checkpoint-1"], "loss_peak": float("inf")}))
     assert "start again with a lower --lr" in divergence_message(["generator"], 3, run, t.config)
+
+
+def test_a_repeated_stop_signal_while_the_stopped_run_exits_does_not_kill_it():
+    # The scheduler's second SIGTERM can come after the checkpoint, while the process exits with status 75: it must
+    # not turn that status into death by the signal (a job script would then not requeue).
+    from vqhit.preemption import Preempted, StopSignals
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(Preempted):
+            with StopSignals([signal.SIGUSR1]):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                raise Preempted("stopped")
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)  # ignored: this test process lives on
+        with StopSignals([signal.SIGUSR1]):  # a block that ends otherwise gives the previous handler back
+            pass
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    with StopSignals([signal.SIGUSR1]):
+        pass
+    assert signal.getsignal(signal.SIGUSR1) == previous

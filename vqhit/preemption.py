@@ -53,7 +53,8 @@ DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
 
 class Preempted(SystemExit):
     """Raised (on every process) after the checkpoint that a stop signal asked for: the process exits with
-    `stop_exit_status()` and prints no traceback. Catch it to keep a Python session alive."""
+    `stop_exit_status()` and prints no traceback. Catch it to keep a Python session alive (the
+    stop signals then stay ignored, as for a process about to exit: restore them with `signal.signal`)."""
 
     def __init__(self, message: str):
         super().__init__(stop_exit_status())
@@ -126,9 +127,13 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A run stopped by a signal is exiting with its status: a repeat of the scheduler's signal during the exit
+        # (the workers' shutdown, the interpreter's) must not turn that status into death by the signal, so the stop
+        # signals stay ignored. Otherwise the previous handlers come back.
+        stopping = isinstance(exc, Preempted)
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if stopping else previous)
         self._previous.clear()
 
 
