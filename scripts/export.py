@@ -2,7 +2,7 @@
 """Export a saved tokenizer or generator to ONNX graphs, for onnxruntime and other ONNX runtimes.
 
     python scripts/export.py --model runs/vqhit-demo/model --format onnx --output-dir exports/vqhit-demo
-    python scripts/export.py --model runs/gan-demo/model --output-dir exports/gan-demo
+    python scripts/export.py --model runs/hit-tiny/model --output-dir exports/hit-tiny
 
 A tokenizer gives encoder.onnx (images -> token indices) and decoder.onnx (token indices -> images), a generator
 generator.onnx (latents -> images), each with a dynamic batch axis, and config.json beside them (the model's own:
