@@ -138,7 +138,8 @@ def test_sigterm_stops_with_a_checkpoint_and_the_same_command_continues_exactly(
     (status, output), = run(stopped, 8, signal_at_step=2, signals=(signal.SIGTERM, signal.SIGTERM))
     assert status == EXIT_PREEMPTED, output[-3000:]
     reached = int(list_checkpoints(stopped)[-1].name.split("-")[1])
-    assert 2 <= reached < 8 and "received SIGTERM again" in output
+    # the second arrives during the step, the checkpoint or the exit: acknowledged or ignored, never fatal (status 75)
+    assert 2 <= reached < 8
     assert f"stopped at step {reached} of 8 by SIGTERM" in output and "--resume auto" in output
     assert run(stopped, 8)[0][0] == 0  # the same command line
     assert_same_run(straight, stopped, 8)
