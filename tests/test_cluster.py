@@ -457,14 +457,14 @@ def test_a_streamed_resume_yields_the_same_batches_without_decoding_the_seen_one
 
 
 def test_a_streamed_run_resumes_bit_identical_from_its_checkpoint(tmp_path):
-    from vqhit.train_config import config_from_dict
+    from vqhit.train_config import config_from_dict, resolve_config
     from vqhit.training import Trainer
 
     def trainer(out, steps, **extra):
         values = dict(model="hit-tiny", streaming=True, num_workers=0, max_images=12, batch_size=2, steps=steps,
                       disc_max_channels=32, sample_every=1000, checkpoint_every=3, num_samples=2, seed=4,
                       output_dir=str(out), **extra)
-        return Trainer(config_from_dict(values), "gan")
+        return Trainer(resolve_config(values, "gan") if values.get("resume") else config_from_dict(values), "gan")
 
     straight = trainer(tmp_path / "a", 8)  # 12 images, batch 2: the resume at step 3 is inside the first epoch
     straight.fit()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in each of the 2 processes: the library's Trainer with recorders around what the test checks.
 DRIVER = r"""
 import json, sys, torch
-from vqhit.train_config import config_from_dict
+from vqhit.train_config import config_from_dict, resolve_config
 from vqhit.training import Trainer
 task, out, steps, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
 config = dict(model="hit-tiny" if task == "gan" else "vqhit-tiny", output_dir=out, steps=steps, num_workers=0,
@@ -31,7 +31,7 @@ config = dict(model="hit-tiny" if task == "gan" else "vqhit-tiny", output_dir=ou
               num_samples=2, seed=5, perceptual="none", r1_weight=1.0, adv_start=1, ema_start=2, ema_decay=0.9,
               resume="latest" if resume else None)
 config.update(dict(bcr_weight=1.0) if task == "gan" else dict(model_options={"dead_code_steps": 2}))
-t = Trainer(config_from_dict(config), task)
+t = Trainer((resolve_config(config, task) if resume else config_from_dict(config)), task)
 rank = t.accelerator.process_index
 model = t.accelerator.unwrap_model(t.model)
 record = {"logs": {}, "indices": {}, "restarts": 0}

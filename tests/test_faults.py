@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from vqhit import HiTGenerator
 from vqhit.resume import list_checkpoints
-from vqhit.train_config import config_from_dict, parse_config
+from vqhit.train_config import config_from_dict, parse_config, resolve_config
 from vqhit.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,8 @@ TINY = dict(model="hit-tiny", num_workers=0, max_images=8, batch_size=2, disc_ma
 
 
 def trainer(run: Path, **overrides) -> Trainer:
-    return Trainer(config_from_dict({**TINY, "output_dir": str(run), **overrides}), "gan")
+    values = {**TINY, "output_dir": str(run), **overrides}
+    return Trainer(resolve_config(values, "gan") if values.get("resume") else config_from_dict(values), "gan")
 
 
 def weights(t: Trainer) -> dict:
@@ -469,7 +470,7 @@ def test_a_signal_during_a_checkpoint_write_stops_the_run_at_that_checkpoint(tmp
 
 
 def test_the_divergence_advice_passes_over_checkpoints_reached_with_losses_out_of_bounds(tmp_path):
-    from vqhit.training import SANE_LOSS, divergence_message
+    from vqhit.step_flags import SANE_LOSS, divergence_message
 
     run = tmp_path / "run"
     t = trainer(run, steps=3, checkpoint_every=1)

@@ -135,6 +135,19 @@ class OutputFolder:
                         f"untouched, to {aside}")
         return done
 
+    def open(self, resume_from: Path | None, overwrite: bool) -> None:
+        """Lock the folder and `prepare` it, printing what was done; unlocked again when that fails (main
+        process). Sample grids go to its samples/ folder."""
+        self.lock()
+        try:
+            messages = self.prepare(resume_from, overwrite)
+            (self.path / "samples").mkdir(exist_ok=True)
+        except BaseException:
+            self.unlock()
+            raise
+        for message in messages:
+            print(message, flush=True)
+
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` checkpoints (all of this lineage: see `prepare`)."""
         for old in list_checkpoints(self.path)[:-keep]:

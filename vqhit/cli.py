@@ -190,6 +190,20 @@ def naming(option: str, value) -> Iterator[None]:
         raise type(err)(f"{option} {value}: {err}") from None
 
 
+@contextmanager
+def naming_model_options(model: str, options: dict) -> Iterator[None]:
+    """A ValueError raised while a preset's config or modules are built with --model-option values (an unknown key,
+    a wrong type, an impossible architecture, a zero codebook size) is the user's: name them. Without options the
+    preset itself failed: a bug, which keeps its traceback."""
+    try:
+        yield
+    except ValueError as err:
+        if not options:
+            raise
+        given = " ".join(f"{k}={v}" for k, v in options.items())
+        raise UsageError(f"--model {model} --model-option {given}: {err}") from None
+
+
 def _message(err: UsageError) -> str:
     """The error's message on one line. An error raised in a DataLoader worker comes back wrapped, with the
     worker's traceback in its message; the original message is its last line."""

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .data import BUILTIN_WHOLE_VIEW, eval_dataset
 from .evaluation import heldout_report
+from .run_log import RunLog
 from .train_config import TrainConfig
 
 MAX_TRAIN_SOURCE_IMAGES = 256  # the training set's figure, for the gap: a sample is enough, and a large set is slow
@@ -49,3 +51,21 @@ def report(model: nn.Module, config: TrainConfig, output_dir: Path, step: int, d
     text = (f"reconstruction at step {step} (EMA model, {resolution}x{resolution}, every image downsampled whole by "
             f"a centre crop of its short side):\n" + "\n".join(lines) + f"\n  grid: {reports['heldout']['grid']}")
     return reports, figures, text
+
+
+def report_once(model: nn.Module, config: TrainConfig, step: int, log: RunLog) -> dict | None:
+    """The report of `model` (the EMA model) after training step `step`, made by the main process (the others wait
+    outside the collective deadline): printed, logged to TensorBoard and logs.jsonl. A finished run resumed again
+    says where its report is instead of making it again."""
+    acc = log.accelerator
+    if log.holds_heldout_report(step):
+        acc.print(f"the held-out report of step {step} is in {log.path}")
+        return None
+
+    def make() -> dict:
+        reports, figures, text = report(model, config, log.output_dir, step, acc.device)
+        acc.log(figures, step=step)
+        log.write(step, figures)
+        print(text, flush=True)
+        return reports
+    return distributed.run_on_main(make)

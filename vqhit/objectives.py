@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from . import distributed
 from .evaluation import save_reconstruction_grid
 from .losses import (PerceptualLoss, R1Schedule, adaptive_adversarial_weight, bcr_penalty, d_logistic_loss,
                      delayed_weight, g_nonsaturating_loss, l2_reconstruction_loss, r1_penalty)
@@ -36,6 +37,9 @@ class GANObjective:
 
     def adaptive_scale(self, terms: dict, adv_loss: torch.Tensor, model: nn.Module) -> float:
         return 1.0
+
+    def usage_logs(self, model: nn.Module, accelerator, step: int) -> dict:
+        return {}
 
     @torch.no_grad()
     def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:
@@ -74,6 +78,17 @@ class TokenizerObjective:
             return 1.0
         rec = terms["l2"] + terms.get("perceptual", 0.0)
         return adaptive_adversarial_weight(rec, adv_loss, model.last_decoder_layer())
+
+    def usage_logs(self, model: nn.Module, accelerator, step: int) -> dict:
+        """The codebook's use since the last log step (a collective): its figures, and a histogram of every
+        process's picks to TensorBoard."""
+        quantize = model.quantize
+        logs = {f"codebook/{k}": float(v) for k, v in quantize.usage_stats().items()}
+        counts = distributed.all_reduce_sum(quantize.code_counts.clone())
+        if accelerator.is_main_process:
+            accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("codebook/code_use", counts.float(), step)
+        quantize.reset_usage()
+        return logs
 
     @torch.no_grad()
     def save_sample_grid(self, ema_model: nn.Module, fixed_real: torch.Tensor, path: Path) -> None:

@@ -1,11 +1,13 @@
 """Which checkpoint a run resumes: `--resume auto|latest|PATH` resolved to a checkpoint folder, intact ones
-preferred, and the choice agreed by every process (the main process's). Below `checkpointing` (which writes
-checkpoints) and `train_config` (which reads a resumed run's saved settings), so that both can ask."""
+preferred, checked against what the run asks for (the same architecture, a --steps it has not passed), and the
+choice agreed by every process (the main process's). Below `checkpointing` (which writes checkpoints) and
+`train_config` (which resolves the resume once, when the run's configuration is made), so that both can ask."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .cli import naming_model_options
 from .distributed import all_gather_objects, rank
 from .errors import UsageError
 
@@ -136,3 +138,63 @@ def agree_on_resume(own: Path | None) -> Path | None:
         raise UsageError(f"{problems[0]}: --output-dir must be on a file system that every node shares (and sees "
                          "alike); give every process the same folder")
     return chosen
+
+
+DISCRIMINATOR_OPTIONS = ("disc_channel_multiplier", "disc_max_channels")  # its architecture, beside the resolution
+
+
+def check_resumable(checkpoint: Path, saved: dict, config, task: str) -> None:
+    """Refuse, in one sentence, to resume `checkpoint` (whose train_config.yaml holds `saved`) with another preset,
+    architecture option or discriminator architecture than `config`'s, or with a --steps the run is already past
+    (equal is fine: the run is finished, and a resume only makes sure its model is exported)."""
+    from .models import model_class
+
+    config_class = model_class(task).config_class
+    try:
+        theirs = config_class.from_preset(saved["model"], **(saved.get("model_options") or {}))
+    except Exception as e:  # noqa: BLE001 - the saved config itself no longer builds
+        raise UsageError(f"{checkpoint}/train_config.yaml does not describe a model this version builds ({e})") \
+            from None
+    with naming_model_options(config.model, config.model_options):
+        ours = config_class.from_preset(config.model, **config.model_options)
+    diff = ours.architecture_differences(theirs)
+    if diff:
+        raise _other_architecture(checkpoint, saved, diff)
+    disc = {f"--{key.replace('_', '-')}": (saved[key], getattr(config, key)) for key in DISCRIMINATOR_OPTIONS
+            if key in saved and saved[key] != getattr(config, key)}
+    if disc:
+        raise _other_discriminator(checkpoint, disc)
+    step = read_state(checkpoint)["step"]
+    if config.steps < step:
+        raise _steps_passed(checkpoint, step, config.steps)
+
+
+def _other_architecture(checkpoint: Path, saved: dict, diff: dict) -> UsageError:
+    return UsageError(
+        f"cannot resume {checkpoint}: it was trained as --model {saved['model']} with model options "
+        f"{saved.get('model_options') or {}}, this run asks for a different architecture; differing keys "
+        f"(checkpoint, this run): {diff}. Resume without changing the model, or start a new run "
+        f"(--init-from {checkpoint.parent / 'model'} keeps the weights)")
+
+
+def _other_discriminator(checkpoint: Path, changed: dict) -> UsageError:
+    changes = ", ".join(f"{option} {theirs} -> {ours}" for option, (theirs, ours) in changed.items())
+    return UsageError(
+        f"cannot resume {checkpoint}: this run asks for another discriminator architecture ({changes}; checkpoint "
+        f"-> this run). Resume without changing {' or '.join(changed)}, or start a new run (--init-from "
+        f"{checkpoint.parent / 'model'} keeps the generator's weights)")
+
+
+def _steps_passed(checkpoint: Path, step: int, steps: int) -> UsageError:
+    return UsageError(f"--steps {steps} is below the step of {checkpoint} ({step}): the run is already past it. "
+                      f"Give --steps {step} or more to continue it, or resume a checkpoint at or before step {steps} "
+                      f"(--resume {checkpoint.parent}/{CHECKPOINT_PREFIX}M)")
+
+
+def interrupted_message(output_dir: Path, step: int, steps: int) -> str:
+    """What to do after a Ctrl-C that wrote no checkpoint: which checkpoint resumes, and what is lost."""
+    found = list_checkpoints(output_dir)  # complete ones only: one being written is a .tmp folder
+    where = (f"the latest checkpoint is {found[-1]}: the same command with --resume auto continues from it, and "
+             f"the training since its step {checkpoint_step(found[-1])} is lost" if found else
+             "no checkpoint was written yet: the training so far is lost")
+    return f"interrupted at step {step} of {steps}; {where}"

@@ -1,24 +1,59 @@
-"""What a training run writes as it goes besides TensorBoard: `logs.jsonl` (one JSON line per log step, easy to read
-without TensorBoard, each step once however many times the run was killed and resumed) and the progress bar's
-figures (each loss as its mean since the last log step: one batch's value jumps around)."""
+"""What a training run tells as it goes: its effective config at the start, and at each log step the scalars
+(means over processes) to TensorBoard and to `logs.jsonl` (one JSON line per log step, easy to read without
+TensorBoard, each step once however many times the run was killed and resumed), and the progress bar's figures
+(each loss as its mean since the last log step: one batch's value jumps around)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from . import distributed
 from .files import atomic_write
+from .train_config import SCRIPT, TrainConfig, describe, save_config
 
 BAR_LOSSES = ("loss/l2", "loss/generator", "loss/discriminator")  # what the progress bar shows
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, is_main_process: bool):
-        self.path = Path(output_dir) / "logs.jsonl"
-        self.is_main_process = is_main_process
+    def __init__(self, output_dir: Path, accelerator: Accelerator):
+        self.output_dir, self.accelerator = Path(output_dir), accelerator
+        self.path = self.output_dir / "logs.jsonl"
+        self.is_main_process = accelerator.is_main_process
         self.window = {}  # the bar's losses since the last log step, {key: (sum, steps)}
+        self.images, self.since = 0, time.perf_counter()  # images trained on and time since the last log step
+
+    def start(self, config: TrainConfig, task: str, start_step: int) -> None:
+        """Say what runs, save its config, drop what a killed run logged after the checkpoint it starts from."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            print(f"effective config ({SCRIPT[task]}):\n{describe(config)}", flush=True)
+            global_batch = config.batch_size * acc.num_processes * config.grad_accum
+            print(f"global batch {global_batch} = {config.batch_size} per process x {acc.num_processes} processes x "
+                  f"{config.grad_accum} accumulation steps", flush=True)
+            save_config(config, self.output_dir / "train_config.yaml")
+            self.forget_after(start_step)
+            if start_step >= config.steps:
+                print(f"the run is already finished at step {start_step} (--steps {config.steps}): nothing to "
+                      f"train; its model is exported again if model/ does not hold it", flush=True)
+        # purge_step: TensorBoard hides what a killed run logged after the checkpoint this run starts from
+        acc.init_trackers("tensorboard", config={k: str(v) for k, v in config.to_dict().items()},
+                          init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
+        self.since = time.perf_counter()
+
+    def log_step(self, step: int, logs: dict, codebook_size: int | None) -> str:
+        """Log a log step's scalars (means over processes) and images/s since the last one to TensorBoard and
+        logs.jsonl (a collective); returns the bar's text."""
+        logs = distributed.reduce_scalars(logs)  # the mean over processes: what all of them did
+        images = distributed.all_reduce_sum(torch.tensor([float(self.images)])).item()
+        logs["images_per_second"] = images / (time.perf_counter() - self.since)
+        self.images, self.since = 0, time.perf_counter()
+        self.accelerator.log(logs, step=step)
+        self.write(step, logs)
+        return self.bar_text(logs, codebook_size)
 
     def forget_after(self, step: int) -> None:
         """Drop the lines a killed run wrote after the checkpoint this run starts from (main process)."""

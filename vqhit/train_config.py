@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import tempfile
@@ -34,7 +35,7 @@ from .config_values import convert_value
 from .errors import NotFoundError, UsageError
 from .files import check_output_folder
 from . import launcher
-from .resume import resolve_resume
+from .resume import check_resumable, resolve_resume
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
@@ -197,6 +198,7 @@ class TrainConfig:
         parse_signals(self.stop_signals)
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}"
+        self.resume_checkpoint = None  # the checkpoint folder that --resume names, found by `resolve_config`
         self.derived_keys = tuple(key for key in DERIVED_DEFAULTS if getattr(self, key) is None)
         for key in self.derived_keys:
             choice, values = DERIVED_DEFAULTS[key]
@@ -272,6 +274,13 @@ def _coerce(name: str, value, f: dataclasses.Field):
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    """The config of a fresh run from its values as given (no recipe, no checkpoint: `resolve_config` adds both)."""
+    if values.get("resume"):
+        raise ValueError("a resumed run's config comes from resolve_config, which finds and checks its checkpoint")
+    return _make_config(values, source)
+
+
+def _make_config(values: dict, source: str) -> TrainConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
@@ -409,7 +418,11 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfig:
-    """Defaults (or, when resuming, the checkpoint's saved config) < `given` (file values, then command line)."""
+    """Defaults (or, when resuming, the checkpoint's saved config) < `given` (file values, then command line).
+
+    The one place a run's `--resume` is resolved: the checkpoint it names (`vqhit.resume.resolve_resume`) is read
+    and checked against what the run asks for here, and carried as `config.resume_checkpoint` (None: a fresh start)
+    to the trainer."""
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise UsageError(f"unknown key(s) {unknown} in {source}; see --help for the known keys")
@@ -421,15 +434,14 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
         output_dir = given.get("output_dir") or f"runs/{given.get('model') or DEFAULT_MODEL[task]}"
         checkpoint = resolve_resume(resume, Path(output_dir))  # None: --resume auto with nothing to resume
     if checkpoint is not None:
-        base = saved_config(checkpoint)
-        _check_task(base, checkpoint, task)
+        saved = saved_config(checkpoint)
+        _check_task(saved, checkpoint, task)
+        base = {k: v for k, v in saved.items() if k not in START_ACTIONS}
         base["output_dir"] = given.get("output_dir") or str(checkpoint.parent)
         if "model_options" in given:  # options given on resume add to the saved ones
             given = {**given, "model_options": {**(base.get("model_options") or {}), **given["model_options"]}}
         # start-of-run actions are not repeated, so a job script's one command line serves every restart
-        given = {k: v for k, v in given.items() if k not in ("overwrite", "init_from", "taming_checkpoint")}
-        for key in ("overwrite", "init_from", "taming_checkpoint"):
-            base.pop(key, None)
+        given = {k: v for k, v in given.items() if k not in START_ACTIONS}
         _warn_kept_weights(base, given, checkpoint)
         _warn_changed_data(base, given, checkpoint)
     else:
@@ -437,7 +449,27 @@ def resolve_config(given: dict, task: str, source: str = "config") -> TrainConfi
     values = {**base, **given}
     if resume:
         values["resume"] = resume
-    return config_from_dict(values, source=source)
+    config = _make_config(values, source)
+    check_preset(config.model, task)
+    if checkpoint is not None:
+        check_resumable(checkpoint, saved, config, task)
+    config.resume_checkpoint = checkpoint
+    return config
+
+
+START_ACTIONS = ("overwrite", "init_from", "taming_checkpoint")  # what a resume does not do again
+
+
+def check_preset(model: str, task: str) -> None:
+    """Refuse a --model that is not a preset of `task`'s script, suggesting the closest name."""
+    from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
+
+    presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
+    if model not in presets:
+        close = difflib.get_close_matches(model, presets, n=1)
+        raise UsageError(f"--model {model}: {SCRIPT[task]} trains "
+                         f"{'generator (hit-*)' if task == 'gan' else 'tokenizer'} presets"
+                         f"{f'; did you mean {close[0]}?' if close else ''} Choose one of {', '.join(presets)}")
 
 
 def _check_task(saved: dict, checkpoint: Path, task: str) -> None:
