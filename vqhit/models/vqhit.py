@@ -296,15 +296,12 @@ class VQHiT(PretrainedMixin, nn.Module):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as err:  # pickle.UnpicklingError and friends
-            raise UsageError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
-                             f"file, pass weights_only=False") from err
+            raise _unreadable_taming_checkpoint(path, weights_only, err) from err
         if not isinstance(ckpt, dict):
-            raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
-                             f"checkpoint (a Lightning .ckpt, or a saved state dict)")
+            raise _not_a_checkpoint_dict(path, ckpt)
         state = ckpt.get("state_dict", ckpt)
         if not isinstance(state, dict):
-            raise UsageError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
-                             f"taming VQGAN checkpoint")
+            raise _state_dict_not_a_dict(path, state)
         prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
         if self.config.decoder == "conv":
             prefixes += ("decoder.",)
@@ -314,10 +311,30 @@ class VQHiT(PretrainedMixin, nn.Module):
         ours = self.state_dict()
         missing = sorted(t for t in wanted.values() if t not in state)
         if missing:
-            raise UsageError(f"{path} is not a taming VQGAN checkpoint for this model "
-                             f"(decoder={self.config.decoder!r}): missing keys {missing[:5]}")
+            raise _not_taming_for_this_decoder(path, self.config.decoder, missing)
         wrong = [f"{t}: {tuple(state[t].shape)} vs {tuple(ours[k].shape)}" for k, t in wanted.items()
                  if state[t].shape != ours[k].shape]
         if wrong:
             raise UsageError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
         self.load_state_dict({k: state[t] for k, t in wanted.items()}, strict=False)
+
+
+# -- the errors of load_taming_checkpoint: each names the file and the fix ----------------------------------------
+def _unreadable_taming_checkpoint(path, weights_only: bool, err: Exception) -> UsageError:
+    return UsageError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
+                      f"file, pass weights_only=False")
+
+
+def _not_a_checkpoint_dict(path, ckpt) -> UsageError:
+    return UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
+                      f"checkpoint (a Lightning .ckpt, or a saved state dict)")
+
+
+def _state_dict_not_a_dict(path, state) -> UsageError:
+    return UsageError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
+                      f"taming VQGAN checkpoint")
+
+
+def _not_taming_for_this_decoder(path, decoder: str, missing: list) -> UsageError:
+    return UsageError(f"{path} is not a taming VQGAN checkpoint for this model "
+                      f"(decoder={decoder!r}): missing keys {missing[:5]}")
