@@ -125,14 +125,10 @@ class VQHiTConfig(ConfigMixin):
             raise ValueError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
         mult = self.conv_decoder_channel_mult
         if self.decoder == "conv" and mult is not None and len(mult) != len(self.encoder_channel_mult):
-            raise ValueError(f"conv_decoder_channel_mult {mult} has {len(mult)} levels but the encoder has "
-                             f"{len(self.encoder_channel_mult)}: the decoder must upsample by the encoder's factor "
-                             f"{f}; give it {len(self.encoder_channel_mult)} entries")
+            raise _conv_decoder_levels(mult, len(self.encoder_channel_mult), f)
         reach = grid * 2 ** (len(self.decoder_widths) - 1)
         if self.decoder == "hit" and reach != self.resolution:
-            raise ValueError(f"the decoder's {len(self.decoder_widths)} stages take the {grid}x{grid} grid to "
-                             f"{reach}x{reach}, not {self.resolution}x{self.resolution}; use "
-                             f"{(self.resolution // grid).bit_length()} decoder stages")
+            raise _decoder_stages_miss_resolution(len(self.decoder_widths), grid, reach, self.resolution)
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         check_quantizer_options(self.codebook_size, self.code_dim, self.beta, self.lookup_dim,
@@ -146,6 +142,18 @@ class VQHiTConfig(ConfigMixin):
     @property
     def grid(self) -> int:
         return self.resolution // 2 ** (len(self.encoder_channel_mult) - 1)
+
+
+def _conv_decoder_levels(mult: list, levels: int, factor: int) -> ValueError:
+    return ValueError(f"conv_decoder_channel_mult {mult} has {len(mult)} levels but the encoder has "
+                      f"{levels}: the decoder must upsample by the encoder's factor "
+                      f"{factor}; give it {levels} entries")
+
+
+def _decoder_stages_miss_resolution(stages: int, grid: int, reach: int, resolution: int) -> ValueError:
+    return ValueError(f"the decoder's {stages} stages take the {grid}x{grid} grid to "
+                      f"{reach}x{reach}, not {resolution}x{resolution}; use "
+                      f"{(resolution // grid).bit_length()} decoder stages")
 
 
 class VQHiT(PretrainedMixin, nn.Module):
