@@ -64,7 +64,7 @@ def main(argv=None):
     out = Path(args.output_dir)
     outputs = ["eval_gan.json", *["samples.png"] * (args.grid_size > 0),
                *["interpolation.png"] * (args.interp_rows > 0)]
-    check_output_folder(out, outputs, overwrite=args.overwrite)  # now, not after the evaluation
+    check_output_folder(out, outputs, overwrite=args.overwrite)  # before the evaluation, not after
     if args.data is None and (args.ref_stats is None or not os.path.exists(args.ref_stats)):
         raise UsageError("eval_gan.py needs a reference: --data, or --ref-stats naming an existing .npz")
     generator = cli.load_model(HiTGenerator, args)

@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = cli.with_launcher_settings(parse_args(argv), "eval_rfid.py")
-    check_output_folder(args.output_dir, [REPORT, PLOT], overwrite=args.overwrite)  # now, not after the evaluation
+    check_output_folder(args.output_dir, [REPORT, PLOT], overwrite=args.overwrite)  # before the evaluation, not after
     local = Path(args.model).is_dir()  # a save_pretrained folder (not a Hub id): its card gets the figures
     signature = weights_signature(args.model) if local else None  # taken first: a replacement after it is seen
     weights = {"weights_sha256": weights_sha256(args.model), "training_step": training_step(args.model)} \

@@ -60,14 +60,9 @@ class OutputFolder:
         except BlockingIOError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UnavailableError(f"{self.path} is being written by another run ({holder}); wait for it to finish, "
-                                   f"or choose another --output-dir. If that run is dead (its node went down), the "
-                                   f"file server releases its lock after a while; delete {self.path / LOCK_FILE} "
-                                   f"to go on at once") from None
+            raise _held_by_another_run(self.path, holder) from None
         except OSError as err:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this file system
-            warnings.warn(f"{self.path} cannot be locked ({err.strerror}): a second run started into the same "
-                          "--output-dir would not be stopped; mount the file system with locks (Lustre: -o flock) to "
-                          "be protected", stacklevel=2)
+            warnings.warn(_cannot_lock(self.path, err), stacklevel=2)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -154,6 +149,18 @@ class OutputFolder:
             shutil.rmtree(old)
 
 
+def _held_by_another_run(path: Path, holder: str) -> UnavailableError:
+    return UnavailableError(f"{path} is being written by another run ({holder}); wait for it to finish, "
+                            f"or choose another --output-dir. If that run is dead (its node went down), the "
+                            f"file server releases its lock after a while; delete {path / LOCK_FILE} "
+                            f"to go on at once")
+
+
+def _cannot_lock(path: Path, err: OSError) -> str:
+    return (f"{path} cannot be locked ({err.strerror}): a second run started into the same --output-dir would not be "
+            "stopped; mount the file system with locks (Lustre: -o flock) to be protected")
+
+
 # -- writing and reading a checkpoint ----------------------------------------------------------------------------
 def data_state_file(rank: int) -> str:
     """Each process's data position (its streams are its own), beside Accelerate's random_states_<rank>.pkl."""
@@ -224,20 +231,32 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
         try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first, as it reads
             load(rng_file)  # it (weights only, no pickled code)
         except Exception as e:  # noqa: BLE001
-            raise UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({e}); "
-                             f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)") \
-                from None
+            raise _damaged_rng_state(path, rng_file, e) from None
     missing = [name for name in saved.get("files", {}) if not (path / name).is_file()]
     if missing:
-        raise UsageError(f"cannot resume from {path}: it is incomplete, {', '.join(missing[:3])}"
-                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; resume from an "
-                         f"earlier checkpoint in {path.parent}")
+        raise _incomplete_checkpoint(path, missing)
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
-        raise UsageError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume from an "
-                         f"earlier checkpoint in {path.parent}") from None
+        raise _damaged_checkpoint(path, e) from None
     data_file = path / data_state_file(rank if same_processes else 0)
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
     return saved, data_state
+
+
+# -- why a checkpoint cannot be resumed: each names the checkpoint and an earlier one to resume instead -----------
+def _damaged_rng_state(path: Path, rng_file: Path, err: Exception) -> UsageError:
+    return UsageError(f"cannot resume exactly from {path}: {rng_file.name} is missing or damaged ({err}); "
+                      f"resume from an earlier checkpoint (--resume {path.parent}/{CHECKPOINT_PREFIX}M)")
+
+
+def _incomplete_checkpoint(path: Path, missing: list[str]) -> UsageError:
+    return UsageError(f"cannot resume from {path}: it is incomplete, {', '.join(missing[:3])}"
+                      f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; resume from an "
+                      f"earlier checkpoint in {path.parent}")
+
+
+def _damaged_checkpoint(path: Path, err: Exception) -> UsageError:
+    return UsageError(f"cannot resume from {path}: a file in it is damaged or belongs to another model "
+                      f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); resume from an "
+                      f"earlier checkpoint in {path.parent}")

@@ -202,10 +202,8 @@ def run_on_main(fn, *args):
         time.sleep(0.05)
     outcome = store.get(key).decode()
     store.add(f"{key}/read", 1)
-    if outcome == "usage":  # the user's mistake, which the main process reports: these stop without a traceback
-        raise UsageError("the main process stopped on the user's error above; this process stops too")
     if outcome != "done":
-        raise RuntimeError("the main process failed (its error is above); this process stops too")
+        raise _stop_too(outcome, "the main process")
     return None
 
 
@@ -235,11 +233,17 @@ def first_on_each_machine():
     while not store.check([key]):
         time.sleep(0.05)
     outcome = store.get(key).decode()
-    if outcome == "usage":
-        raise UsageError("the first process of a machine stopped on the user's error above; this process stops too")
     if outcome != "done":
-        raise RuntimeError("the first process of a machine failed (its error is above); this process stops too")
+        raise _stop_too(outcome, "the first process of a machine")
     yield
+
+
+def _stop_too(outcome: str, who: str) -> Exception:
+    """What a waiting process raises when `who` (the process it waited for) did not finish: a UsageError when `who`
+    stopped on the user's mistake, which `who` reports (so this one stops without a traceback), else a RuntimeError."""
+    if outcome == "usage":
+        return UsageError(f"{who} stopped on the user's error above; this process stops too")
+    return RuntimeError(f"{who} failed (its error is above); this process stops too")
 
 
 def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:

@@ -83,39 +83,58 @@ class ReferenceStatistics:
     def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
         """Read an .npz with mu and sigma; a folder, a damaged file or another kind of file is one UsageError
         naming --ref-stats and the fix."""
-        def refuse(why: str) -> UsageError:
-            return UsageError(f"--ref-stats {path}: not a statistics file ({why}); pass an .npz with 'mu' and 'sigma' "
-                              f"arrays (the format of vqhit, pytorch-fid and torch-fidelity), or delete the file so "
-                              f"that it is computed from --data and saved there.")
-
         if Path(path).is_dir():
-            raise UsageError(f"--ref-stats {path} is a folder; pass the path of an .npz file (loaded if it exists, "
-                             f"else computed from --data and saved there).")
+            raise _ref_stats_is_folder(path)
         try:
             data = np.load(path)  # allow_pickle=False: a statistics file holds plain arrays only
             if isinstance(data, np.ndarray):
-                raise refuse("it is a single .npy array, not an .npz archive")
+                raise _not_statistics_file(path, "it is a single .npy array, not an .npz archive")
             with data:
                 if "mu" not in data or "sigma" not in data:
-                    raise refuse(f"it has {sorted(data.keys())}")
+                    raise _not_statistics_file(path, f"it has {sorted(data.keys())}")
                 n = int(data["n"]) if "n" in data else None
                 protocol = json.loads(str(data["protocol"])) if "protocol" in data else None
                 return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, protocol)
         except UsageError:
             raise
         except Exception as err:  # whatever a damaged file trips over: BadZipFile, pickled data, bad JSON, EOF ...
-            first_line = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
-            raise refuse(f"unreadable: {type(err).__name__} {first_line}".strip()) from err
+            raise _not_statistics_file(path, _unreadable(err)) from err
 
     def check_protocol(self, protocol: dict, path) -> None:
         if self.protocol is None:
-            warnings.warn(f"{path} does not record how it was made; it is used as the reference without checking "
-                          f"that it matches this evaluation's data and crop.")
+            warnings.warn(_unrecorded_protocol(path))
             return
         diff = differences(self.protocol, protocol)
         if diff:
-            raise UsageError(f"{path} holds reference statistics of another protocol; differing settings "
-                             f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")
+            raise _other_protocol(path, diff)
+
+
+def _ref_stats_is_folder(path) -> UsageError:
+    return UsageError(f"--ref-stats {path} is a folder; pass the path of an .npz file (loaded if it exists, "
+                      f"else computed from --data and saved there).")
+
+
+def _not_statistics_file(path, why: str) -> UsageError:
+    return UsageError(f"--ref-stats {path}: not a statistics file ({why}); pass an .npz with 'mu' and 'sigma' "
+                      f"arrays (the format of vqhit, pytorch-fid and torch-fidelity), or delete the file so "
+                      f"that it is computed from --data and saved there.")
+
+
+def _unreadable(err: Exception) -> str:
+    """Why a damaged file could not be read, in a short phrase: the error's type and the first sentence of its
+    message."""
+    first_line = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    return f"unreadable: {type(err).__name__} {first_line}".strip()
+
+
+def _unrecorded_protocol(path) -> str:
+    return (f"{path} does not record how it was made; it is used as the reference without checking "
+            f"that it matches this evaluation's data and crop.")
+
+
+def _other_protocol(path, diff: dict) -> UsageError:
+    return UsageError(f"{path} holds reference statistics of another protocol; differing settings "
+                      f"(file, this run): {diff}. Delete the file to recompute it, or pass another path.")
 
 
 def reference_protocol(dataset: ImageDataset, inception_weights) -> dict:
@@ -192,8 +211,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     check_eval_dataset(dataset, model.config.resolution)
     precision = check_precision(precision)
     if not fid and (ref_stats is not None or inception_weights is not None):
-        raise UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
-                         "off; drop them, or drop --no-fid.")
+        raise _rfid_inputs_without_rfid()
     state, device = state_and_device(device)
     protocol = reference_protocol(dataset, inception_weights)
     reference = _load_reference(ref_stats, protocol)  # first: a mismatching file fails before any work
@@ -221,8 +239,7 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
     sums = distributed.all_reduce_sum(sums).cpu()
     n = int(sums[3])
     if n < 2:
-        raise UsageError(f"the evaluation needs at least 2 readable images; got {n}. Use more images "
-                         f"(--num-images).")
+        raise _too_few_images(n)
     rfid, status = None, "not used (no rFID)"
     if fid:
         fake.all_reduce()
@@ -254,6 +271,16 @@ def evaluate_tokenizer(model, dataset: ImageDataset, *, model_id: str | None = N
         **_run_settings(state, device, precision, batch_size),
     }
     return {"metrics": metrics, "settings": settings}
+
+
+def _rfid_inputs_without_rfid() -> UsageError:
+    return UsageError("reference statistics and Inception weights are for rFID, which fid=False (--no-fid) turns "
+                      "off; drop them, or drop --no-fid.")
+
+
+def _too_few_images(n: int) -> UsageError:
+    return UsageError(f"the evaluation needs at least 2 readable images; got {n}. Use more images "
+                      f"(--num-images).")
 
 
 def save_codebook_plot(counts: torch.Tensor, path) -> Path:

@@ -129,14 +129,22 @@ def check_export_folder(folder, *, overwrite: bool = False, option: str = "--out
     folder = check_output_folder(folder, option=option)
     held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if held and not overwrite:
-        raise UsageError(f"{option} {folder} is not empty (it holds {held[0]}{' and more' if len(held) > 1 else ''}); "
-                         f"export into a new or empty folder, or pass --overwrite (overwrite=True) to replace the "
-                         f"export in it")
+        raise _export_folder_not_empty(option, folder, held)
     foreign = [name for name in held if name not in (*GRAPH_FILES, CONFIG_NAME)]
     if foreign:
-        raise UsageError(f"{option} {folder} holds {foreign[0]}, which is not a file of an ONNX export; --overwrite "
-                         f"replaces the folder whole and would delete it: export into a new or empty folder")
+        raise _not_an_export_file(option, folder, foreign[0])
     return folder
+
+
+def _export_folder_not_empty(option: str, folder: Path, held: list[str]) -> UsageError:
+    return UsageError(f"{option} {folder} is not empty (it holds {held[0]}{' and more' if len(held) > 1 else ''}); "
+                      f"export into a new or empty folder, or pass --overwrite (overwrite=True) to replace the "
+                      f"export in it")
+
+
+def _not_an_export_file(option: str, folder: Path, name: str) -> UsageError:
+    return UsageError(f"{option} {folder} holds {name}, which is not a file of an ONNX export; --overwrite "
+                      f"replaces the folder whole and would delete it: export into a new or empty folder")
 
 
 def export_model(model: nn.Module, output_dir, *, format: str = "onnx", overwrite: bool = False) -> Path:

@@ -38,28 +38,45 @@ def requested(environ=None) -> dict:
     wanted = {}
     precision = environ.get(PRECISION_VARIABLE, "no").strip().lower()
     if precision in ("fp16", "fp8"):
-        raise UsageError(f"the launcher asks for mixed precision {precision} (accelerate config, or accelerate launch "
-                         f"--mixed_precision {precision}): vqhit does not run in {precision}, since R1's double backward "
-                         "overflows it; launch with --mixed_precision bf16 or no, and choose with --precision")
+        raise _overflowing_precision(precision)
     if precision == "bf16":
         wanted["precision"] = "bf16"
     elif precision not in ("no", ""):
-        raise UsageError(f"the launcher asks for mixed precision {precision!r}, which vqhit does not know; launch with "
-                         "--mixed_precision no and choose with --precision")
+        raise _unknown_precision(precision)
     backend = environ.get(DYNAMO_VARIABLE, "no").strip().lower()
     if backend == "inductor":
         wanted["compile"] = True
     elif backend not in ("no", ""):
-        raise UsageError(f"the launcher asks for the dynamo backend {backend} (accelerate config, or accelerate launch "
-                         f"--dynamo_backend {backend}): vqhit compiles with inductor only, and only the generator / "
-                         "decoder (--compile); launch with --dynamo_backend no (or inductor)")
+        raise _other_dynamo_backend(backend)
     steps = environ.get(GRAD_ACCUM_VARIABLE, "").strip()
     if steps and steps != "1":
         if not steps.isdigit() or int(steps) < 1:
-            raise UsageError(f"the launcher asks for {steps!r} gradient accumulation steps; launch without "
-                             "--gradient_accumulation_steps and give --grad-accum N")
+            raise _bad_accumulation_steps(steps)
         wanted["grad_accum"] = int(steps)
     return wanted
+
+
+# -- the launcher settings vqhit cannot honour: each names the launcher's option and what to launch with instead ----
+def _overflowing_precision(precision: str) -> UsageError:
+    return UsageError(f"the launcher asks for mixed precision {precision} (accelerate config, or accelerate launch "
+                      f"--mixed_precision {precision}): vqhit does not run in {precision}, since R1's double backward "
+                      "overflows it; launch with --mixed_precision bf16 or no, and choose with --precision")
+
+
+def _unknown_precision(precision: str) -> UsageError:
+    return UsageError(f"the launcher asks for mixed precision {precision!r}, which vqhit does not know; launch with "
+                      "--mixed_precision no and choose with --precision")
+
+
+def _other_dynamo_backend(backend: str) -> UsageError:
+    return UsageError(f"the launcher asks for the dynamo backend {backend} (accelerate config, or accelerate launch "
+                      f"--dynamo_backend {backend}): vqhit compiles with inductor only, and only the generator / "
+                      "decoder (--compile); launch with --dynamo_backend no (or inductor)")
+
+
+def _bad_accumulation_steps(steps: str) -> UsageError:
+    return UsageError(f"the launcher asks for {steps!r} gradient accumulation steps; launch without "
+                      "--gradient_accumulation_steps and give --grad-accum N")
 
 
 def merge(given: dict, environ=None) -> dict:

@@ -282,16 +282,23 @@ def load_vgg16_features(vgg_weights_path: str | None = None) -> dict[str, Tensor
     state dict, e.g. `vgg16-397923af.pth`) or, when None, downloaded through torchvision's cache."""
     if vgg_weights_path is not None:
         if not os.path.isfile(vgg_weights_path):
-            raise NotFoundError(f"--vgg-weights {vgg_weights_path}: no such file; pass a torchvision vgg16 state dict "
-                                f"(e.g. vgg16-397923af.pth)")
+            raise _no_vgg_file(vgg_weights_path)
         state = torch.load(vgg_weights_path, map_location="cpu", weights_only=True)
     else:
         from torchvision.models import VGG16_Weights
-        with explain_download_failure("torchvision's ImageNet VGG16 weights (vgg16-397923af.pth)",
-                                      "PerceptualLoss(vgg_weights_path=...), or --vgg-weights PATH in training "
-                                      "(or --perceptual none)"):
+        with explain_download_failure(*VGG_DOWNLOAD):
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+# What the VGG16 download is, and how to do without it (`explain_download_failure`'s two arguments).
+VGG_DOWNLOAD = ("torchvision's ImageNet VGG16 weights (vgg16-397923af.pth)",
+                "PerceptualLoss(vgg_weights_path=...), or --vgg-weights PATH in training (or --perceptual none)")
+
+
+def _no_vgg_file(path) -> NotFoundError:
+    return NotFoundError(f"--vgg-weights {path}: no such file; pass a torchvision vgg16 state dict "
+                         f"(e.g. vgg16-397923af.pth)")
 
 
 @torch.no_grad()

@@ -137,14 +137,16 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8:
-            raise ValueError(
-                f"InceptionFeatures expects uint8 images; got {images.dtype}. Convert [-1, 1] images with "
-                "vqhit.metrics.to_uint8(images)."
-            )
+            raise _inception_wants_uint8(images.dtype)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InceptionFeatures expects (B, 3, H, W) images; got shape {tuple(images.shape)}.")
         pool, logits = self.net(images.to(self.device))
         return pool, logits
+
+
+def _inception_wants_uint8(dtype: torch.dtype) -> ValueError:
+    return ValueError(f"InceptionFeatures expects uint8 images; got {dtype}. Convert [-1, 1] images with "
+                      "vqhit.metrics.to_uint8(images).")
 
 
 # The options that name local weights files, and what each should be: the errors name them and the fix.
@@ -170,17 +172,24 @@ def _load_weights_file(path, option: tuple[str, str, str]) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # objects beyond tensors: refused by weights_only=True
-        reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
-        raise _not_a_weights_file(path, option, f"it holds more than tensors, and weights files are loaded with "
-                                  f"weights_only=True so that they cannot run code: {reason}; re-save a state dict "
-                                  f"with torch.save(state_dict, path)") from err
+        raise _not_a_weights_file(path, option, _more_than_tensors(err)) from err
     except Exception as err:  # a damaged or non-torch file: the unpickler trips over it anywhere (KeyError, EOF ...)
-        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise _not_a_weights_file(path, option, f"unreadable as a torch file: {type(err).__name__} "
-                                  f"{first_line}".strip()) from err
+        raise _not_a_weights_file(path, option, _unreadable_torch_file(err)) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _not_a_weights_file(path, option, f"it holds a {type(state).__name__}, not a state dict of tensors")
     return state
+
+
+def _more_than_tensors(err: pickle.UnpicklingError) -> str:
+    """Why weights_only=True refused a file: the unpickler's own reason, and how to re-save the file."""
+    reason = next((line.strip() for line in str(err).splitlines() if "Unpickler error" in line), type(err).__name__)
+    return (f"it holds more than tensors, and weights files are loaded with weights_only=True so that they cannot "
+            f"run code: {reason}; re-save a state dict with torch.save(state_dict, path)")
+
+
+def _unreadable_torch_file(err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"unreadable as a torch file: {type(err).__name__} {first_line}".strip()
 
 
 def _state_dict_mismatch(err: RuntimeError) -> str:
@@ -201,13 +210,21 @@ def _inception_state_dict(weights_path, url: str) -> dict:
     if weights_path is not None:
         return _load_weights_file(weights_path, INCEPTION_OPTION)
     try:
-        with explain_download_failure("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d"
-                                      ".pth)", "weights_path=..., or --inception-weights PATH in the scripts (or "
-                                      "--no-fid in eval_rfid.py, to skip rFID)"):
+        with explain_download_failure(*INCEPTION_DOWNLOAD):
             return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UsageError(f"the downloaded Inception weights are not a plain state dict of tensors ({err}); delete "
-                         f"the file from the torch hub cache to download it again.") from err
+        raise _downloaded_inception_not_tensors(err) from err
+
+
+# What the Inception download is, and how to do without it (`explain_download_failure`'s two arguments).
+INCEPTION_DOWNLOAD = ("torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth)",
+                      "weights_path=..., or --inception-weights PATH in the scripts (or --no-fid in eval_rfid.py, to "
+                      "skip rFID)")
+
+
+def _downloaded_inception_not_tensors(err: pickle.UnpicklingError) -> UsageError:
+    return UsageError(f"the downloaded Inception weights are not a plain state dict of tensors ({err}); delete "
+                      f"the file from the torch hub cache to download it again.")
 
 
 class FeatureStatistics:
@@ -269,10 +286,7 @@ class FeatureStatistics:
         """Read a file written by `save`; the sums are rebuilt from (mu, sigma, n) so it can be updated further."""
         with np.load(path) as data:
             if "n" not in data:
-                raise ValueError(
-                    f"{path} has no 'n' entry, so it was not written by FeatureStatistics.save. For foreign "
-                    "reference statistics use np.load(path)['mu'] / ['sigma'] with frechet_distance directly."
-                )
+                raise _not_saved_statistics(path)
             mu = torch.from_numpy(data["mu"].astype(np.float64))
             sigma = torch.from_numpy(data["sigma"].astype(np.float64))
             n = int(data["n"])
@@ -281,6 +295,11 @@ class FeatureStatistics:
         stats.sum = (n * mu).to(device)
         stats.sum_outer = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(device)
         return stats
+
+
+def _not_saved_statistics(path) -> ValueError:
+    return ValueError(f"{path} has no 'n' entry, so it was not written by FeatureStatistics.save. For foreign "
+                      "reference statistics use np.load(path)['mu'] / ['sigma'] with frechet_distance directly.")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -295,16 +314,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"Mismatched statistics: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 "
-            f"{sigma2.shape}; both sets must come from the same feature layer."
-        )
+        raise _mismatched_statistics(mu1, sigma1, mu2, sigma2)
     w, v = np.linalg.eigh(sigma1)
     sqrt_sigma1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _mismatched_statistics(mu1, sigma1, mu2, sigma2) -> ValueError:
+    return ValueError(f"Mismatched statistics: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 "
+                      f"{sigma2.shape}; both sets must come from the same feature layer.")
 
 
 def inception_score(logits: torch.Tensor, split_size: int = 5000) -> tuple[float, float]:
@@ -389,10 +410,7 @@ class LPIPSMetric(nn.Module):
 
         if net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"LPIPS net must be 'alex', 'vgg' or 'squeeze'; got {net!r}.")
-        with warnings.catch_warnings(), explain_download_failure(
-                f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH "
-                "in the scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth); or skip LPIPS with "
-                "--no-lpips"):
+        with warnings.catch_warnings(), explain_download_failure(*_lpips_backbone_download(net)):
             # lpips builds its backbone with torchvision's deprecated `pretrained=` argument; the warning
             # is about lpips' code, not the caller's, and would otherwise appear on every construction.
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*deprecated", category=UserWarning)
@@ -408,23 +426,37 @@ class LPIPSMetric(nn.Module):
         # as module names ("slice2.3.weight" is torchvision's "features.3.weight").
         source = _load_weights_file(path, LPIPS_OPTION)
         target = self.lpips.net.state_dict()
-        mapped = {name: source["features." + name.split(".", 1)[1]] for name in target
-                  if "features." + name.split(".", 1)[1] in source}
-        missing = sorted("features." + name.split(".", 1)[1] for name in set(target) - set(mapped))
+        mapped = {name: source[_torchvision_key(name)] for name in target if _torchvision_key(name) in source}
+        missing = sorted(_torchvision_key(name) for name in set(target) - set(mapped))
         if missing:
             raise _not_a_weights_file(path, LPIPS_OPTION, f"{len(missing)} of the {len(target)} backbone tensors "
                                       f"missing, e.g. {missing[0]}")
         shapes = [name for name in target if mapped[name].shape != target[name].shape]
         if shapes:
-            name = "features." + shapes[0].split(".", 1)[1]
-            raise _not_a_weights_file(path, LPIPS_OPTION, f"{len(shapes)} tensors of other shapes, e.g. {name} "
-                                      f"{tuple(mapped[shapes[0]].shape)} instead of {tuple(target[shapes[0]].shape)}")
+            raise _not_a_weights_file(path, LPIPS_OPTION, _other_shapes(shapes, mapped, target))
         self.lpips.net.load_state_dict(mapped)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_image_pair(x, y, "LPIPSMetric")
         return self.lpips(x.clamp(-1, 1), y.clamp(-1, 1)).flatten()
+
+
+def _lpips_backbone_download(net: str) -> tuple[str, str]:
+    """What the LPIPS backbone download is, and how to do without it (`explain_download_failure`'s arguments)."""
+    return (f"the ImageNet {net} backbone of LPIPS", "LPIPSMetric(backbone_path=...), or --lpips-backbone PATH in the "
+            "scripts (a torchvision state dict such as alexnet-owt-7be5be79.pth); or skip LPIPS with --no-lpips")
+
+
+def _torchvision_key(name: str) -> str:
+    """An lpips backbone parameter's name ("slice2.3.weight") as torchvision's ("features.3.weight")."""
+    return "features." + name.split(".", 1)[1]
+
+
+def _other_shapes(shapes: list[str], mapped: dict, target: dict) -> str:
+    first = shapes[0]
+    return (f"{len(shapes)} tensors of other shapes, e.g. {_torchvision_key(first)} {tuple(mapped[first].shape)} "
+            f"instead of {tuple(target[first].shape)}")
 
 
 # ------------------------------------------------------------------------------------------------

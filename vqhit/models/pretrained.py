@@ -69,12 +69,20 @@ def read_config_file(directory: Path) -> dict:
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
-                         f"model again or download it again") from None
+        raise _damaged_config(file, err) from None
     if not isinstance(meta, dict):
-        raise UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
-                         f"not written by save_pretrained; save the model again")
+        raise _not_config_keys(file, meta)
     return meta
+
+
+def _damaged_config(file: Path, err: Exception) -> UsageError:
+    return UsageError(f"{file} is not valid JSON ({err}): the file is damaged or incomplete; save the "
+                      f"model again or download it again")
+
+
+def _not_config_keys(file: Path, meta) -> UsageError:
+    return UsageError(f"{file} holds a JSON {type(meta).__name__}, not an object of config keys: it was "
+                      f"not written by save_pretrained; save the model again")
 
 
 # -- configs ------------------------------------------------------------------------------------------------
@@ -340,9 +348,7 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         config = cls.make_config(saved, **overrides)
         changed = _describe(config.architecture_differences(saved))
         if changed:
-            raise UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
-                             f"weights in {directory} fit only their own architecture; overrides may set only "
-                             f"runtime keys {sorted(cls.config_class.RUNTIME_KEYS)}")
+            raise _architecture_override(changed, directory, cls.config_class.RUNTIME_KEYS)
         try:
             model = cls(config)
         except ValueError as err:  # a check made while building (a stage's block size, ...): of the file's keys,
@@ -357,24 +363,19 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         directory, config = self.read_config(path_or_id, **hub_kwargs)
         changed = _describe(self.config.architecture_differences(config))
         if changed:
-            raise UsageError(f"checkpoint {directory} was saved for another configuration (preset "
-                             f"{config.preset!r}, this model {self.config.preset!r}); differing architecture keys "
-                             f"(checkpoint vs this model): {changed}. Build the model with the checkpoint's "
-                             f"preset and options, or load it with {type(self).__name__}.from_pretrained")
+            raise _saved_for_another_configuration(directory, config, self.config, changed, type(self).__name__)
         self._load_weights_file(directory, map_location)
 
     def _load_weights_file(self, directory: Path, map_location) -> None:
         file = directory / WEIGHTS_NAME
         if not file.exists():
-            raise UsageError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
-                             f"save_pretrained folder; save the model again")
+            raise _no_weights_file(directory)
         try:
             state = load_file(str(file), device=str(map_location))
         except (SafetensorError, OSError) as err:
-            raise UsageError(f"{file} is damaged or incomplete ({err}); save the model again or download it "
-                             f"again") from None
-        # Keys without torch.compile's `_orig_mod.`, on both sides: files that earlier versions saved from a
-        # compiled module have it, and this model's modules may be compiled now.
+            raise _damaged_weights(file, err) from None
+        # Keys without torch.compile's `_orig_mod.`, on both sides: a file saved from a compiled module has it, and
+        # this model's modules may be compiled.
         state = {_unwrapped(k): v for k, v in state.items()}
         names = {_unwrapped(k): k for k in self.state_dict()}
         ours, buffers = self._module_state_dict(), {_unwrapped(k) for k, _ in self.named_buffers()}
@@ -384,7 +385,34 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name=LIBRARY, model_card_tem
         wrong = [f"{k}: {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items()
                  if k in ours and v.shape != ours[k].shape]
         if missing or unexpected or wrong:
-            raise UsageError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
-                             f"was not written with its config.json: save the model again")
+            raise _weights_do_not_fit(file, missing, unexpected, wrong)
         self.load_state_dict({names[k]: v for k, v in state.items() if k in ours}, strict=False)
+
+
+# -- the loading errors: each names the file and the fix -------------------------------------------------------
+def _architecture_override(changed: str, directory: Path, runtime_keys) -> UsageError:
+    return UsageError(f"from_pretrained cannot change architecture keys (saved vs asked): {changed}. The "
+                      f"weights in {directory} fit only their own architecture; overrides may set only "
+                      f"runtime keys {sorted(runtime_keys)}")
+
+
+def _saved_for_another_configuration(directory: Path, saved, this, changed: str, class_name: str) -> UsageError:
+    return UsageError(f"checkpoint {directory} was saved for another configuration (preset "
+                      f"{saved.preset!r}, this model {this.preset!r}); differing architecture keys "
+                      f"(checkpoint vs this model): {changed}. Build the model with the checkpoint's "
+                      f"preset and options, or load it with {class_name}.from_pretrained")
+
+
+def _no_weights_file(directory: Path) -> UsageError:
+    return UsageError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted or the folder is not a "
+                      f"save_pretrained folder; save the model again")
+
+
+def _damaged_weights(file: Path, err: Exception) -> UsageError:
+    return UsageError(f"{file} is damaged or incomplete ({err}); save the model again or download it again")
+
+
+def _weights_do_not_fit(file: Path, missing: list, unexpected: list, wrong: list) -> UsageError:
+    return UsageError(f"{file} does not fit this model although its config does: missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}, other shapes (file vs model) {wrong[:5]}; the file "
+                      f"was not written with its config.json: save the model again")

@@ -125,14 +125,10 @@ class VQHiTConfig(ConfigMixin):
             raise ValueError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
         mult = self.conv_decoder_channel_mult
         if self.decoder == "conv" and mult is not None and len(mult) != len(self.encoder_channel_mult):
-            raise ValueError(f"conv_decoder_channel_mult {mult} has {len(mult)} levels but the encoder has "
-                             f"{len(self.encoder_channel_mult)}: the decoder must upsample by the encoder's factor "
-                             f"{f}; give it {len(self.encoder_channel_mult)} entries")
+            raise _conv_decoder_levels(mult, len(self.encoder_channel_mult), f)
         reach = grid * 2 ** (len(self.decoder_widths) - 1)
         if self.decoder == "hit" and reach != self.resolution:
-            raise ValueError(f"the decoder's {len(self.decoder_widths)} stages take the {grid}x{grid} grid to "
-                             f"{reach}x{reach}, not {self.resolution}x{self.resolution}; use "
-                             f"{(self.resolution // grid).bit_length()} decoder stages")
+            raise _decoder_stages_miss_resolution(len(self.decoder_widths), grid, reach, self.resolution)
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         check_quantizer_options(self.codebook_size, self.code_dim, self.beta, self.lookup_dim,
@@ -146,6 +142,18 @@ class VQHiTConfig(ConfigMixin):
     @property
     def grid(self) -> int:
         return self.resolution // 2 ** (len(self.encoder_channel_mult) - 1)
+
+
+def _conv_decoder_levels(mult: list, levels: int, factor: int) -> ValueError:
+    return ValueError(f"conv_decoder_channel_mult {mult} has {len(mult)} levels but the encoder has "
+                      f"{levels}: the decoder must upsample by the encoder's factor "
+                      f"{factor}; give it {levels} entries")
+
+
+def _decoder_stages_miss_resolution(stages: int, grid: int, reach: int, resolution: int) -> ValueError:
+    return ValueError(f"the decoder's {stages} stages take the {grid}x{grid} grid to "
+                      f"{reach}x{reach}, not {resolution}x{resolution}; use "
+                      f"{(resolution // grid).bit_length()} decoder stages")
 
 
 class VQHiT(PretrainedMixin, nn.Module):
@@ -296,15 +304,12 @@ class VQHiT(PretrainedMixin, nn.Module):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
         except Exception as err:  # pickle.UnpicklingError and friends
-            raise UsageError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
-                             f"file, pass weights_only=False") from err
+            raise _unreadable_taming_checkpoint(path, weights_only, err) from err
         if not isinstance(ckpt, dict):
-            raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
-                             f"checkpoint (a Lightning .ckpt, or a saved state dict)")
+            raise _not_a_checkpoint_dict(path, ckpt)
         state = ckpt.get("state_dict", ckpt)
         if not isinstance(state, dict):
-            raise UsageError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
-                             f"taming VQGAN checkpoint")
+            raise _state_dict_not_a_dict(path, state)
         prefixes = ("encoder.", "quant_conv.", "quantize.embedding.")
         if self.config.decoder == "conv":
             prefixes += ("decoder.",)
@@ -314,10 +319,30 @@ class VQHiT(PretrainedMixin, nn.Module):
         ours = self.state_dict()
         missing = sorted(t for t in wanted.values() if t not in state)
         if missing:
-            raise UsageError(f"{path} is not a taming VQGAN checkpoint for this model "
-                             f"(decoder={self.config.decoder!r}): missing keys {missing[:5]}")
+            raise _not_taming_for_this_decoder(path, self.config.decoder, missing)
         wrong = [f"{t}: {tuple(state[t].shape)} vs {tuple(ours[k].shape)}" for k, t in wanted.items()
                  if state[t].shape != ours[k].shape]
         if wrong:
             raise UsageError(f"{path} has another shape than preset {self.config.preset!r}: {wrong[:5]}")
         self.load_state_dict({k: state[t] for k, t in wanted.items()}, strict=False)
+
+
+# -- the errors of load_taming_checkpoint: each names the file and the fix ----------------------------------------
+def _unreadable_taming_checkpoint(path, weights_only: bool, err: Exception) -> UsageError:
+    return UsageError(f"could not read {path} with weights_only={weights_only} ({err}); if you trust the "
+                      f"file, pass weights_only=False")
+
+
+def _not_a_checkpoint_dict(path, ckpt) -> UsageError:
+    return UsageError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict: pass a taming VQGAN "
+                      f"checkpoint (a Lightning .ckpt, or a saved state dict)")
+
+
+def _state_dict_not_a_dict(path, state) -> UsageError:
+    return UsageError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a dict of tensors: pass a "
+                      f"taming VQGAN checkpoint")
+
+
+def _not_taming_for_this_decoder(path, decoder: str, missing: list) -> UsageError:
+    return UsageError(f"{path} is not a taming VQGAN checkpoint for this model "
+                      f"(decoder={decoder!r}): missing keys {missing[:5]}")
