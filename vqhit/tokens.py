@@ -32,6 +32,7 @@ from .token_files import (FORMATS, check_file_format, check_resumable, check_sha
                           read_manifest, read_shard, read_shard_metadata, shard_file, shard_name, shard_paths,
                           token_format, token_manifest, tokenizer_fingerprint, write_manifest, write_shard)
 
+# What users call, and the format's names they import from here (defined in token_files).
 __all__ = ["FORMATS", "NAME_BY", "EncodeSummary", "Tokens", "TokenDataset", "decode_tokens", "encode_dataset",
            "index_dtype", "load_tokens", "push_tokens_to_hub", "read_manifest", "read_shard", "shard_file",
            "shard_name", "tokenizer_fingerprint"]
