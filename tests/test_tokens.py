@@ -7,6 +7,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -403,6 +404,17 @@ def test_a_parquet_folder_is_a_datasets_dataset_of_the_same_tokens_and_images(se
     with pytest.raises(ValueError, match="holds tokens in both file formats"):
         load_tokens(out)
 
+
+def test_a_readme_beside_safetensors_tokens_is_a_token_card_only_by_its_vqhit_metadata(encoded, tmp_path):
+    """The user's own README.md in a safetensors folder (notes on the tokens) is no second format; a dataset card
+    whose metadata hold a `vqhit:` manifest is."""
+    out = tmp_path / "tokens"
+    shutil.copytree(encoded[0], out)
+    (out / "README.md").write_text("---\nlicense: mit\n---\nMy notes on these tokens.\n")
+    assert len(load_tokens(out).ids) == 5
+    (out / "README.md").write_text("---\nlicense: mit\nvqhit: {}\n---\nMy notes on these tokens.\n")
+    with pytest.raises(ValueError, match="holds tokens in both file formats"):
+        load_tokens(out)
 
 class FakeHubApi:
     """The Hub API (no network here): records what one upload_folder would send, as the model tests do."""
