@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 
 import common
-from vqhit.data import BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, IMAGENET_GAN_CROP, DataConfig, _photo, from_hf_dataset
+from vqhit.data import BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, IMAGENET_GAN_CROP, DataConfig, from_hf_dataset
+from vqhit.data.sources import _photo
 
 # recipe -> (preset, transform, resolution, source width, source height)
 RECIPES = {

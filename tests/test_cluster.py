@@ -445,9 +445,9 @@ def test_a_streamed_resume_yields_the_same_batches_without_decoding_the_seen_one
         resumed.load_state_dict(state)
         decoded = []
         if num_workers == 0:  # decoding happens in this process: count it
-            import vqhit.data as data
-            real_decode = data._decode
-            monkeypatch.setattr(data, "_decode", lambda value: decoded.append(1) or real_decode(value))
+            from vqhit.data import images  # the module whose rows call _decode
+            real_decode = images._decode
+            monkeypatch.setattr(images, "_decode", lambda value: decoded.append(1) or real_decode(value))
         rest = [next(resumed)["image"] for _ in range(total - stop)]
         monkeypatch.undo()
         assert all(torch.equal(a, b) for a, b in zip(uninterrupted, seen + rest)), f"resumed after {stop} differs"

@@ -1,4 +1,5 @@
 """vqhit.data: decoding, bad-image policy, transforms, reproducible randomness, streaming, sampler."""
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -18,7 +19,7 @@ from vqhit.data import (
     TRANSFORMS, BadImageWarning, DataConfig, EpochSampler, ImageDataset, TrainingBatches, build_dataloader,
     build_dataset, from_hf_dataset,
 )
-from vqhit.errors import UnavailableError
+from vqhit.errors import UnavailableError, UsageError
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -305,6 +306,42 @@ def test_string_labels_are_encoded_and_bad_config_raises():
         from_hf_dataset(source, DataConfig(image_column="picture"))
     with pytest.raises(ValueError, match="transform"):
         DataConfig(transform="random_resized_crop")
+
+
+# The data settings of a training run: (DataConfig field, training config key, a value other than the default)
+TRAINING_DATA_SETTINGS = [
+    ("source", "data", "some/folder"), ("split", "data_split", "validation"), ("image_column", "image_column", "pic"),
+    ("label_column", "label_column", "kind"), ("streaming", "streaming", True), ("transform", "transform", "resize"),
+    ("flip", "flip", False), ("min_crop_area", "min_crop_area", 0.5), ("bad_images", "bad_images", "raise"),
+    ("min_size", "min_size", 7), ("max_images", "max_images", 9), ("shuffle_buffer", "shuffle_buffer", 11),
+    ("open_shards", "open_shards", 3),
+]
+
+
+def test_a_training_run_gives_the_data_every_data_setting_of_its_config():
+    from vqhit.data.config import NOT_FROM_TRAINING
+    from vqhit.train_config import config_from_dict
+
+    # every DataConfig field is listed here or is not a training setting: a new field must be tested too
+    assert {name for name, _, _ in TRAINING_DATA_SETTINGS} | set(NOT_FROM_TRAINING) == {
+        f.name for f in dataclasses.fields(DataConfig)}
+    assert all(value != getattr(DataConfig(), name) for name, _, value in TRAINING_DATA_SETTINGS)
+    config = config_from_dict({key: value for _, key, value in TRAINING_DATA_SETTINGS})
+    cfg = DataConfig.from_training(config, resolution=24)
+    assert {name: getattr(cfg, name) for name, _, _ in TRAINING_DATA_SETTINGS} == {
+        name: value for name, _, value in TRAINING_DATA_SETTINGS}
+    assert cfg.resolution == 24 and cfg.cache_dir is None
+
+
+@pytest.mark.parametrize("key, value", [("min_crop_area", 0), ("min_crop_area", 1.5), ("min_size", -1),
+                                        ("max_images", 0), ("shuffle_buffer", 0), ("open_shards", 0),
+                                        ("bad_images", "ignore"), ("transform", "imagenet_gan_eval")])
+def test_the_training_config_refuses_a_wrong_data_setting_naming_its_option(key, value):
+    # refused when the config is made (before a run folder exists), by the data's own rule, naming the option
+    from vqhit.train_config import config_from_dict, flag
+
+    with pytest.raises(UsageError, match=f"^{flag(key)}"):
+        config_from_dict({key: value})
 
 
 def test_missing_source_is_no_such_folder_and_the_hub_is_asked_only_for_hub_ids(monkeypatch, tmp_path):

@@ -69,3 +69,15 @@ def test_the_package_imports_without_a_cycle():
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_data_package_imports_only_downward():
+    # the order vqhit/data/__init__.py lists its modules in: each imports only modules before it
+    layers = ["config", "images", "sources", "streams", "datasets", "batches"]
+    graph = import_graph()
+    assert {name for name in graph if name.startswith("vqhit.data.")} == {f"vqhit.data.{m}" for m in layers}
+    assert "vqhit.data.images" in graph["vqhit.data.datasets"]  # the walk sees the package's relative imports
+    for i, module in enumerate(layers):
+        inside = {name.removeprefix("vqhit.data.") for name in graph[f"vqhit.data.{module}"]
+                  if name.startswith("vqhit.data")}
+        assert inside <= set(layers[:i]), f"vqhit.data.{module} imports {sorted(inside - set(layers[:i]))}"

@@ -89,7 +89,7 @@ def add_dataset_options(parser: argparse.ArgumentParser, what: str, transform: s
                         data_note: str = "") -> None:
     """--data, --split, --image-column, --transform, --min-size, --bad-images: which images, read how
     (`eval_dataset_from_args` builds the dataset from them)."""
-    from .data import DETERMINISTIC_TRANSFORMS  # here: most importers of this module never read a dataset
+    from .data import BAD_IMAGES, DETERMINISTIC_TRANSFORMS  # here: most importers of this module never read a dataset
 
     parser.add_argument("--data", required=required, default=None, help=f"{what}: a local image folder (sub-folders "
                         f"become labels), a Hugging Face Hub dataset id, or 'builtin:photos'{data_note}")
@@ -104,7 +104,7 @@ def add_dataset_options(parser: argparse.ArgumentParser, what: str, transform: s
     parser.add_argument("--min-size", type=int_at_least(0), default=0, help="Treat images whose short side is below "
                         "N pixels as bad images (see --bad-images); 0 keeps every image, upsampling those smaller "
                         "than the resolution as ADM's protocol does (default: %(default)s)")
-    parser.add_argument("--bad-images", default="skip", choices=["skip", "raise"], help="Unreadable images (and "
+    parser.add_argument("--bad-images", default="skip", choices=BAD_IMAGES, help="Unreadable images (and "
                         "those below --min-size): skip them (the script's output counts them) or stop (default: "
                         "%(default)s)")
 

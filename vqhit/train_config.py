@@ -32,6 +32,8 @@ import yaml
 
 from .cli import ArgumentParser
 from .config_values import convert_value
+from .data.config import BAD_IMAGES, NOT_FROM_TRAINING, TRAINING_NAMES, TRANSFORMS
+from .data.config import LIMITS as DATA_LIMITS
 from .errors import NotFoundError, UsageError
 from .files import check_output_folder
 from . import launcher
@@ -85,14 +87,14 @@ class TrainConfig:
                               "DataLoader worker); a resume reads about N x ln(N) rows of each stream again")
     open_shards: int = opt(4, "Streaming: shards each stream reads at once, a row from each in turn (mixes shards "
                            "that each hold few classes); a resume reads each open shard again up to where it was")
-    transform: str = opt("random_crop", "Training transform",
-                         ["random_crop", "center_crop", "adm_center_crop", "imagenet_gan", "resize"])
+    transform: str = opt("random_crop", "Training transform",  # imagenet_gan_eval: imagenet_gan's evaluation crop
+                         [t for t in TRANSFORMS if t != "imagenet_gan_eval"])
     flip: bool = opt(True, "Random horizontal flips")
     min_crop_area: float = opt(1.0, "random_crop: each crop covers a random fraction, uniform in [N, 1], of the area "
                                "of the short side's square, so the model sees several scales; 1 = the whole short "
                                "side")
     bad_images: str = opt("skip", "Unreadable images: skip them (counted, warned with the file name) or raise",
-                          ["skip", "raise"])
+                          list(BAD_IMAGES))
     min_size: int = opt(0, "Images whose short side is below N are bad images (skipped or raised); 0 = keep every "
                         "image, upsampling small ones as ADM's crop does (one warning, then counted)")
     max_images: int | None = opt(None, "Use only the first N images (quick runs)")
@@ -225,14 +227,13 @@ _WEIGHT = (lambda v: math.isfinite(v) and v >= 0), "must be a finite number >= 0
 LIMITS = {
     **{name: _at_least(1) for name in ("batch_size", "grad_accum", "steps", "r1_interval", "log_every",
                                        "sample_every", "checkpoint_every", "keep_checkpoints", "num_samples",
-                                       "max_images", "disc_channel_multiplier", "disc_max_channels",
-                                       "shuffle_buffer", "open_shards")},
-    **{name: _at_least(0) for name in ("num_workers", "min_size", "ema_start", "adv_start")},
+                                       "disc_channel_multiplier", "disc_max_channels")},
+    **{name: _at_least(0) for name in ("num_workers", "ema_start", "adv_start")},
+    # the data settings' rules are the data's own (vqhit.data.config), under the training config's names
+    **{TRAINING_NAMES.get(name, name): rule for name, rule in DATA_LIMITS.items() if name not in NOT_FROM_TRAINING},
     "cpu_threads": _at_least(-1),
     "seed": _in(0, 2**32 - 1),  # numpy's seeds
     "lr": ((lambda v: math.isfinite(v) and v > 0), "must be a finite number > 0"),
-    "min_crop_area": ((lambda v: 0 < v <= 1), "must be in (0, 1] (the smallest random crop's share of the short "
-                      "side's square)"),
     "ema_decay": _in(0, 1),
     "lecam_decay": _in(0, 1, open_high=True),
     **{name: _WEIGHT for name in ("r1_weight", "bcr_weight", "lecam_weight", "adv_weight", "perceptual_weight")},

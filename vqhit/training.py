@@ -143,7 +143,7 @@ class Trainer:
         resolution = model.config.resolution
         D = Discriminator(resolution, config.disc_channel_multiplier, max_channels=config.disc_max_channels)
         with distributed.first_on_each_machine():  # one download or folder table per machine, which the others then read
-            self.dataset = build_dataset(self._data_config(resolution), seed=config.seed)
+            self.dataset = build_dataset(DataConfig.from_training(config, resolution), seed=config.seed)
         loader = build_dataloader(self.dataset, config.batch_size, config.num_workers, shuffle=True,
                                   seed=config.seed, drop_last=True, ignore_signals=parse_signals(config.stop_signals),
                                   timeout=config.data_timeout)
@@ -167,13 +167,6 @@ class Trainer:
         self.objective = OBJECTIVES[task](config, acc.unwrap_model(self.model), acc.device)
         self.fixed_real = first_images(self.dataset, config.num_samples, config.data).to(acc.device)
 
-    def _data_config(self, resolution: int) -> DataConfig:
-        c = self.config
-        return DataConfig(source=c.data, split=c.data_split, image_column=c.image_column,
-                          label_column=c.label_column, streaming=c.streaming, resolution=resolution,
-                          transform=c.transform, flip=c.flip, min_crop_area=c.min_crop_area, bad_images=c.bad_images,
-                          min_size=c.min_size, max_images=c.max_images, shuffle_buffer=c.shuffle_buffer,
-                          open_shards=c.open_shards)
 
     def resume(self, path: Path) -> None:
         """Continue from checkpoint `path`: its step, models, optimisers, RNG and data position, with the learning
