@@ -163,18 +163,20 @@ def test_deterministic_trains_on_cpu_and_is_recorded_in_the_runs_config(tmp_path
 
 def test_deterministic_turns_on_deterministic_kernels_before_the_accelerator_starts(tmp_path, monkeypatch,
                                                                                      restore_deterministic_flags):
+    import accelerate
+
     import vqhit.training as training
     from vqhit.train_config import parse_config
 
     seen = []
 
-    class Recording(training.Accelerator):
+    class Recording(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
             seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                          torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(training, "Accelerator", Recording)
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)  # what the training run's Accelerator is made from
     args = ["--model", "hit-tiny", "--num-workers", "0", "--max-images", "4", "--batch-size", "2"]
     torch.use_deterministic_algorithms(False)
     training.Trainer(parse_config([*args, "--output-dir", str(tmp_path / "plain")], "test", "gan"), "gan")

@@ -336,6 +336,26 @@ def init_restarted_process_group(timeout_seconds: float) -> None:
 
 
 @torch.no_grad()
+def training_accelerator(project_dir: str, grad_accum: int, timeout_seconds: float):
+    """The Accelerator of a training run: DDP with the buffer policy above, collectives bounded by
+    `timeout_seconds`, in the process group of a restarted elastic attempt when there is one.
+
+    Autocast is vqhit's, not Accelerate's: Accelerate would patch the discriminator's forward with autocast, and R1
+    must stay in fp32. So precision, compilation and accumulation are pinned against the launcher's settings, which
+    the run's configuration has turned into options (`vqhit.launcher`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    from .launcher import PINNED_ACCELERATOR_SETTINGS
+
+    init_restarted_process_group(timeout_seconds)
+    accelerator = Accelerator(**PINNED_ACCELERATOR_SETTINGS, log_with="tensorboard", project_dir=project_dir,
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum),
+                              kwargs_handlers=[*ddp_kwargs(), *process_group_kwargs(timeout_seconds)])
+    process_state()  # torchrun's processes that Accelerate took for one each (no GPU, no --cpu)
+    return accelerator
+
+
 def average_batchnorm_stats_(module: nn.Module, also_sum: Tensor | None = None) -> Tensor | None:
     """Replace every BatchNorm running_mean / running_var in `module` by its mean over processes, in place; returns
     `also_sum` summed over processes, in the same collective (the training step's flags ride along).

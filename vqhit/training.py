@@ -23,15 +23,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, heldout, launcher
 from .checkpointing import OutputFolder, export_model, load_checkpoint, save_checkpoint
 from .cli import naming, naming_model_options, usable_cores
-from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset
+from .data import DataConfig, TrainingBatches, build_dataloader, build_dataset, first_images
 from .ema import EMA
 from .errors import OwnDataError, UsageError
 from .losses import LeCam
@@ -79,20 +78,6 @@ def build_model(config: TrainConfig, task: str) -> nn.Module:
     return model
 
 
-def first_images(dataset, n: int, source: str) -> torch.Tensor:
-    """The first `n` readable images of `dataset`: the originals of every reconstruction grid."""
-    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
-    images = []
-    for item in iter(dataset) if streaming else (dataset[i] for i in range(len(dataset))):
-        if item is not None:
-            images.append(item["image"])
-        if len(images) == n:
-            break
-    if not images:
-        raise UsageError(f"--data {source}: no readable image")
-    return torch.stack(images)
-
-
 class Trainer:
     """Builds a run (models, data, optimisers, output folder), then `fit()` trains it.
 
@@ -109,18 +94,8 @@ class Trainer:
         distributed.check_elastic_launch()
         if config.deterministic:  # before CUDA starts (in the Accelerator): cuBLAS reads its setting once
             use_deterministic_algorithms()
-        # Autocast is ours, not Accelerate's: Accelerate would patch the discriminator's forward with autocast,
-        # and R1 must stay in fp32. So precision, compilation and accumulation are pinned against the launcher's
-        # settings, which the configuration has turned into options (vqhit.launcher). DDP kwargs: the buffer policy
-        # of vqhit.distributed.
-        distributed.init_restarted_process_group(config.collective_timeout)
-        self.accelerator = Accelerator(**launcher.PINNED_ACCELERATOR_SETTINGS, log_with="tensorboard",
-                                       gradient_accumulation_plugin=GradientAccumulationPlugin(
-                                           num_steps=config.grad_accum),
-                                       project_dir=str(self.output_dir),
-                                       kwargs_handlers=[*distributed.ddp_kwargs(),
-                                                        *distributed.process_group_kwargs(config.collective_timeout)])
-        distributed.process_state()  # torchrun's processes that Accelerate took for one each (no GPU, no --cpu)
+        self.accelerator = distributed.training_accelerator(str(self.output_dir), config.grad_accum,
+                                                            config.collective_timeout)
         self.resume_path = agree_on_resume(config.resume_checkpoint)
         if self.accelerator.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(_cpu_threads(config.cpu_threads))

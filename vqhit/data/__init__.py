@@ -13,7 +13,7 @@ Everything the rest of vqhit uses is importable from here (``from vqhit.data imp
 from .batches import EpochSampler, TrainingBatches, build_dataloader, collate_images
 from .config import BAD_IMAGES, DETERMINISTIC_TRANSFORMS, TRANSFORMS, DataConfig
 from .datasets import (LOCAL_SHARDS, ImageDataset, build_dataset, check_eval_dataset, data_settings, eval_dataset,
-                       from_hf_dataset)
+                       first_images, from_hf_dataset)
 from .images import IMAGENET_GAN_CROP, BadImageWarning, center_crop_adm
 from .sources import (BUILTIN_HELDOUT_PHOTOS, BUILTIN_PHOTOS, BUILTIN_SOURCES, BUILTIN_WHOLE_VIEW, PACKAGED_PHOTOS,
                       SQUARES, builtin_photos, check_source, whole_photos)
@@ -24,5 +24,5 @@ __all__ = [
     "DETERMINISTIC_TRANSFORMS", "IMAGENET_GAN_CROP", "LOCAL_SHARDS", "PACKAGED_PHOTOS", "SQUARES", "TRANSFORMS",
     "BadImageWarning", "DataConfig", "EpochSampler", "ImageDataset", "StreamingImageDataset", "TrainingBatches",
     "build_dataloader", "build_dataset", "builtin_photos", "center_crop_adm", "check_eval_dataset", "check_source",
-    "collate_images", "data_settings", "eval_dataset", "from_hf_dataset", "whole_photos",
+    "collate_images", "data_settings", "eval_dataset", "first_images", "from_hf_dataset", "whole_photos",
 ]

@@ -63,6 +63,21 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     return dataset
 
 
+def first_images(dataset, n: int, source: str) -> torch.Tensor:
+    """The first `n` readable images of `dataset` (`source`: its --data), stacked: a training run's reconstruction
+    grids show these."""
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    images = []
+    for item in iter(dataset) if streaming else (dataset[i] for i in range(len(dataset))):
+        if item is not None:
+            images.append(item["image"])
+        if len(images) == n:
+            break
+    if not images:
+        raise UsageError(f"--data {source}: no readable image")
+    return torch.stack(images)
+
+
 def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     """Read items up to the first usable one; when there is none, raise one error naming the source and why.
 
