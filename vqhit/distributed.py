@@ -335,7 +335,6 @@ def init_restarted_process_group(timeout_seconds: float) -> None:
                             rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
-@torch.no_grad()
 def training_accelerator(project_dir: str, grad_accum: int, timeout_seconds: float):
     """The Accelerator of a training run: DDP with the buffer policy above, collectives bounded by
     `timeout_seconds`, in the process group of a restarted elastic attempt when there is one.
@@ -356,6 +355,7 @@ def training_accelerator(project_dir: str, grad_accum: int, timeout_seconds: flo
     return accelerator
 
 
+@torch.no_grad()
 def average_batchnorm_stats_(module: nn.Module, also_sum: Tensor | None = None) -> Tensor | None:
     """Replace every BatchNorm running_mean / running_var in `module` by its mean over processes, in place; returns
     `also_sum` summed over processes, in the same collective (the training step's flags ride along).
