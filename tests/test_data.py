@@ -552,10 +552,6 @@ def test_another_process_count_or_batch_size_continues_the_epoch_at_the_same_ima
     # with the same layout the position is the batch itself
     again, warnings = process(0, 1, 3, state)
     assert warnings == [] and draw(again, 1) == [order[2][3:6]]
-    # a position saved before positions were kept by epoch (a count of batches) goes on from the same batch
-    straight, _ = process(0, 2, 2)
-    old, warnings = process(0, 2, 2, {"micro_batches": 5, "batch_size": 2, "num_processes": 2, "num_workers": None})
-    assert warnings == [] and draw(straight, 6)[5:] == draw(old, 1)
 
 
 class StallingImages(ImageDataset):

@@ -218,14 +218,14 @@ def export_model(model, output_dir: Path, step: int) -> Path:
     return directory
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
+def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict]:
     """Load a checkpoint into the prepared objects of `accelerator`; returns (train_state.json, this process's data
-    position or None when the checkpoint was written by another number of processes)."""
+    position: the main process's when the checkpoint was written by another number of processes)."""
     from accelerate.utils import load  # Accelerate's own reader of its RNG files
 
     saved = read_state(path)
     rank = accelerator.process_index
-    same_processes = saved.get("num_processes", accelerator.num_processes) == accelerator.num_processes
+    same_processes = saved["num_processes"] == accelerator.num_processes
     if same_processes:
         rng_file = path / f"random_states_{rank}.pkl"
         try:  # Accelerate only logs a failed RNG load and goes on with other randomness: check it first, as it reads
@@ -240,8 +240,7 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name the checkpoint, not the library
         raise _damaged_checkpoint(path, e) from None
     data_file = path / data_state_file(rank if same_processes else 0)
-    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return saved, data_state
+    return saved, json.loads(data_file.read_text())
 
 
 # -- why a checkpoint cannot be resumed: each names the checkpoint and an earlier one to resume instead -----------

@@ -37,10 +37,9 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return len(range(self.rank, self._shared(0, self.world_size), self.world_size))
 
-    def batches(self, start: int, batch_size: int, drop_last: bool, world_size: int | None = None) -> int:
-        """This process's batches of `batch_size` in an epoch from image `start` (with `world_size` processes)."""
-        world_size = world_size or self.world_size
-        mine = len(range(self.rank, self._shared(start, world_size), world_size))
+    def batches(self, start: int, batch_size: int, drop_last: bool) -> int:
+        """This process's batches of `batch_size` in an epoch from image `start`."""
+        mine = len(range(self.rank, self._shared(start, self.world_size), self.world_size))
         return mine // batch_size if drop_last else -(-mine // batch_size)
 
     def indices(self, epoch: int, start: int = 0) -> list[int]:
@@ -176,13 +175,8 @@ class TrainingBatches:
         changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
         if self.streaming:
             return warnings + self._load_streams(state, changed)
-        if "epoch_start" in state:
-            epoch, start, done = int(state["epoch"]), int(state["epoch_start"]), int(state["batches_in_epoch"])
-            images = int(state["images_in_epoch"])
-        else:  # written before positions were kept by epoch: its layout's batches per epoch give the epoch
-            per_epoch = self._epoch_batches(0, state["num_processes"], state["batch_size"])
-            epoch, done = divmod(self.micro_batches, max(1, per_epoch))
-            start, images = 0, done * state["batch_size"] * state["num_processes"]
+        epoch, start, done = int(state["epoch"]), int(state["epoch_start"]), int(state["batches_in_epoch"])
+        images = int(state["images_in_epoch"])
         if changed:
             self._epoch, self.epoch_start, self.batches_in_epoch = epoch, images, 0
             warnings.append(f"{_changes(changed)}: the data continues in epoch {epoch} after the {images} images of "
@@ -207,11 +201,9 @@ class TrainingBatches:
                 "beginning (images of this epoch already trained on are seen again)"]
 
     # -- map-style position --------------------------------------------------------------------------------------
-    def _epoch_batches(self, start: int, num_processes: int | None = None, batch_size: int | None = None) -> int:
+    def _epoch_batches(self, start: int) -> int:
         """This process's batches in an epoch whose first `start` images of the order were already taken."""
-        sampler = self.loader.sampler
-        return sampler.batches(start, batch_size or self.loader.batch_size, self.loader.drop_last,
-                               world_size=num_processes)
+        return self.loader.sampler.batches(start, self.loader.batch_size, self.loader.drop_last)
 
     def _next_epoch_if_done(self) -> None:
         while self.batches_in_epoch >= self._epoch_batches(self.epoch_start):
