@@ -35,24 +35,20 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     """
     dangling = {}
     if cfg.split != "train" and (cfg.source in BUILTIN_SOURCES or os.path.isdir(os.path.expanduser(cfg.source))):
-        # A built-in set or a plain image folder has one split; another must not be accepted (and recorded in reports)
-        raise UsageError(f"--split {cfg.split}: {cfg.source} has only the split 'train' (a local folder or a built-in "
-                         f"set is one split); leave --split out, or point --data at the images of that split.")
+        raise _one_split_only(cfg)  # not accepted, and then recorded in reports, as if it were another split
     if cfg.source in BUILTIN_SOURCES:
         photos, cut = BUILTIN_SOURCES[cfg.source]
         table = builtin_photos(tile=max(128, cfg.resolution), photos=photos) if cut == "tiles" else whole_photos(photos)
         revision = _names_revision(row["path"] for row in table["image"])
     elif cfg.source.startswith("builtin:"):
-        raise UsageError(f"--data {cfg.source} is not a built-in source; use one of "
-                         f"{', '.join(sorted(BUILTIN_SOURCES))}, a folder of images or a Hub dataset id.")
+        raise _unknown_builtin(cfg.source)
     else:
         found = local_or_hub(cfg.source, "image folder or Hub dataset given to --data",
                              fetch=lambda hub_id: datasets.load_dataset(hub_id, split=cfg.split,
                                                                         streaming=cfg.streaming,
                                                                         cache_dir=cfg.cache_dir))
         if isinstance(found, Path) and not found.is_dir():
-            raise UsageError(f"--data {cfg.source} is a file, not a folder; give a folder of images, a Hub dataset "
-                             "id, or builtin:photos.")
+            raise _file_not_folder(cfg.source)
         if isinstance(found, Path):
             table, dangling, revision = _load_folder(str(found), cfg)
         else:
@@ -63,12 +59,33 @@ def build_dataset(cfg: DataConfig, seed: int = 0) -> ImageDataset | StreamingIma
     return dataset
 
 
+def _one_split_only(cfg: DataConfig) -> UsageError:
+    return UsageError(f"--split {cfg.split}: {cfg.source} has only the split 'train' (a local folder or a built-in "
+                      f"set is one split); leave --split out, or point --data at the images of that split.")
+
+
+def _unknown_builtin(source: str) -> UsageError:
+    return UsageError(f"--data {source} is not a built-in source; use one of {', '.join(sorted(BUILTIN_SOURCES))}, a "
+                      "folder of images or a Hub dataset id.")
+
+
+def _file_not_folder(source: str) -> UsageError:
+    return UsageError(f"--data {source} is a file, not a folder; give a folder of images, a Hub dataset id, or "
+                      "builtin:photos.")
+
+
+def _items(dataset):
+    """The items of `dataset` in order (None for a bad image), map-style or streamed."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
+
+
 def first_images(dataset, n: int, source: str) -> torch.Tensor:
     """The first `n` readable images of `dataset` (`source`: its --data), stacked: a training run's reconstruction
     grids show these."""
-    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     images = []
-    for item in iter(dataset) if streaming else (dataset[i] for i in range(len(dataset))):
+    for item in _items(dataset):
         if item is not None:
             images.append(item["image"])
         if len(images) == n:
@@ -84,13 +101,9 @@ def _check_usable(dataset: ImageDataset | StreamingImageDataset) -> None:
     Without this, a source whose every image is bad fails far away (an empty batch in torch.stack). The bad
     images met on the way are warned about as usual (and, being recorded, never again in this run).
     """
-    if isinstance(dataset, StreamingImageDataset):
-        items = iter(dataset)
-    else:
-        items = (dataset[i] for i in range(len(dataset)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadImageWarning)  # once per file is ours to enforce, not the filter's
-        usable = any(item is not None for item in items)
+        usable = any(item is not None for item in _items(dataset))
     if usable:
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
