@@ -232,6 +232,9 @@ def test_a_folder_without_checkpoints_restarts_plainly(tmp_path):
     (run / ".checkpoint-5.tmp").mkdir(parents=True)  # a run killed inside its first checkpoint write
     (run / "samples").mkdir()
     (run / "train_config.yaml").write_text("model: hit-tiny\n")
+    with pytest.raises(ValueError, match=r"--resume latest: .*run holds no checkpoint-N folder yet \(the run stopped "
+                       "before its first checkpoint\); start it again without --resume, or use --resume auto"):
+        trainer(run, steps=1, resume="latest")  # latest means a checkpoint: the run's start is not silently redone
     trainer(run, steps=1, checkpoint_every=1).fit()
     assert not (run / ".checkpoint-5.tmp").exists() and (run / "checkpoint-1").is_dir()
 

@@ -99,26 +99,37 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
             if damage[checkpoint] is None:
                 return checkpoint
         if found:
-            raise UsageError(f"--resume {resume}: every checkpoint in {output_dir} is damaged ("
-                             + "; ".join(f"{p.name}: {why}" for p, why in damage.items()) + "); nothing can be resumed. "
-                             "Restore one from a copy, or start again with --overwrite")
+            raise _all_damaged(resume, output_dir, damage)
         if resume == "auto":
             return None
-        if not output_dir.is_dir():
-            raise UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
-                             f"continue, or --resume auto to start fresh when there is nothing to continue")
-        raise UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run "
-                         f"stopped before its first checkpoint); start it again without --resume, or use "
-                         f"--resume auto")
+        raise _nothing_latest(output_dir)
     path = Path(resume)
     if not path.is_dir():
         raise UsageError(f"--resume {resume}: no such folder; pass a {CHECKPOINT_PREFIX}N folder, 'auto' or 'latest'")
     read_state(path)  # a clear error for a folder that is not a checkpoint
     damage = checkpoint_damage(path)
     if damage:
-        raise UsageError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume an earlier one "
-                         f"(--resume {path.parent}/{CHECKPOINT_PREFIX}M), or --resume auto for the newest intact one")
+        raise _damaged(resume, path, damage)
     return path
+
+
+def _all_damaged(resume: str, output_dir: Path, damage: dict) -> UsageError:
+    return UsageError(f"--resume {resume}: every checkpoint in {output_dir} is damaged ("
+                      + "; ".join(f"{p.name}: {why}" for p, why in damage.items()) + "); nothing can be resumed. "
+                      "Restore one from a copy, or start again with --overwrite")
+
+
+def _nothing_latest(output_dir: Path) -> UsageError:
+    if not output_dir.is_dir():
+        return UsageError(f"--resume latest: {output_dir} does not exist; give the --output-dir of the run to "
+                          f"continue, or --resume auto to start fresh when there is nothing to continue")
+    return UsageError(f"--resume latest: {output_dir} holds no {CHECKPOINT_PREFIX}N folder yet (the run stopped "
+                      f"before its first checkpoint); start it again without --resume, or use --resume auto")
+
+
+def _damaged(resume: str, path: Path, damage: str) -> UsageError:
+    return UsageError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume an earlier one "
+                      f"(--resume {path.parent}/{CHECKPOINT_PREFIX}M), or --resume auto for the newest intact one")
 
 
 def agree_on_resume(own: Path | None) -> Path | None:
