@@ -32,6 +32,7 @@ import yaml
 
 from .cli import ArgumentParser
 from .config_values import convert_value
+from .data import check_source
 from .data.config import BAD_IMAGES, NOT_FROM_TRAINING, TRAINING_NAMES, TRANSFORMS
 from .data.config import LIMITS as DATA_LIMITS
 from .errors import NotFoundError, UsageError
@@ -40,6 +41,7 @@ from . import launcher
 from .resume import check_resumable, resolve_resume
 from .precision import PRECISIONS, normalize as normalize_precision
 from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
+from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
 from .recipes import DEFAULT_MODEL, RECIPES, recipe_kind
 
 TASKS = ("gan", "vqhit")
@@ -399,8 +401,6 @@ def check_paths(config: TrainConfig, task: str) -> None:
     made (nothing is left behind by the check), and the held-out images, read only after training, exist."""
     check_output_dir(config.output_dir)
     if task == "vqhit" and config.heldout_data:
-        from .data import check_source  # here: reading datasets is the data module's
-
         check_source(config.heldout_data, "--heldout-data")
 
 
@@ -463,8 +463,6 @@ START_ACTIONS = ("overwrite", "init_from", "taming_checkpoint")  # what a resume
 
 def check_preset(model: str, task: str) -> None:
     """Refuse a --model that is not a preset of `task`'s script, suggesting the closest name."""
-    from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
-
     presets = GENERATOR_PRESETS if task == "gan" else TOKENIZER_PRESETS
     if model not in presets:
         close = difflib.get_close_matches(model, presets, n=1)
@@ -475,8 +473,6 @@ def check_preset(model: str, task: str) -> None:
 
 def _check_task(saved: dict, checkpoint: Path, task: str) -> None:
     """Refuse a checkpoint of the other script's task, naming that script (its model is no preset of this one)."""
-    from .presets import GENERATOR_PRESETS, TOKENIZER_PRESETS
-
     other = "vqhit" if task == "gan" else "gan"
     presets = GENERATOR_PRESETS if other == "gan" else TOKENIZER_PRESETS
     if saved.get("model") in presets:
