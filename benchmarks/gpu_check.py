@@ -44,7 +44,6 @@ import gc
 import importlib
 import importlib.metadata
 import json
-import os
 import platform
 import re
 import signal

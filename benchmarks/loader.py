@@ -23,7 +23,6 @@ one for the slack (a worker's batch arrives all at once).
 """
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from pathlib import Path

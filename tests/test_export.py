@@ -6,7 +6,6 @@ import runpy
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 import pytest
 import torch

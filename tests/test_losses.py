@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vqhit.losses import (LeCam, R1Schedule, PerceptualLoss, adaptive_adversarial_weight, augment_color, augment_cutout,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import pickle
-import re
 import warnings
 from pathlib import Path
 

@@ -379,7 +379,7 @@ def _no_manifest(token_dir: Path, name: str) -> str:
             f"scripts/encode.py again with the same arguments to rewrite it (the shards are kept).")
 
 
-def check_resumable(output_dir: Path, manifest: dict, file_format: str) -> None:
+def check_existing_manifest(output_dir: Path, manifest: dict, file_format: str) -> None:
     """Refuse to encode `manifest`'s tokens into `output_dir` when it holds tokens of another format or of other
     settings (by its manifest, or by its shards' own metadata when the manifest is gone)."""
     existing = token_format(output_dir)

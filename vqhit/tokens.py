@@ -28,9 +28,10 @@ from .files import check_output_folder
 from .metrics import to_uint8
 from .precision import autocast, check_precision
 from .token_card import CARD_NAME, PARQUET_DATA
-from .token_files import (FORMATS, check_file_format, check_resumable, check_shard, index_dtype, read_dataset_index,
-                          read_manifest, read_shard, read_shard_metadata, shard_file, shard_name, shard_paths,
-                          token_format, token_manifest, tokenizer_fingerprint, write_manifest, write_shard)
+from .token_files import (FORMATS, check_existing_manifest, check_file_format, check_shard, index_dtype,
+                          read_dataset_index, read_manifest, read_shard, read_shard_metadata, shard_file, shard_name,
+                          shard_paths, token_format, token_manifest, tokenizer_fingerprint, write_manifest,
+                          write_shard)
 
 # What users call, and the format's names they import from here (defined in token_files).
 __all__ = ["FORMATS", "NAME_BY", "EncodeSummary", "Tokens", "TokenDataset", "decode_tokens", "encode_dataset",
@@ -75,7 +76,7 @@ def encode_dataset(model, dataset: ImageDataset, output_dir, *, shard_size: int 
     output_dir = check_output_folder(output_dir)
     model = model.to(device).eval()
     manifest = token_manifest(model, dataset, shard_size=shard_size, model_id=model_id, precision=precision)
-    check_resumable(output_dir, manifest, file_format)
+    check_existing_manifest(output_dir, manifest, file_format)
     if state.is_main_process:
         write_manifest(output_dir, manifest, file_format)
     state.wait_for_everyone()
