@@ -685,55 +685,64 @@ def ddp_worker(rank: int, world: int, port: int, backend: str, preset: str, batc
         torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
+    # The steps run in a function of their own so that their DDP models, which hold the group, are freed when it
+    # returns: the group then really ends here, not while the interpreter finalizes (where gloo can abort the process).
     try:
-        precision = "bf16" if cuda else "fp32"
-        torch.manual_seed(rank)  # each rank starts from other weights: DDP must give every rank rank 0's
-        G, D = build_gan(preset, device)
-        ids = [rank] if cuda else None
-        # The training loop's settings: no buffer broadcast; BatchNorm statistics averaged after each step.
-        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)  # see vqhit.distributed.ddp_kwargs
-        G_ddp = nn.parallel.DistributedDataParallel(G, device_ids=ids, broadcast_buffers=False)
-        D_ddp = nn.parallel.DistributedDataParallel(D, device_ids=ids, broadcast_buffers=False)
-        start = flat_state(G, D)
-        opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.99))
-        opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99))
-        torch.manual_seed(1000 + rank)  # each rank its own latents and images
-        real = torch.rand(batch, 3, G.config.resolution, G.config.resolution, device=device) * 2 - 1
-        for _ in range(steps):  # as vqhit.training.Trainer.train_step: D outside DDP in the G step
-            with autocast(precision, device):
-                fake = G_ddp(torch.randn(batch, G.config.latent_dim, device=device))
-            D.requires_grad_(False)
-            with autocast(precision, device):
-                g_loss = g_nonsaturating_loss(D(fake).float())
-            D.requires_grad_(True)
-            g_loss.backward()
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            r1, real_logits = r1_penalty(D_ddp, real, weight=10.0, return_logits=True)
-            with autocast(precision, device):
-                fake_logits = D_ddp(fake.detach())
-            d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1
-            d_loss.backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            g_loss, d_loss = g_loss.detach(), d_loss.detach()
-            average_batchnorm_stats_(G)
-            average_batchnorm_stats_(D)
-        state = flat_state(G, D)
-        difference = (state - broadcast_(state.clone(), 0)).abs().max()
-        differences = all_gather_cat(difference.view(1))
-        moved = all_gather_cat((state - start).abs().max().view(1))
-        losses = all_gather_cat(torch.tensor([[g_loss.item(), d_loss.item()]], dtype=torch.float64))
-        ranks_sum = all_reduce_sum(torch.tensor([rank + 1.0], dtype=torch.float64))
-        if rank == 0:
-            Path(result_file).write_text(json.dumps({
-                "backend": backend, "world_size": world, "preset": preset, "batch_per_rank": batch, "steps": steps,
-                "precision": precision, "state_max_difference_per_rank": differences.tolist(),
-                "state_moved_per_rank": moved.tolist(), "last_losses_per_rank": losses.tolist(),
-                "all_reduce_sum": float(ranks_sum), "all_reduce_expected": world * (world + 1) / 2,
-                "nccl": nccl_version() if cuda else None}))
+        ddp_steps(rank, world, backend, preset, batch, steps, result_file, device)
     finally:
         dist.destroy_process_group()
+
+
+def ddp_steps(rank: int, world: int, backend: str, preset: str, batch: int, steps: int, result_file: str,
+              device: torch.device) -> None:
+    """The training loop's GAN step under DDP for `steps` steps, then the cross-rank checks, written by rank 0."""
+    cuda = backend == "nccl"
+    precision = "bf16" if cuda else "fp32"
+    torch.manual_seed(rank)  # each rank starts from other weights: DDP must give every rank rank 0's
+    G, D = build_gan(preset, device)
+    ids = [rank] if cuda else None
+    # The training loop's settings: no buffer broadcast; BatchNorm statistics averaged after each step.
+    warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)  # see vqhit.distributed.ddp_kwargs
+    G_ddp = nn.parallel.DistributedDataParallel(G, device_ids=ids, broadcast_buffers=False)
+    D_ddp = nn.parallel.DistributedDataParallel(D, device_ids=ids, broadcast_buffers=False)
+    start = flat_state(G, D)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    torch.manual_seed(1000 + rank)  # each rank its own latents and images
+    real = torch.rand(batch, 3, G.config.resolution, G.config.resolution, device=device) * 2 - 1
+    for _ in range(steps):  # as vqhit.training.Trainer.train_step: D outside DDP in the G step
+        with autocast(precision, device):
+            fake = G_ddp(torch.randn(batch, G.config.latent_dim, device=device))
+        D.requires_grad_(False)
+        with autocast(precision, device):
+            g_loss = g_nonsaturating_loss(D(fake).float())
+        D.requires_grad_(True)
+        g_loss.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        r1, real_logits = r1_penalty(D_ddp, real, weight=10.0, return_logits=True)
+        with autocast(precision, device):
+            fake_logits = D_ddp(fake.detach())
+        d_loss = d_logistic_loss(real_logits.float(), fake_logits.float()) + r1
+        d_loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        g_loss, d_loss = g_loss.detach(), d_loss.detach()
+        average_batchnorm_stats_(G)
+        average_batchnorm_stats_(D)
+    state = flat_state(G, D)
+    difference = (state - broadcast_(state.clone(), 0)).abs().max()
+    differences = all_gather_cat(difference.view(1))
+    moved = all_gather_cat((state - start).abs().max().view(1))
+    losses = all_gather_cat(torch.tensor([[g_loss.item(), d_loss.item()]], dtype=torch.float64))
+    ranks_sum = all_reduce_sum(torch.tensor([rank + 1.0], dtype=torch.float64))
+    if rank == 0:
+        Path(result_file).write_text(json.dumps({
+            "backend": backend, "world_size": world, "preset": preset, "batch_per_rank": batch, "steps": steps,
+            "precision": precision, "state_max_difference_per_rank": differences.tolist(),
+            "state_moved_per_rank": moved.tolist(), "last_losses_per_rank": losses.tolist(),
+            "all_reduce_sum": float(ranks_sum), "all_reduce_expected": world * (world + 1) / 2,
+            "nccl": nccl_version() if cuda else None}))
 
 
 def free_port() -> int:

@@ -150,9 +150,11 @@ def signal_group(out: Path, sig: signal.Signals, at_step: int, *extra: str) -> t
     """Run the script (200 steps, 2 DataLoader workers) in a process group of its own, as a job or a terminal runs
     it; once `at_step` is logged send `sig` to the whole group, as Slurm, Ctrl-C and `kill -TERM -PGID` do. Returns
     the exit status and the output."""
+    # SIGINT at its default, as in a terminal: a suite started as a shell's background job would pass it on ignored
     proc = subprocess.Popen([sys.executable, SCRIPT, *ARGS, "--num-workers", "2", "--steps", "200", "--output-dir",
                              str(out), *extra], env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not logged_steps(out) or max(logged_steps(out)) < at_step:

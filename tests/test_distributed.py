@@ -257,3 +257,31 @@ def test_helper_errors_name_the_fix():
         distributed.all_gather_cat(torch.tensor(1.0))
     with pytest.raises(ValueError, match="expected a scalar"):
         distributed.reduce_scalars({"loss": torch.ones(3)})
+
+
+def test_a_script_leaves_its_process_group_however_it_ends(tmp_path):
+    """A process that exits with its gloo group still up can abort (SIGABRT) while the interpreter finalizes, instead
+    of exiting with its own status: `cli.run` destroys the group on every way out."""
+    from vqhit.cli import run
+    from vqhit.errors import UsageError
+    from vqhit.preemption import EXIT_PREEMPTED, Preempted
+
+    def mistake(argv):
+        raise UsageError("--steps 0 must be at least 1")
+
+    def stopped(argv):
+        raise Preempted("stopped at step 3 of 10 by SIGTERM")
+
+    for n, (main, status) in enumerate([(lambda argv: "done", None), (mistake, 2), (stopped, EXIT_PREEMPTED)]):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store{n}"), 1), rank=0, world_size=1)
+        try:
+            if status is None:
+                assert run(main, []) == "done"
+            else:
+                with pytest.raises(SystemExit) as exited:
+                    run(main, [])
+                assert exited.value.code == status
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OwnDataError, UsageError
-from .preemption import EXIT_INTERRUPTED
+from .preemption import EXIT_INTERRUPTED, Preempted
 
 _PROJECT = Path(__file__).resolve().parent.parent  # vqhit/ and scripts/
 
@@ -215,8 +215,14 @@ def _message(err: UsageError) -> str:
 
 def run(main, argv: list[str] | None = None):
     """Run a script's `main(argv)`: a UsageError ends the script with one line and status 2; a bug keeps its
-    traceback. Returns what `main` returns."""
-    with warnings.catch_warnings():  # the warning settings below end with `main`
+    traceback. Returns what `main` returns.
+
+    However it ends, this process's part of a process group ends before the interpreter does
+    (`vqhit.distributed.leave_process_group`); the exit status is set once the error and the frames it holds (a
+    trainer's DDP models, which hold the group too) are released, so that the group really ends."""
+    from .distributed import leave_process_group  # here: torch is imported once a script runs, not for --help
+
+    with leave_process_group(), warnings.catch_warnings():  # the warning settings below end with `main`
         warnings.showwarning = _show_warning
         # A warning is worth one printing: torch's DataLoader, for one, repeats its worker-count warning from
         # another line when iteration starts.
@@ -229,8 +235,11 @@ def run(main, argv: list[str] | None = None):
                 print(f"error: {_message(err)}", file=sys.stderr, flush=True)
             elif isinstance(err, OwnDataError):  # ... except one in this process's own share of the data
                 print(f"error (process {rank}): {_message(err)}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            status = 2
         except KeyboardInterrupt as err:  # Ctrl-C: the user knows why it stopped; say what is left, not where it was
             if _rank() == 0:
                 print(str(err) or "interrupted", file=sys.stderr, flush=True)
-            sys.exit(EXIT_INTERRUPTED)
+            status = EXIT_INTERRUPTED
+        except Preempted as stopped:  # stopped by a signal, with a checkpoint: said already
+            status = stopped.code
+    sys.exit(status)

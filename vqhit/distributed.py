@@ -246,6 +246,19 @@ def _stop_too(outcome: str, who: str) -> Exception:
     return RuntimeError(f"{who} failed (its error is above); this process stops too")
 
 
+@contextmanager
+def leave_process_group():
+    """Destroy the process group when the block ends, however it ends (a script's exit, an error, a stop signal).
+
+    A process that exits with the group still up leaves gloo's worker threads holding Python objects while the
+    interpreter finalizes, and can then abort (SIGABRT) instead of exiting with its own status."""
+    try:
+        yield
+    finally:
+        if _initialized():
+            dist.destroy_process_group()
+
+
 def reduce_scalars(values: dict[str, float | Tensor]) -> dict[str, float]:
     """Mean over processes of every scalar of `values` (floats or one-element tensors), as Python floats.
 
